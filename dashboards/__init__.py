@@ -1,0 +1,1 @@
+"""dtlab dashboards: report layout and the Grafana dashboard definition."""

@@ -1,0 +1,135 @@
+"""The one decoder block every variant shares (Qwen2.5: pre-norm, GQA with RoPE, SwiGLU).
+
+Shape legend: B batch, T sequence length, S tokens taking part in a block (T for dense
+blocks, k for routed ones), D hidden size, H query heads, Hkv key/value heads, d head dim.
+Parameter names follow Hugging Face `Qwen2ForCausalLM`, so checkpoints load by key identity.
+"""
+
+from __future__ import annotations
+
+from typing import NamedTuple
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+
+class RMSNorm(nn.Module):
+    """RMSNorm computed in fp32, cast back before the weight (as Qwen2 does)."""
+
+    def __init__(self, hidden_size: int, eps: float = 1e-6) -> None:
+        super().__init__()
+        self.weight = nn.Parameter(torch.ones(hidden_size))
+        self.variance_epsilon = eps
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        dtype = x.dtype
+        x = x.float()
+        x = x * torch.rsqrt(x.pow(2).mean(-1, keepdim=True) + self.variance_epsilon)
+        return self.weight * x.to(dtype)
+
+
+class Rope(NamedTuple):
+    """cos/sin tables [B or 1, T, d] for the tokens of the full sequence."""
+
+    cos: torch.Tensor
+    sin: torch.Tensor
+
+    def gather(self, idx_BS: torch.Tensor) -> Rope:
+        """The tables at the ORIGINAL positions of the selected tokens: [B, S, d]."""
+        B, S = idx_BS.shape
+        d = self.cos.shape[-1]
+        idx = idx_BS[..., None].expand(B, S, d)
+        return Rope(self.cos.expand(B, -1, -1).gather(1, idx), self.sin.expand(B, -1, -1).gather(1, idx))
+
+
+class RotaryEmbedding(nn.Module):
+    def __init__(self, head_dim: int, theta: float) -> None:
+        super().__init__()
+        self.head_dim, self.theta = head_dim, theta
+        self.register_buffer("inv_freq", self.compute_inv_freq(), persistent=False)
+
+    def compute_inv_freq(self) -> torch.Tensor:
+        d = self.head_dim
+        return 1.0 / (self.theta ** (torch.arange(0, d, 2, dtype=torch.float) / d))
+
+    def forward(self, position_ids_BT: torch.Tensor, dtype: torch.dtype) -> Rope:
+        freqs = position_ids_BT[..., None].float() * self.inv_freq.float()
+        emb = torch.cat((freqs, freqs), dim=-1)
+        return Rope(emb.cos().to(dtype), emb.sin().to(dtype))
+
+
+def _rotate_half(x: torch.Tensor) -> torch.Tensor:
+    x1, x2 = x.chunk(2, dim=-1)
+    return torch.cat((-x2, x1), dim=-1)
+
+
+def apply_rope(x_BHSd: torch.Tensor, rope: Rope) -> torch.Tensor:
+    cos, sin = rope.cos[:, None], rope.sin[:, None]
+    return x_BHSd * cos + _rotate_half(x_BHSd) * sin
+
+
+def sdpa_mask(key_ok_BS: torch.Tensor | None, S: int, device: torch.device) -> torch.Tensor | None:
+    """Boolean SDPA mask [B, 1, S, S] (True = may attend): causal, keys restricted to `key_ok`.
+
+    Each query may always attend to itself, so no row is empty (no NaN); a query whose own
+    key is not allowed is a padding or unselected token whose output is discarded.
+    None means plain causal attention (SDPA's `is_causal` fast path).
+    """
+    if key_ok_BS is None:
+        return None
+    causal_SS = torch.ones(S, S, dtype=torch.bool, device=device).tril()
+    eye_SS = torch.eye(S, dtype=torch.bool, device=device)
+    return causal_SS & (key_ok_BS[:, None, None, :] | eye_SS)
+
+
+class Attention(nn.Module):
+    """Grouped-query causal self-attention; bias on q/k/v only (Qwen2)."""
+
+    def __init__(self, config) -> None:
+        super().__init__()
+        D, H, Hkv, d = config.hidden_size, config.num_attention_heads, config.num_key_value_heads, config.head_dim
+        self.num_heads, self.num_kv_heads, self.head_dim = H, Hkv, d
+        self.q_proj = nn.Linear(D, H * d, bias=True)
+        self.k_proj = nn.Linear(D, Hkv * d, bias=True)
+        self.v_proj = nn.Linear(D, Hkv * d, bias=True)
+        self.o_proj = nn.Linear(H * d, D, bias=False)
+
+    def forward(self, x_BSD: torch.Tensor, rope: Rope, mask: torch.Tensor | None) -> torch.Tensor:
+        B, S, _ = x_BSD.shape
+        q = self.q_proj(x_BSD).view(B, S, self.num_heads, self.head_dim).transpose(1, 2)
+        k = self.k_proj(x_BSD).view(B, S, self.num_kv_heads, self.head_dim).transpose(1, 2)
+        v = self.v_proj(x_BSD).view(B, S, self.num_kv_heads, self.head_dim).transpose(1, 2)
+        q, k = apply_rope(q, rope), apply_rope(k, rope)
+        y = F.scaled_dot_product_attention(
+            q, k, v, attn_mask=mask, is_causal=mask is None, enable_gqa=self.num_heads != self.num_kv_heads
+        )
+        return self.o_proj(y.transpose(1, 2).reshape(B, S, -1))
+
+
+class MLP(nn.Module):
+    """SwiGLU without biases: down(silu(gate(x)) * up(x))."""
+
+    def __init__(self, hidden_size: int, intermediate_size: int) -> None:
+        super().__init__()
+        self.gate_proj = nn.Linear(hidden_size, intermediate_size, bias=False)
+        self.up_proj = nn.Linear(hidden_size, intermediate_size, bias=False)
+        self.down_proj = nn.Linear(intermediate_size, hidden_size, bias=False)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.down_proj(F.silu(self.gate_proj(x)) * self.up_proj(x))
+
+
+class DecoderBlock(nn.Module):
+    """`x + Attn(RMSNorm(x))`, then `+ MLP(RMSNorm(x))`: the block all three variants share."""
+
+    def __init__(self, config) -> None:
+        super().__init__()
+        self.input_layernorm = RMSNorm(config.hidden_size, config.rms_norm_eps)
+        self.self_attn = Attention(config)
+        self.post_attention_layernorm = RMSNorm(config.hidden_size, config.rms_norm_eps)
+        self.mlp = MLP(config.hidden_size, config.intermediate_size)
+
+    def block(self, x_BSD: torch.Tensor, rope: Rope, mask: torch.Tensor | None) -> torch.Tensor:
+        x_BSD = x_BSD + self.self_attn(self.input_layernorm(x_BSD), rope, mask)
+        return x_BSD + self.mlp(self.post_attention_layernorm(x_BSD))

@@ -1,0 +1,133 @@
+"""Loading Qwen2 / Qwen2.5 checkpoints (hub name or local directory) into any variant.
+
+All three variants keep Hugging Face's parameter names, so the mapping of the spec
+(MoD layer i <- pretrained layer i; DTF pair p: decision <- layer 2p, dynamic <- layer 2p+1)
+is key identity. What the checkpoint holds must all land in the model, and what the model
+has beyond it must be exactly the fresh routing parts (routers, priors, predictors);
+anything else fails, listing the keys. No silent partial loads.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from .config import SHAPE_DEFAULTS, DTLabConfig, check_override_keys, config_class
+
+# Parameters a pretrained Qwen2 cannot have: they start fresh.
+FRESH_KEY = re.compile(r"^model\.layers\.\d+\.(router|predictor|prior|prior_norm)\.")
+# Buffers some checkpoints carry that are recomputed, not loaded.
+IGNORED_KEY = re.compile(r"(^|\.)rotary_emb\.inv_freq$")
+WEIGHT_FILES = ("model.safetensors", "model.safetensors.index.json", "pytorch_model.bin",
+                "pytorch_model.bin.index.json")
+
+
+def resolve_checkpoint(name_or_path: str | os.PathLike) -> Path:
+    """A local directory as is; otherwise a hub name, downloaded (config and weights only)."""
+    path = Path(name_or_path).expanduser()
+    if path.is_dir():
+        return path
+    if path.exists():
+        raise ValueError(f"pretrained={str(name_or_path)!r} is a file: expected a checkpoint directory or hub name")
+    if str(name_or_path).startswith((".", "/", "~")):
+        raise ValueError(f"pretrained={str(name_or_path)!r}: no such directory")
+    from huggingface_hub import snapshot_download
+
+    try:
+        return Path(snapshot_download(str(name_or_path), allow_patterns=["*.json", "*.safetensors", "*.bin"]))
+    except Exception as err:  # network, auth, unknown repo: say which name failed
+        raise ValueError(f"pretrained={str(name_or_path)!r}: not a local directory and could not be "
+                         f"fetched from the Hugging Face hub ({type(err).__name__}: {err})") from err
+
+
+def checkpoint_shape(path: Path) -> dict[str, Any]:
+    """The shape fields of a Qwen2 `config.json`, in dtlab's names."""
+    cfg_file = path / "config.json"
+    if not cfg_file.is_file():
+        raise ValueError(f"{path}: no config.json, expected a Qwen2/Qwen2.5 checkpoint directory")
+    raw = json.loads(cfg_file.read_text())
+    if raw.get("model_type") not in ("qwen2", "dtlab_standard", "dtlab_mod", "dtlab_dtf"):
+        raise ValueError(f"{cfg_file}: model_type={raw.get('model_type')!r}, expected 'qwen2'")
+    if raw.get("use_sliding_window"):
+        raise ValueError(f"{cfg_file}: use_sliding_window=true is not supported (Qwen2.5 checkpoints do not use it)")
+    shape = {key: raw[key] for key in SHAPE_DEFAULTS if key in raw}
+    if "rope_theta" not in raw and isinstance(raw.get("rope_parameters"), dict):
+        shape["rope_theta"] = raw["rope_parameters"].get("rope_theta", SHAPE_DEFAULTS["rope_theta"])
+    missing = [k for k in ("hidden_size", "num_hidden_layers", "num_attention_heads", "vocab_size") if k not in shape]
+    if missing:
+        raise ValueError(f"{cfg_file}: missing {missing}")
+    return shape
+
+
+def read_state_dict(path: Path) -> dict[str, torch.Tensor]:
+    from safetensors.torch import load_file
+
+    if (path / "model.safetensors").is_file():
+        return load_file(path / "model.safetensors")
+    for index_name, loader in (("model.safetensors.index.json", load_file),
+                               ("pytorch_model.bin.index.json",
+                                lambda f: torch.load(f, map_location="cpu", weights_only=True))):
+        index = path / index_name
+        if index.is_file():
+            state: dict[str, torch.Tensor] = {}
+            for shard in sorted(set(json.loads(index.read_text())["weight_map"].values())):
+                state.update(loader(path / shard))
+            return state
+    if (path / "pytorch_model.bin").is_file():
+        return torch.load(path / "pytorch_model.bin", map_location="cpu", weights_only=True)
+    raise ValueError(f"{path}: no weights found, expected one of {WEIGHT_FILES}")
+
+
+def load_into(model: torch.nn.Module, state: dict[str, torch.Tensor], source: str) -> None:
+    """Copy `state` into `model` by key, accounting for every key on both sides."""
+    own = model.state_dict()
+    tied = bool(getattr(model.config, "tie_word_embeddings", False))
+    unexpected, mismatched, loaded = [], [], set()
+    for key, tensor in state.items():
+        if IGNORED_KEY.search(key):
+            continue
+        if key not in own:
+            unexpected.append(key)
+        elif own[key].shape != tensor.shape:
+            mismatched.append(f"{key}: checkpoint {tuple(tensor.shape)} vs model {tuple(own[key].shape)}")
+        else:
+            loaded.add(key)
+    missing = [k for k in own if k not in loaded and not FRESH_KEY.search(k)
+               and not (tied and k == "lm_head.weight" and "model.embed_tokens.weight" in loaded)]
+    problems = []
+    if mismatched:
+        problems.append(f"shapes that do not fit: {mismatched}")
+    if unexpected:
+        problems.append(f"checkpoint tensors with no place in the model: {unexpected}")
+    if missing:
+        problems.append(f"model tensors the checkpoint lacks: {missing}")
+    if problems:
+        raise ValueError(f"cannot load {source}: " + "; ".join(problems))
+    with torch.no_grad():
+        for key in loaded:
+            own[key].copy_(state[key])
+    if tied:
+        model.tie_weights()
+
+
+def build_pretrained(variant: str, pretrained: str | os.PathLike, overrides: dict[str, Any]):
+    """A `variant` model whose shape comes from the checkpoint and whose weights are loaded from it."""
+    from . import VARIANTS
+
+    path = resolve_checkpoint(pretrained)
+    check_override_keys(variant, overrides)
+    shape = checkpoint_shape(path)
+    clash = {k: (v, shape[k]) for k, v in overrides.items() if k in shape and shape[k] != v}
+    if clash:
+        raise ValueError(f"overrides do not fit the checkpoint {path}: "
+                         + ", ".join(f"{k}={v!r} (checkpoint has {c!r})" for k, (v, c) in clash.items()))
+    config: DTLabConfig = config_class(variant)(**{**shape, **overrides})
+    model = VARIANTS[variant](config)
+    load_into(model, read_state_dict(path), str(path))
+    model.config.name_or_path = str(pretrained)
+    return model

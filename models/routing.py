@@ -1,0 +1,143 @@
+"""Token routing shared by MoD and DTF: top-k selection, the routed update, statistics.
+
+Shape legend: B batch, T sequence length, K tokens a routed block takes per row (k), D hidden.
+Everything here keeps shapes static (k is a Python int from the config and T), computes
+routing math in fp32 and never reads a tensor value on the host, so forward has no syncs.
+"""
+
+from __future__ import annotations
+
+import math
+from typing import NamedTuple
+
+import torch
+import torch.nn.functional as F
+
+from .layers import DecoderBlock, Rope, sdpa_mask
+
+
+class Context(NamedTuple):
+    """What every layer of one forward pass needs besides its input."""
+
+    rope: Rope  # cos/sin at positions 0..T-1 (or the given position ids)
+    key_mask_BT: torch.Tensor | None  # True for real tokens; None when there is no padding
+    dense_mask: torch.Tensor | None  # SDPA mask of the dense blocks (None = plain causal)
+    routing_mode: str  # "topk" | "causal"
+    step: torch.Tensor  # training step (scalar tensor), read by scheduled DTF temperatures
+    training: bool
+
+
+class LayerOutput(NamedTuple):
+    x: torch.Tensor
+    carry: tuple | None  # DTF decision -> dynamic hand-over: (H, H_prior)
+    aux: dict[str, torch.Tensor]  # unweighted auxiliary losses, with gradients
+    stats: dict[str, torch.Tensor]  # detached routing statistics
+
+
+def capacity_k(capacity: float, T: int) -> int:
+    """k = max(1, floor(c * T)); the epsilon keeps e.g. 0.29 * 100 from flooring to 28."""
+    return max(1, min(T, math.floor(capacity * T + 1e-9)))
+
+
+def topk_sorted(scores_BT: torch.Tensor, k: int, key_mask_BT: torch.Tensor | None) -> torch.Tensor:
+    """Per row, the positions of the k highest scores, SORTED ascending: [B, K].
+
+    Sorting keeps the original token order, so causal attention over the gathered tokens
+    is causal in the original sequence (an unsorted top-k lets tokens see the future).
+    Padding ranks below every real token: it fills slots only when a row has fewer than k
+    real tokens.
+    """
+    if key_mask_BT is not None:
+        scores_BT = scores_BT.masked_fill(~key_mask_BT, float("-inf"))
+    idx_BK = scores_BT.topk(k, dim=1, sorted=False).indices
+    return idx_BK.sort(dim=1).values
+
+
+def routed_update(
+    layer: DecoderBlock,
+    x_BTD: torch.Tensor,
+    gate_BT: torch.Tensor,
+    ctx: Context,
+    idx_BK: torch.Tensor | None = None,
+    sel_BT: torch.Tensor | None = None,
+) -> torch.Tensor:
+    """Selected tokens: `x + gate * (Block(x) - x)`; others: `x`, bit for bit.
+
+    The block sees only the selected tokens: they attend to each other, causally in their
+    original order, with RoPE at their original positions. Two paths with one meaning:
+    `idx_BK` (static k per row, training's top-k) gathers the tokens and runs the block on
+    [B, K, D]; `sel_BT` (a variable number per row, causal routing) runs the block over all
+    T tokens with attention masked to the selected keys and keeps only selected outputs.
+    """
+    if idx_BK is not None:
+        B, K = idx_BK.shape
+        idx_BKD = idx_BK[..., None].expand(B, K, x_BTD.shape[-1])
+        x_BKD = x_BTD.gather(1, idx_BKD)
+        key_ok_BK = None if ctx.key_mask_BT is None else ctx.key_mask_BT.gather(1, idx_BK)
+        y_BKD = layer.block(x_BKD, ctx.rope.gather(idx_BK), sdpa_mask(key_ok_BK, K, x_BTD.device))
+        g_BK1 = gate_BT.gather(1, idx_BK)[..., None]
+        return x_BTD.scatter(1, idx_BKD, x_BKD + (g_BK1 * (y_BKD - x_BKD)).to(x_BTD.dtype))
+    assert sel_BT is not None
+    key_ok_BT = sel_BT if ctx.key_mask_BT is None else sel_BT & ctx.key_mask_BT
+    y_BTD = layer.block(x_BTD, ctx.rope, sdpa_mask(key_ok_BT, x_BTD.shape[1], x_BTD.device))
+    update_BTD = x_BTD + (gate_BT[..., None] * (y_BTD - x_BTD)).to(x_BTD.dtype)
+    return torch.where(sel_BT[..., None], update_BTD, x_BTD)
+
+
+def membership(idx_BK: torch.Tensor, T: int) -> torch.Tensor:
+    """[B, T] bool: True where a token is among its row's top-k."""
+    out = torch.zeros(idx_BK.shape[0], T, dtype=torch.bool, device=idx_BK.device)
+    return out.scatter(1, idx_BK, True)
+
+
+def masked_mean(v: torch.Tensor, mask_BT: torch.Tensor | None) -> torch.Tensor:
+    """Mean of v [B, T] over real tokens."""
+    if mask_BT is None:
+        return v.mean()
+    m = mask_BT.to(v.dtype)
+    return (v * m).sum() / m.sum().clamp_min(1.0)
+
+
+def masked_std(v: torch.Tensor, mask_BT: torch.Tensor | None) -> torch.Tensor:
+    mean = masked_mean(v, mask_BT)
+    return masked_mean((v - mean).pow(2), mask_BT).sqrt()
+
+
+def causal_window_mean(v_BT: torch.Tensor, window: int, valid_BT: torch.Tensor | None) -> torch.Tensor:
+    """Mean of v over the previous `window` positions of the same row (t excluded).
+
+    Positions with no previous (real) token use their own value. Built from prefix sums, so
+    position t reads only positions < t: causal by construction.
+    """
+    B, T = v_BT.shape
+    c_BT = torch.ones_like(v_BT) if valid_BT is None else valid_BT.to(v_BT.dtype)
+    sum_BT1 = F.pad((v_BT * c_BT).cumsum(1), (1, 0))  # [B, T+1]: entry t = sum over s < t
+    cnt_BT1 = F.pad(c_BT.cumsum(1), (1, 0))
+    lo_T = (torch.arange(T, device=v_BT.device) - window).clamp_min(0)
+    num_BT = sum_BT1[:, :T] - sum_BT1[:, lo_T]
+    den_BT = cnt_BT1[:, :T] - cnt_BT1[:, lo_T]
+    return torch.where(den_BT > 0.5, num_BT / den_BT.clamp_min(1.0), v_BT)
+
+
+def selection_stats(
+    sel_BT: torch.Tensor,
+    topk_BT: torch.Tensor,
+    causal_BT: torch.Tensor,
+    gate_BT: torch.Tensor,
+    logit_BT: torch.Tensor,
+    key_mask_BT: torch.Tensor | None,
+) -> dict[str, torch.Tensor]:
+    """Detached per-layer statistics; `selected` is the [B, T] decision actually applied."""
+    with torch.no_grad():
+        m_BT = torch.ones_like(gate_BT) if key_mask_BT is None else key_mask_BT.to(gate_BT.dtype)
+        return {
+            "selected": sel_BT,
+            "selected_frac": masked_mean(sel_BT.to(gate_BT.dtype), key_mask_BT),
+            "selected_by_pos": (sel_BT.to(gate_BT.dtype) * m_BT).sum(0) / m_BT.sum(0).clamp_min(1.0),
+            "gate_mean": masked_mean(gate_BT, key_mask_BT),
+            "gate_std": masked_std(gate_BT, key_mask_BT),
+            "router_logit_mean": masked_mean(logit_BT, key_mask_BT),
+            "router_logit_std": masked_std(logit_BT, key_mask_BT),
+            "causal_frac": masked_mean(causal_BT.to(gate_BT.dtype), key_mask_BT),
+            "causal_agreement": masked_mean((causal_BT == topk_BT).to(gate_BT.dtype), key_mask_BT),
+        }

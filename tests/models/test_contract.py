@@ -1,0 +1,310 @@
+"""The correctness contract of architectures.md section 5, item by item, for every variant."""
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from models.layers import Rope, RotaryEmbedding
+from models.routing import Context, capacity_k, membership, routed_update, topk_sorted
+from tests.models.helpers import VARIANT_MODES, VARIANTS, build, max_diff, routed_layers, tokens
+
+
+# ---- 2. Causality -------------------------------------------------------------------------
+@pytest.mark.parametrize("variant,mode", [vm for vm in VARIANT_MODES if vm[0] == "standard" or vm[1] == "causal"])
+@pytest.mark.parametrize("padded", [False, True])
+def test_causality(variant, mode, padded):
+    model = build(variant, mode)
+    B, T, t = 3, 40, 17
+    x = tokens(B, T)
+    y = x.clone()
+    y[:, t + 1:] = tokens(B, T - t - 1, seed=5)
+    mask = None
+    if padded:  # left padding in row 0, right padding in row 1
+        mask = torch.ones(B, T, dtype=torch.long)
+        mask[0, :5] = 0
+        mask[1, 30:] = 0
+    with torch.no_grad():
+        a, b = model(x, attention_mask=mask), model(y, attention_mask=mask)
+    assert torch.allclose(a.logits[:, : t + 1], b.logits[:, : t + 1], atol=1e-6, rtol=0), max_diff(
+        a.logits[:, : t + 1], b.logits[:, : t + 1])
+    for i in routed_layers(model):  # the routing really decided something
+        frac = a.routing_stats[i]["selected_frac"].item()
+        assert 0.0 < frac < 1.0, f"layer {i}: causal routing selected fraction {frac}"
+
+
+@pytest.mark.parametrize("variant", ["mod", "dtf"])
+def test_causality_check_detects_topk_lookahead(variant):
+    """The check above can fail: top-k routing looks at the whole row, so it is not causal."""
+    model = build(variant, "topk")
+    x = tokens(4, 40)
+    y = x.clone()
+    y[:, 18:] = tokens(4, 22, seed=5)
+    with torch.no_grad():
+        a, b = model(x).logits[:, :18], model(y).logits[:, :18]
+    assert not torch.allclose(a, b, atol=1e-6, rtol=0)
+
+
+# ---- 3. No cross-sample leakage -----------------------------------------------------------
+@pytest.mark.parametrize("variant,mode", VARIANT_MODES)
+@pytest.mark.parametrize("padded", [False, True])
+def test_no_cross_sample_leakage(variant, mode, padded):
+    model = build(variant, mode)
+    B, T = 3, 32
+    x = tokens(B, T)
+    y = x.clone()
+    y[2] = tokens(1, T, seed=9)[0]
+    mask = None
+    if padded:
+        mask = torch.ones(B, T, dtype=torch.long)
+        mask[0, :6] = 0
+        mask[2, 20:] = 0
+    with torch.no_grad():
+        a, b = model(x, attention_mask=mask), model(y, attention_mask=mask)
+    assert not torch.allclose(a.logits[2], b.logits[2])
+    assert torch.allclose(a.logits[:2], b.logits[:2], atol=1e-6, rtol=0), max_diff(a.logits[:2], b.logits[:2])
+
+
+@pytest.mark.parametrize("variant,mode", VARIANT_MODES)
+def test_padding_is_invisible(variant, mode):
+    """Changing what sits under padding changes no real token's logits."""
+    model = build(variant, mode)
+    x = tokens(3, 32)
+    mask = torch.ones(3, 32, dtype=torch.long)
+    mask[0, :8] = 0
+    mask[1, 24:] = 0
+    y = torch.where(mask.bool(), x, tokens(3, 32, seed=7))
+    with torch.no_grad():
+        a, b = model(x, attention_mask=mask).logits, model(y, attention_mask=mask).logits
+    real = mask.bool()
+    assert torch.allclose(a[real], b[real], atol=1e-6, rtol=0), max_diff(a[real], b[real])
+
+
+def test_standard_right_padding_matches_unpadded():
+    model = build("standard")
+    x = tokens(2, 32)
+    mask = torch.ones(2, 32, dtype=torch.long)
+    mask[1, 20:] = 0
+    with torch.no_grad():
+        padded = model(x, attention_mask=mask).logits[1, :20]
+        alone = model(x[1:, :20]).logits[0]
+    assert torch.allclose(padded, alone, atol=1e-5), max_diff(padded, alone)
+
+
+@pytest.mark.parametrize("variant", ["mod", "dtf"])
+def test_padding_ranks_below_real_tokens(variant):
+    model = build(variant, "topk")  # capacity 0.5: k = 16 of 32
+    x = tokens(2, 32)
+    mask = torch.ones(2, 32, dtype=torch.long)
+    mask[0, 10:] = 0  # 10 real tokens < k: all of them selected
+    mask[1, :12] = 0  # 20 real tokens >= k: no padding selected
+    with torch.no_grad():
+        stats = model(x, attention_mask=mask).routing_stats
+    for i in routed_layers(model):
+        sel = stats[i]["selected"]
+        assert sel[0, :10].all(), f"layer {i}: a real token lost its slot to padding"
+        assert not sel[1, :12].any(), f"layer {i}: padding selected while real tokens were left out"
+
+
+# ---- 4. Degenerate equivalence ------------------------------------------------------------
+@pytest.mark.parametrize("variant", ["mod", "dtf"])
+def test_capacity_one_unit_gate_equals_standard(variant):
+    torch.manual_seed(0)
+    dense = build("standard")
+    cap = {"mod_capacity": 1.0} if variant == "mod" else {"dtf_capacity": 1.0}
+    routed = build(variant, force_unit_gate=True, **cap)
+    missing, unexpected = routed.load_state_dict(dense.state_dict(), strict=False)
+    assert not unexpected and all(("router" in k or "prior" in k) for k in missing), missing
+    x = tokens(2, 24)
+    out_d, out_r = dense(x, labels=x), routed(x, labels=x)
+    assert torch.allclose(out_d.logits, out_r.logits, atol=1e-5), max_diff(out_d.logits, out_r.logits)
+    out_d.lm_loss.backward()
+    out_r.lm_loss.backward()
+    routed_params = dict(routed.named_parameters())
+    for name, p in dense.named_parameters():
+        g_r = routed_params[name].grad
+        assert g_r is not None, name
+        assert torch.allclose(p.grad, g_r, atol=1e-5), f"{name}: {max_diff(p.grad, g_r)}"
+
+
+# ---- 5. Not-selected tokens pass through bit for bit --------------------------------------
+@pytest.mark.parametrize("variant,mode", [vm for vm in VARIANT_MODES if vm[0] != "standard"])
+@pytest.mark.parametrize("padded", [False, True])
+def test_unselected_tokens_pass_unchanged(variant, mode, padded):
+    model = build(variant, mode)
+    seen = {}
+    hooks = [model.model.layers[i].register_forward_hook(
+        lambda mod, args, out, i=i: seen.__setitem__(i, (args[0], out.x))) for i in routed_layers(model)]
+    x = tokens(2, 32)
+    mask = None
+    if padded:
+        mask = torch.ones(2, 32, dtype=torch.long)
+        mask[0, :5] = 0
+    with torch.no_grad():
+        stats = model(x, attention_mask=mask).routing_stats
+    for h in hooks:
+        h.remove()
+    for i, (x_in, x_out) in seen.items():
+        sel = stats[i]["selected"]
+        assert (~sel).any() and sel.any()
+        assert torch.equal(x_in[~sel], x_out[~sel]), f"layer {i}: an unselected token changed"
+        assert not torch.equal(x_in[sel], x_out[sel]), f"layer {i}: selected tokens were not updated"
+
+
+# ---- 6. Exactly k per row, strictly increasing positions ---------------------------------
+@pytest.mark.parametrize("variant", ["mod", "dtf"])
+@pytest.mark.parametrize("capacity,T", [(0.125, 64), (0.3, 37), (0.5, 33), (1.0, 16), (0.01, 20)])
+def test_exactly_k_selected(variant, capacity, T):
+    model = build(variant, **({"mod_capacity": capacity} if variant == "mod" else {"dtf_capacity": capacity}))
+    with torch.no_grad():
+        stats = model(tokens(3, T)).routing_stats
+    k = max(1, int(capacity * T + 1e-9))
+    for i in routed_layers(model):
+        counts = stats[i]["selected"].sum(1)
+        assert (counts == k).all(), f"layer {i}: selected per row {counts.tolist()}, expected {k}"
+
+
+def test_capacity_k():
+    assert capacity_k(0.125, 2048) == 256
+    assert capacity_k(0.29, 100) == 29  # floating point would floor 28.999... to 28
+    assert capacity_k(0.01, 20) == 1  # at least one token
+    assert capacity_k(1.0, 7) == 7
+
+
+def test_topk_sorted_strictly_increasing_and_top():
+    scores = torch.randn(5, 50, generator=torch.Generator().manual_seed(0))
+    scores[0] = 0.0  # all tied
+    idx = topk_sorted(scores, 12, None)
+    assert (idx[:, 1:] > idx[:, :-1]).all(), "selected positions must be strictly increasing"
+    for row in range(1, 5):
+        assert set(idx[row].tolist()) == set(scores[row].topk(12).indices.tolist())
+
+
+def test_gather_path_equals_masked_path():
+    """The two attention paths (gather top-k; mask over all tokens) give the same update,
+    so the gather path keeps original order and RoPE positions."""
+    torch.manual_seed(0)
+    model = build("mod")
+    layer = model.model.layers[1]
+    B, T, D = 3, 30, model.config.hidden_size
+    x = torch.randn(B, T, D)
+    gate = torch.rand(B, T)
+    idx = topk_sorted(torch.randn(B, T), 9, None)
+    rope = RotaryEmbedding(model.config.head_dim, model.config.rope_theta)(torch.arange(T)[None], x.dtype)
+    for key_mask in (None, torch.arange(T).expand(B, T) >= torch.tensor([[0], [4], [0]])):
+        ctx = Context(rope, key_mask, None, "topk", torch.tensor(0), False)
+        a = routed_update(layer, x, gate, ctx, idx_BK=idx)
+        b = routed_update(layer, x, gate, ctx, sel_BT=membership(idx, T))
+        ok = torch.ones(B, T, dtype=torch.bool) if key_mask is None else key_mask
+        assert torch.allclose(a[ok], b[ok], atol=1e-5), max_diff(a[ok], b[ok])
+    # and a gather at the wrong positions would be caught: RoPE of slots 0..k-1 differs
+    wrong = Rope(*rope).gather(torch.arange(9).expand(B, 9))
+    assert not torch.allclose(wrong.cos, Rope(*rope).gather(idx).cos)
+
+
+# ---- 7. Router parameters learn -----------------------------------------------------------
+@pytest.mark.parametrize("variant,overrides", [("mod", {}), ("mod", {"mod_use_predictor": True}), ("dtf", {})])
+def test_router_parameters_get_gradients(variant, overrides):
+    model = build(variant, **overrides).train()
+    x = tokens(2, 32)
+    model(x, labels=x).loss.backward()
+    names = [n for n, _ in model.named_parameters() if ".router." in n or ".predictor." in n]
+    expected = {"mod": {"weight"}, "dtf": {"beta_ce", "beta_cu", "log_o_ce", "m_cu"}}[variant]
+    assert expected <= {n.split(".")[-1] for n in names}
+    for name, p in model.named_parameters():
+        if name in names:
+            assert p.grad is not None and p.grad.abs().sum() > 0, f"{name} has no gradient"
+
+
+# ---- 8. Labels shifted once; the LM loss is a plain cross-entropy -------------------------
+@pytest.mark.parametrize("variant", VARIANTS)
+@pytest.mark.parametrize("chunk", [8192, 7])
+def test_lm_loss_is_hand_computed_cross_entropy(variant, chunk):
+    model = build(variant, loss_chunk_tokens=chunk)
+    x = tokens(3, 20)
+    labels = x.clone()
+    labels[1, :4] = -100
+    out = model(x, labels=labels)
+    logits = out.logits.float()
+    by_hand = F.cross_entropy(logits[:, :-1].reshape(-1, logits.shape[-1]), labels[:, 1:].reshape(-1),
+                              ignore_index=-100)
+    assert torch.allclose(out.lm_loss, by_hand, atol=1e-5), (out.lm_loss.item(), by_hand.item())
+    # explicit sum over positions: logits at t predict token t+1
+    total, n = 0.0, 0
+    for b in range(3):
+        for t in range(19):
+            if labels[b, t + 1] != -100:
+                total -= torch.log_softmax(logits[b, t], -1)[labels[b, t + 1]]
+                n += 1
+    assert torch.allclose(out.lm_loss, total / n, atol=1e-5)
+    expected_total = out.lm_loss + sum(
+        getattr(model.config, {"mod_aux": "mod_aux_loss_weight", "dtf_prior": "prior_loss_weight"}[k]) * v
+        for k, v in out.aux_losses.items())
+    assert torch.allclose(out.loss, expected_total)
+
+
+def test_chunked_loss_gradient_matches_unchunked():
+    grads = []
+    for chunk in (8192, 5):
+        model = build("standard", loss_chunk_tokens=chunk)
+        x = tokens(2, 16)
+        model(x, labels=x).loss.backward()
+        grads.append(model.lm_head.weight.grad.clone())
+    assert torch.allclose(grads[0], grads[1], atol=1e-6), max_diff(*grads)
+
+
+# ---- 9. No host synchronisation in forward: fullgraph compile finds no graph break -----------
+@pytest.mark.slow
+@pytest.mark.parametrize("variant,mode", VARIANT_MODES)
+def test_compiles_fullgraph(variant, mode):
+    torch._dynamo.reset()
+    model = build(variant, mode).train()
+    compiled = torch.compile(model, fullgraph=True, backend="eager")
+    x = tokens(2, 24)
+    mask = torch.ones(2, 24, dtype=torch.long)
+    mask[0, :3] = 0
+    for attention_mask in (None, mask):
+        out = compiled(x, attention_mask=attention_mask, labels=x)
+        out.loss.backward()
+        ref = model(x, attention_mask=attention_mask, labels=x)
+        assert torch.allclose(out.loss, ref.loss, atol=1e-5)
+        for stats in out.routing_stats.values():
+            assert all(not v.requires_grad for v in stats.values()), "routing stats must leave detached"
+
+
+def test_routing_mode_changes_on_a_built_model():
+    model = build("mod", "topk")
+    x = tokens(2, 32)
+    with torch.no_grad():
+        topk = model(x).routing_stats[1]
+        model.config.routing_mode = "causal"
+        causal = model(x).routing_stats[1]
+    assert torch.equal(topk["selected"].sum(1), torch.tensor([16, 16]))
+    assert torch.allclose(causal["selected_frac"], causal["causal_frac"])
+    assert not torch.equal(causal["selected"], topk["selected"])
+
+
+def test_dtf_threshold_tracks_the_capacity_quantile():
+    model = build("dtf", dtf_capacity=0.25).train()
+    g = torch.Generator().manual_seed(3)
+    with torch.no_grad():
+        for _ in range(200):
+            model(torch.randint(0, 97, (8, 64), generator=g))
+        model.eval()
+        model.config.routing_mode = "causal"
+        stats = model(torch.randint(0, 97, (8, 64), generator=g)).routing_stats
+    for i in routed_layers(model):
+        frac = stats[i]["selected_frac"].item()
+        assert 0.1 < frac < 0.45, f"layer {i}: causal routing realised capacity {frac:.3f}, target 0.25"
+
+
+def test_dtf_beta_schedule():
+    model = build("dtf", beta_mode="schedule", beta_schedule="cosine", beta_ce_start=-2.0, beta_ce_end=2.0,
+                  beta_cu_start=0.0, beta_cu_end=1.0, beta_schedule_steps=100)
+    assert not any("beta" in n for n, _ in model.named_parameters())
+    x = tokens(1, 16)
+    seen = []
+    for step in (0, 50, 100, 500):
+        model.set_schedule_step(step)
+        with torch.no_grad():
+            seen.append(model(x).routing_stats[1]["beta_ce"].item())
+    assert seen == pytest.approx([-2.0, 0.0, 2.0, 2.0], abs=1e-5)

@@ -1,0 +1,159 @@
+"""Contract item 1: Standard is Qwen2; Qwen2 checkpoints load into every variant, every key accounted for."""
+
+import json
+
+import pytest
+import torch
+from safetensors.torch import load_file, save_file
+from transformers import AutoModelForCausalLM, Qwen2Config, Qwen2ForCausalLM
+
+import models
+from tests.models.helpers import VARIANTS, max_diff, tokens
+
+SHAPE = dict(vocab_size=97, hidden_size=32, intermediate_size=64, num_hidden_layers=4, num_attention_heads=4,
+             num_key_value_heads=2, max_position_embeddings=128)
+
+
+def hf_model(tie: bool, layers: int = 4) -> Qwen2ForCausalLM:
+    torch.manual_seed(0)
+    cfg = Qwen2Config(**{**SHAPE, "num_hidden_layers": layers}, tie_word_embeddings=tie, initializer_range=0.2,
+                      rope_parameters={"rope_type": "default", "rope_theta": 1e6})
+    cfg._attn_implementation = "sdpa"
+    model = Qwen2ForCausalLM(cfg).eval()
+    with torch.no_grad():  # non-trivial norms and biases, so that a swapped name would show
+        for name, p in model.named_parameters():
+            if "norm" in name or "bias" in name:
+                p.add_(torch.randn_like(p) * 0.1)
+    return model
+
+
+@pytest.fixture(scope="module", params=[False, True], ids=["untied", "tied"])
+def checkpoint(request, tmp_path_factory):
+    path = tmp_path_factory.mktemp("qwen2")
+    model = hf_model(tie=request.param)
+    model.save_pretrained(path)
+    return model, path
+
+
+def test_standard_matches_hf_qwen2(checkpoint):
+    hf, path = checkpoint
+    ours = models.build_model("standard", pretrained=path).eval()
+    x = tokens(2, 40)
+    with torch.no_grad():
+        want, got = hf(x).logits, ours(x).logits
+    assert torch.allclose(want, got, atol=1e-5, rtol=0), max_diff(want, got)
+    mask = torch.ones(2, 40, dtype=torch.long)
+    mask[1, 25:] = 0
+    with torch.no_grad():
+        want, got = hf(x, attention_mask=mask).logits, ours(x, attention_mask=mask).logits
+    real = mask.bool()
+    assert torch.allclose(want[real], got[real], atol=1e-5, rtol=0), max_diff(want[real], got[real])
+
+
+@pytest.mark.parametrize("variant", VARIANTS)
+def test_checkpoint_loads_into_every_variant(checkpoint, variant):
+    hf, path = checkpoint
+    model = models.build_model(variant, pretrained=path)
+    ours = model.state_dict()
+    for key, tensor in hf.state_dict().items():
+        assert torch.equal(ours[key], tensor), f"{key} did not land"
+    fresh = [k for k in ours if k not in hf.state_dict()]
+    assert all(".router." in k or ".prior" in k for k in fresh), fresh
+    # layer mapping of the spec: MoD layer i <- i; DTF pair p: decision <- 2p, dynamic <- 2p+1
+    kinds = model.config.layer_kinds
+    expected = {"standard": ["dense"] * 4, "mod": ["dense", "mod"] * 2, "dtf": ["dtf_decision", "dtf_dynamic"] * 2}
+    assert kinds == expected[variant]
+
+
+@pytest.mark.parametrize("variant", ["mod", "dtf"])
+def test_transferred_routed_model_at_capacity_one_equals_hf(checkpoint, variant):
+    hf, path = checkpoint
+    cap = {"mod_capacity": 1.0} if variant == "mod" else {"dtf_capacity": 1.0}
+    model = models.build_model(variant, pretrained=path, force_unit_gate=True, **cap).eval()
+    x = tokens(2, 24)
+    with torch.no_grad():
+        assert torch.allclose(hf(x).logits, model(x).logits, atol=1e-5, rtol=0)
+
+
+def test_odd_layer_count_dtf_keeps_last_layer_dense(tmp_path):
+    hf_model(tie=False, layers=3).save_pretrained(tmp_path)
+    model = models.build_model("dtf", pretrained=tmp_path)
+    assert model.config.layer_kinds == ["dtf_decision", "dtf_dynamic", "dense"]
+
+
+def _copy_checkpoint(src, dst, edit):
+    dst.mkdir()
+    state = load_file(src / "model.safetensors")
+    cfg = json.loads((src / "config.json").read_text())
+    state, cfg = edit(state, cfg)
+    save_file(state, dst / "model.safetensors")
+    (dst / "config.json").write_text(json.dumps(cfg))
+    return dst
+
+
+@pytest.mark.parametrize("variant", VARIANTS)
+def test_extra_checkpoint_tensor_fails_listing_it(checkpoint, tmp_path, variant):
+    _, path = checkpoint
+
+    def add(state, cfg):
+        state["model.layers.0.mlp.extra_proj.weight"] = torch.zeros(3)
+        return state, cfg
+
+    bad = _copy_checkpoint(path, tmp_path / "bad", add)
+    with pytest.raises(ValueError, match=r"no place in the model.*model\.layers\.0\.mlp\.extra_proj\.weight"):
+        models.build_model(variant, pretrained=bad)
+
+
+@pytest.mark.parametrize("variant", VARIANTS)
+def test_missing_checkpoint_tensor_fails_listing_it(checkpoint, tmp_path, variant):
+    _, path = checkpoint
+
+    def drop(state, cfg):
+        del state["model.layers.1.self_attn.k_proj.bias"]
+        return state, cfg
+
+    bad = _copy_checkpoint(path, tmp_path / "bad", drop)
+    with pytest.raises(ValueError, match=r"lacks.*model\.layers\.1\.self_attn\.k_proj\.bias"):
+        models.build_model(variant, pretrained=bad)
+
+
+def test_checkpoint_whose_shapes_do_not_fit(checkpoint, tmp_path):
+    _, path = checkpoint
+
+    def widen(state, cfg):
+        cfg["intermediate_size"] = 80
+        return state, cfg
+
+    bad = _copy_checkpoint(path, tmp_path / "bad", widen)
+    with pytest.raises(ValueError, match=r"shapes that do not fit.*mlp\.gate_proj\.weight"):
+        models.build_model("mod", pretrained=bad)
+    with pytest.raises(ValueError, match=r"hidden_size=48 \(checkpoint has 32\)"):
+        models.build_model("standard", pretrained=path, hidden_size=48)
+
+
+def test_missing_checkpoint_directory_is_a_clear_error(tmp_path):
+    with pytest.raises(ValueError, match="no such directory"):
+        models.build_model("standard", pretrained="./no/such/dir")
+    (tmp_path / "config.json").write_text(json.dumps({"model_type": "llama", "hidden_size": 8}))
+    with pytest.raises(ValueError, match="expected 'qwen2'"):
+        models.build_model("standard", pretrained=tmp_path)
+
+
+@pytest.mark.parametrize("variant", VARIANTS)
+def test_save_and_reload_through_auto_classes(tmp_path, variant):
+    torch.manual_seed(0)
+    model = models.build_model(variant, mod_capacity=0.5) if variant == "mod" else models.build_model(variant)
+    model.eval()
+    if variant == "dtf":
+        model.model.layers[1].router.threshold.fill_(0.37)
+    model.save_pretrained(tmp_path)
+    again = AutoModelForCausalLM.from_pretrained(tmp_path).eval()
+    assert type(again) is type(model)
+    assert again.config.variant == variant
+    x = tokens(2, 16, vocab=model.config.vocab_size)
+    with torch.no_grad():
+        assert torch.equal(model(x).logits, again(x).logits)
+    if variant == "dtf":
+        assert again.model.layers[1].router.threshold.item() == pytest.approx(0.37)
+    if variant == "mod":
+        assert again.config.mod_capacity == 0.5
