@@ -307,6 +307,14 @@ class DTLabModel(DTLabPreTrainedModel):
         return self.norm(x), aux_mean, stats
 
 
+def lm_loss_from_logits(logits_BTV: torch.Tensor, labels_BT: torch.Tensor) -> torch.Tensor:
+    """Mean next-token cross-entropy from full logits; labels are shifted here, exactly once."""
+    V = logits_BTV.shape[-1]
+    y_N = labels_BT[:, 1:].reshape(-1)
+    total = F.cross_entropy(logits_BTV[:, :-1].reshape(-1, V).float(), y_N, ignore_index=-100, reduction="sum")
+    return total / (y_N != -100).sum().clamp_min(1)
+
+
 def chunked_lm_loss(hidden_BTD, weight_VD, labels_BT, chunk_tokens: int) -> torch.Tensor:
     """Mean next-token cross-entropy; labels are shifted here, exactly once.
 
@@ -363,7 +371,10 @@ class DTLabForCausalLM(DTLabPreTrainedModel):
         logits = self.lm_head(hidden_BTD) if return_logits else None
         loss = lm_loss = None
         if labels is not None:
-            lm_loss = chunked_lm_loss(hidden_BTD, self.lm_head.weight, labels, self.config.loss_chunk_tokens)
+            if logits is not None:  # computed anyway: no second pass through the head
+                lm_loss = lm_loss_from_logits(logits, labels)
+            else:
+                lm_loss = chunked_lm_loss(hidden_BTD, self.lm_head.weight, labels, self.config.loss_chunk_tokens)
             loss = lm_loss
             for name, value in aux.items():
                 loss = loss + getattr(self.config, AUX_LOSS_WEIGHTS[name]) * value

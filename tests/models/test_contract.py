@@ -236,6 +236,10 @@ def test_lm_loss_is_hand_computed_cross_entropy(variant, chunk):
                 total -= torch.log_softmax(logits[b, t], -1)[labels[b, t + 1]]
                 n += 1
     assert torch.allclose(out.lm_loss, total / n, atol=1e-5)
+    # the training path: no logits returned, the loss from the hidden states in chunks
+    lean = model(x, labels=labels, return_logits=False)
+    assert lean.logits is None
+    assert torch.allclose(lean.lm_loss, by_hand, atol=1e-5), (lean.lm_loss.item(), by_hand.item())
     expected_total = out.lm_loss + sum(
         getattr(model.config, {"mod_aux": "mod_aux_loss_weight", "dtf_prior": "prior_loss_weight"}[k]) * v
         for k, v in out.aux_losses.items())
@@ -247,7 +251,7 @@ def test_chunked_loss_gradient_matches_unchunked():
     for chunk in (8192, 5):
         model = build("standard", loss_chunk_tokens=chunk)
         x = tokens(2, 16)
-        model(x, labels=x).loss.backward()
+        model(x, labels=x, return_logits=False).loss.backward()
         grads.append(model.lm_head.weight.grad.clone())
     assert torch.allclose(grads[0], grads[1], atol=1e-6), max_diff(*grads)
 
@@ -257,15 +261,15 @@ def test_chunked_loss_gradient_matches_unchunked():
 @pytest.mark.parametrize("variant,mode", VARIANT_MODES)
 def test_compiles_fullgraph(variant, mode):
     torch._dynamo.reset()
-    model = build(variant, mode).train()
+    model = build(variant, mode, loss_chunk_tokens=16).train()  # 46 tokens: three loss chunks
     compiled = torch.compile(model, fullgraph=True, backend="eager")
     x = tokens(2, 24)
     mask = torch.ones(2, 24, dtype=torch.long)
     mask[0, :3] = 0
-    for attention_mask in (None, mask):
-        out = compiled(x, attention_mask=attention_mask, labels=x)
+    for attention_mask, logits in ((None, True), (mask, False)):
+        out = compiled(x, attention_mask=attention_mask, labels=x, return_logits=logits)
         out.loss.backward()
-        ref = model(x, attention_mask=attention_mask, labels=x)
+        ref = model(x, attention_mask=attention_mask, labels=x, return_logits=logits)
         assert torch.allclose(out.loss, ref.loss, atol=1e-5)
         for stats in out.routing_stats.values():
             assert all(not v.requires_grad for v in stats.values()), "routing stats must leave detached"
