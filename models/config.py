@@ -54,7 +54,7 @@ COMMON_DEFAULTS: dict[str, Any] = dict(
     # routed model at capacity 1 is exactly the dense model (contract item 4).
     force_unit_gate=False,
     # Tokens per chunk of the LM-head cross-entropy; fp32 logits never exist for more than this.
-    loss_chunk_tokens=8192,
+    loss_chunk_tokens=4096,
 )
 
 

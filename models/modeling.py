@@ -12,7 +12,6 @@ from dataclasses import dataclass
 import torch
 import torch.nn.functional as F
 from torch import nn
-from torch.utils.checkpoint import checkpoint
 from transformers import PreTrainedModel
 from transformers.modeling_outputs import CausalLMOutputWithPast
 
@@ -315,27 +314,60 @@ def lm_loss_from_logits(logits_BTV: torch.Tensor, labels_BT: torch.Tensor) -> to
     return total / (y_N != -100).sum().clamp_min(1)
 
 
+class _LinearCrossEntropy(torch.autograd.Function):
+    """Sum of cross-entropy(h @ W.T, y) over tokens, chunk by chunk, gradients made in forward.
+
+    Per chunk the fp32 logits [n, V] are turned in place into d(loss)/d(logits)
+    (softmax minus one-hot) and multiplied straight into the gradients of h and W, so neither
+    the batch's logits nor a recomputation of them are ever needed (cf. Liger-Kernel's fused
+    linear cross-entropy). Ignored targets (-100) contribute nothing.
+    """
+
+    @staticmethod
+    def forward(ctx, h_ND, weight_VD, y_N, chunk_tokens: int):
+        w = weight_VD.to(h_ND.dtype)
+        grad_h = torch.empty_like(h_ND)
+        grad_w = torch.zeros(weight_VD.shape, dtype=torch.float32, device=weight_VD.device)
+        total = torch.zeros((), dtype=torch.float32, device=h_ND.device)
+        for start in range(0, h_ND.shape[0], chunk_tokens):
+            h, y = h_ND[start:start + chunk_tokens], y_N[start:start + chunk_tokens]
+            logits = (h @ w.t()).float()
+            valid = y != -100
+            y_safe = y.clamp_min(0)[:, None]
+            lse = torch.logsumexp(logits, dim=-1)
+            total = total + ((lse - logits.gather(1, y_safe).squeeze(1)) * valid).sum()
+            logits.sub_(lse[:, None]).exp_()  # softmax, in place
+            logits.scatter_add_(1, y_safe, -valid.to(logits.dtype)[:, None])  # minus one-hot
+            g = (logits * valid[:, None]).to(h.dtype)
+            grad_h[start:start + chunk_tokens] = g @ w
+            grad_w += (g.t() @ h).float()
+        ctx.save_for_backward(grad_h, grad_w)
+        ctx.weight_dtype = weight_VD.dtype
+        return total
+
+    @staticmethod
+    def backward(ctx, grad_out):
+        grad_h, grad_w = ctx.saved_tensors
+        return grad_h * grad_out.to(grad_h.dtype), (grad_w * grad_out).to(ctx.weight_dtype), None, None
+
+
 def chunked_lm_loss(hidden_BTD, weight_VD, labels_BT, chunk_tokens: int) -> torch.Tensor:
     """Mean next-token cross-entropy; labels are shifted here, exactly once.
 
-    fp32 logits exist for at most `chunk_tokens` tokens at a time: each chunk's logits are
-    recomputed in backward (activation checkpointing) instead of being kept for the batch.
+    fp32 logits exist for at most `chunk_tokens` tokens at a time. With gradients wanted the
+    loss and its gradients come from one pass (`_LinearCrossEntropy`); without, plain chunks.
     """
     D = hidden_BTD.shape[-1]
     h_ND = hidden_BTD[:, :-1].reshape(-1, D)
     y_N = labels_BT[:, 1:].reshape(-1)
     count = (y_N != -100).sum().clamp_min(1)
-
-    def chunk_loss(h, y):
-        return F.cross_entropy((h @ weight_VD.t()).float(), y, ignore_index=-100, reduction="sum")
-
-    N = h_ND.shape[0]
-    if N <= chunk_tokens:
-        return chunk_loss(h_ND, y_N) / count
+    if torch.is_grad_enabled() and (h_ND.requires_grad or weight_VD.requires_grad):
+        return _LinearCrossEntropy.apply(h_ND, weight_VD, y_N, chunk_tokens) / count
     total = h_ND.new_zeros((), dtype=torch.float32)
-    for start in range(0, N, chunk_tokens):
-        h, y = h_ND[start:start + chunk_tokens], y_N[start:start + chunk_tokens]
-        total = total + checkpoint(chunk_loss, h, y, use_reentrant=False)
+    w = weight_VD.to(h_ND.dtype)
+    for start in range(0, h_ND.shape[0], chunk_tokens):
+        logits = (h_ND[start:start + chunk_tokens] @ w.t()).float()
+        total = total + F.cross_entropy(logits, y_N[start:start + chunk_tokens], ignore_index=-100, reduction="sum")
     return total / count
 
 

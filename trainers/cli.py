@@ -13,12 +13,48 @@ def _demo(args: argparse.Namespace) -> int:
     return 0
 
 
+def _bench(args: argparse.Namespace) -> int:
+    from pathlib import Path
+
+    from .bench import format_table, run_bench, write_rows
+
+    if args.out and Path(args.out).exists() and not args.force:
+        print(f"dtlab bench: --out {args.out} already exists; pass --force to replace it", file=sys.stderr)
+        return 2
+    try:
+        rows = run_bench(preset=args.preset, device=args.device, batch=args.batch, seq=args.seq,
+                         compile=args.compile, steps=args.steps, warmup=args.warmup,
+                         capacities=tuple(args.capacities), variants=tuple(args.variants))
+    except ValueError as err:
+        print(f"dtlab bench: {err}", file=sys.stderr)
+        return 2
+    print(format_table(rows))
+    if args.out:
+        write_rows(rows, args.out)
+        print(f"wrote {args.out}")
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="dtlab", description=__doc__)
     sub = parser.add_subparsers(dest="command", required=True)
     demo = sub.add_parser("demo", help="train the three debug models a few steps on CPU and print their loss")
     demo.add_argument("--steps", type=int, default=40)
     demo.set_defaults(func=_demo)
+
+    bench = sub.add_parser("bench", help="time training steps of every variant against transformers' Qwen2")
+    bench.add_argument("--preset", help="model shape (default: debug on CPU, 0.5B on CUDA)")
+    bench.add_argument("--device", choices=["cpu", "cuda", "mps"], help="default: what is there")
+    bench.add_argument("--batch", type=int, help="default 8")
+    bench.add_argument("--seq", type=int, help="default 256 on CPU, 2048 on CUDA")
+    bench.add_argument("--compile", action="store_true", help="torch.compile every model, the baseline too")
+    bench.add_argument("--steps", type=int, default=10, help="timed steps (the median is reported)")
+    bench.add_argument("--warmup", type=int, default=3)
+    bench.add_argument("--capacities", type=float, nargs="+", default=[0.125, 0.25, 0.5])
+    bench.add_argument("--variants", nargs="+", default=["hf-qwen2", "standard", "mod", "dtf"])
+    bench.add_argument("--out", help="JSON file for the rows")
+    bench.add_argument("--force", action="store_true", help="replace an existing --out file")
+    bench.set_defaults(func=_bench)
     return parser
 
 

@@ -157,3 +157,9 @@ def test_save_and_reload_through_auto_classes(tmp_path, variant):
         assert again.model.layers[1].router.threshold.item() == pytest.approx(0.37)
     if variant == "mod":
         assert again.config.mod_capacity == 0.5
+
+
+def test_hub_name_that_cannot_be_fetched_is_a_clear_error(monkeypatch):
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    with pytest.raises(ValueError, match=r"pretrained='Qwen/Qwen2.5-0.5B': not a local directory and could not be"):
+        models.build_model("mod", pretrained="Qwen/Qwen2.5-0.5B")
