@@ -13,6 +13,20 @@ def _demo(args: argparse.Namespace) -> int:
     return 0
 
 
+def _train(args: argparse.Namespace) -> int:
+    from .runner import run_training
+    from .spec import SpecError, load_spec
+
+    try:
+        spec = load_spec(args.spec, args.overrides)
+        run_training(spec, out=args.out, resume=args.resume, force=args.force,
+                     use_ray=False if args.no_ray else None)
+    except SpecError as err:
+        print(f"dtlab train: {err}", file=sys.stderr)
+        return 2
+    return 0
+
+
 def _bench(args: argparse.Namespace) -> int:
     from pathlib import Path
 
@@ -41,6 +55,15 @@ def build_parser() -> argparse.ArgumentParser:
     demo = sub.add_parser("demo", help="train the three debug models a few steps on CPU and print their loss")
     demo.add_argument("--steps", type=int, default=40)
     demo.set_defaults(func=_demo)
+
+    train = sub.add_parser("train", help="train one variant (model.type) as a spec file says")
+    train.add_argument("spec", help="experiment spec (YAML), e.g. experiments/quick.yaml")
+    train.add_argument("overrides", nargs="*", help="key.path=value, e.g. model.type=mod training.max_steps=120")
+    train.add_argument("--out", help="run directory (default runs/NAME-VARIANT-TIME)")
+    train.add_argument("--resume", action="store_true", help="continue the run in --out from its last checkpoint")
+    train.add_argument("--force", action="store_true", help="set an existing run in --out aside and start afresh")
+    train.add_argument("--no-ray", action="store_true", help="run the loop in this process, without Ray")
+    train.set_defaults(func=_train)
 
     bench = sub.add_parser("bench", help="time training steps of every variant against transformers' Qwen2")
     bench.add_argument("--preset", help="model shape (default: debug on CPU, 0.5B on CUDA)")

@@ -1,0 +1,189 @@
+"""The training loop without Ray: records, checkpoints, exact resume, refusals."""
+
+import json
+
+import pytest
+import torch
+
+import models
+from tests.trainers.conftest import tiny_spec
+from trainers.cli import main
+from trainers.loop import Hooks, lr_lambda, param_groups
+from trainers.runner import run_training
+from trainers.spec import SpecError, spec_from_dict
+
+
+def records(run_dir, kind):
+    return [r for r in map(json.loads, (run_dir / "metrics.jsonl").read_text().splitlines()) if r["kind"] == kind]
+
+
+@pytest.mark.parametrize("variant", ["standard", "mod", "dtf"])
+def test_run_writes_records_checkpoints_and_facts(tmp_path, variant):
+    spec = spec_from_dict(tiny_spec(model={"type": variant}))
+    result = run_training(spec, tmp_path / "run", log=lambda s: None)
+    run = tmp_path / "run"
+    train, evals = records(run, "train"), records(run, "eval")
+    assert [r["step"] for r in train] == [2, 4, 6, 8, 10, 12]
+    assert [r["step"] for r in evals] == [0, 4, 8, 12]
+    assert result["val_loss"] == evals[-1]["val_loss"]
+    for r in train:
+        assert {"loss", "lm_loss", "lr", "grad_norm", "tokens_per_s", "tokens_seen"} <= set(r)
+    for r in evals:
+        assert r["routing_mode"] == "topk" and r["val_ppl"] == pytest.approx(2.718281828 ** r["val_loss"], rel=1e-6)
+    assert evals[-1]["val_loss"] < evals[0]["val_loss"]
+    if variant == "standard":
+        assert "val_loss_causal" not in evals[-1] and train[-1]["routing"] == {}
+    else:
+        assert "val_loss_causal" in evals[-1]
+        layer = train[-1]["routing"]["1"]
+        base = {"selected_frac", "gate_mean", "gate_std", "router_logit_mean", "router_logit_std", "causal_agreement"}
+        assert base <= set(layer)
+        assert layer["selected_frac"] == pytest.approx(0.125)
+        assert len(evals[-1]["routing"]["1"]["selected_by_pos"]) == 64
+        assert "selected_frac" in evals[-1]["routing_causal"]["1"]
+    if variant == "mod":
+        assert "mod_aux" in train[-1]
+    if variant == "dtf":
+        assert "dtf_prior" in train[-1]
+        assert {"d_st", "d_ch", "s_ce", "s_cu", "beta_ce", "beta_cu", "o_ce", "m_cu"} <= set(train[-1]["routing"]["1"])
+        assert "prior_loss" in train[-1]["routing"]["0"]
+    for name in ("last", "best"):
+        assert (run / "checkpoints" / name / "model.safetensors").is_file()
+    facts = json.loads((run / "run.json").read_text())
+    assert facts["seed"] == 0 and "commit" in facts and facts["training"]["precision"] == "fp32"
+    assert facts["training"]["device"] == "cpu" and facts["data"]["vocab_size"] == 512
+    assert (run / "spec.yaml").read_text().startswith("name: t")
+    # the checkpoint reloads through the Auto classes
+    from transformers import AutoModelForCausalLM
+
+    again = AutoModelForCausalLM.from_pretrained(run / "checkpoints" / "last")
+    assert type(again) is models.VARIANTS[variant] and again.config.variant == variant
+
+
+class StopAt(Hooks):
+    def __init__(self, step):
+        self.step = step
+
+    def on_step(self, step):
+        if step == self.step:
+            raise KeyboardInterrupt
+
+    def log(self, line):
+        pass
+
+
+@pytest.mark.parametrize("variant", ["mod", "dtf"])
+def test_interrupted_and_resumed_run_ends_where_an_uninterrupted_one_does(tmp_path, variant):
+    spec = spec_from_dict(tiny_spec(model={"type": variant}))
+    full = run_training(spec, tmp_path / "full", log=lambda s: None)
+    with pytest.raises(KeyboardInterrupt):
+        run_training(spec, tmp_path / "cut", hooks=StopAt(7), log=lambda s: None)
+    assert max(r["step"] for r in records(tmp_path / "cut", "eval")) == 4
+    resumed = run_training(spec, tmp_path / "cut", resume=True, log=lambda s: None)
+    assert resumed["val_loss"] == full["val_loss"]
+
+    def strip(rs):
+        return [{k: v for k, v in r.items() if k != "tokens_per_s"} for r in rs]
+
+    assert strip(records(tmp_path / "cut", "eval")) == strip(records(tmp_path / "full", "eval"))
+    assert strip(records(tmp_path / "cut", "train")) == strip(records(tmp_path / "full", "train"))
+
+
+def test_existing_run_is_refused_and_force_sets_it_aside(tmp_path, capsys):
+    spec = spec_from_dict(tiny_spec(training={"max_steps": 2, "eval_every": 2}))
+    run = tmp_path / "run"
+    run_training(spec, run, log=lambda s: None)
+    before = (run / "metrics.jsonl").read_text()
+    with pytest.raises(SpecError, match="already holds a run: pass --resume .* or --force"):
+        run_training(spec, run, log=lambda s: None)
+    assert (run / "metrics.jsonl").read_text() == before
+    run_training(spec, run, force=True, log=lambda s: None)
+    backups = [p for p in tmp_path.iterdir() if p.name.startswith("run.old-")]
+    assert len(backups) == 1 and (backups[0] / "metrics.jsonl").read_text() == before
+    with pytest.raises(SpecError, match="holds no run to continue"):
+        run_training(spec, tmp_path / "fresh", resume=True, log=lambda s: None)
+
+
+def test_model_that_does_not_fit_the_data_is_refused_before_any_work(tmp_path):
+    spec = spec_from_dict(tiny_spec(model={"vocab_size": 256}))
+    with pytest.raises(SpecError, match="has 512 tokens but the model's vocab_size is 256"):
+        run_training(spec, tmp_path / "a", log=lambda s: None)
+    spec = spec_from_dict(tiny_spec(model={"max_position_embeddings": 32}))
+    with pytest.raises(SpecError, match="data.block_size=64 exceeds the model's max_position_embeddings=32"):
+        run_training(spec, tmp_path / "b", log=lambda s: None)
+    spec = spec_from_dict(tiny_spec(training={"batch_size": 100_000}))
+    with pytest.raises(SpecError, match="cannot fill one batch"):
+        run_training(spec, tmp_path / "c", log=lambda s: None)
+    assert not any(tmp_path.iterdir())  # nothing was written
+
+
+def test_transfer_from_a_local_qwen2_checkpoint(tmp_path):
+    from transformers import PreTrainedTokenizerFast, Qwen2Config, Qwen2ForCausalLM
+
+    from trainers.data import EOT, prepare_data
+    from trainers.spec import DataSpec
+
+    prep = prepare_data(DataSpec(vocab_size=512, block_size=64, max_bytes=300_000))
+    PreTrainedTokenizerFast(tokenizer_file=prep.meta["tokenizer_file"], eos_token=EOT).save_pretrained(tmp_path / "ck")
+    torch.manual_seed(0)
+    Qwen2ForCausalLM(Qwen2Config(vocab_size=512, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
+                                 num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=128,
+                                 tie_word_embeddings=True)).save_pretrained(tmp_path / "ck")
+    spec = spec_from_dict(tiny_spec(model={"type": "dtf", "pretrained": str(tmp_path / "ck")},
+                                    training={"from_scratch": False, "max_steps": 4},
+                                    data={"tokenizer": str(tmp_path / "ck")}))
+    result = run_training(spec, tmp_path / "run", log=lambda s: None)
+    assert result["step"] == 4
+    no_tok = spec_from_dict(tiny_spec(model={"type": "dtf", "pretrained": str(tmp_path / "ck")},
+                                      training={"from_scratch": False}))
+    with pytest.raises(SpecError, match="transfer from a pretrained checkpoint needs its tokenizer"):
+        run_training(no_tok, tmp_path / "run2", log=lambda s: None)
+
+
+def test_weight_decay_spares_norms_biases_embeddings_and_routers():
+    model = models.build_model("dtf")
+    decay, no_decay = param_groups(model, 0.1)
+    names = {id(p): n for n, p in model.named_parameters()}
+    decayed = {names[id(p)] for p in decay["params"]}
+    spared = {names[id(p)] for p in no_decay["params"]}
+    assert decay["weight_decay"] == 0.1 and no_decay["weight_decay"] == 0.0
+    assert "model.layers.0.self_attn.q_proj.weight" in decayed and "model.layers.0.prior.gate_proj.weight" in decayed
+    for n in ("model.embed_tokens.weight", "model.layers.0.input_layernorm.weight",
+              "model.layers.0.self_attn.q_proj.bias", "model.layers.1.router.beta_ce", "model.layers.1.router.m_cu",
+              "model.norm.weight"):
+        assert n in spared, n
+    assert len(decayed) + len(spared) == len(list(model.parameters()))
+
+
+def test_cosine_schedule_with_warmup():
+    f = lr_lambda(10, 110, 0.1)
+    assert f(0) == pytest.approx(0.1) and f(9) == pytest.approx(1.0)
+    assert f(10) == pytest.approx(1.0) and f(60) == pytest.approx(0.55) and f(110) == pytest.approx(0.1)
+    assert all(f(s) >= f(s + 1) for s in range(10, 120))
+
+
+def test_cli_exit_code_2_on_bad_input(tmp_path, capsys):
+    assert main(["train", str(tmp_path / "none.yaml")]) == 2
+    assert "no such spec file" in capsys.readouterr().err
+    assert main(["train", "experiments/quick.yaml", "training.max_stepz=3", "--out", str(tmp_path / "r")]) == 2
+    assert "did you mean 'max_steps'" in capsys.readouterr().err
+    assert not (tmp_path / "r").exists()
+
+
+def test_run_training_sh_keeps_the_original_entry_point(tmp_path):
+    import subprocess
+    from pathlib import Path
+
+    root = Path(__file__).resolve().parents[2]
+    bad = subprocess.run(["bash", "run_training.sh", "fast", "mod"], cwd=root, capture_output=True, text=True)
+    assert bad.returncode == 2 and "MODE 'fast'" in bad.stderr
+    bad = subprocess.run(["bash", "run_training.sh", "quick", "moe"], cwd=root, capture_output=True, text=True)
+    assert bad.returncode == 2 and "MODEL_TYPE 'moe'" in bad.stderr
+    ok = subprocess.run(["bash", "run_training.sh", "quick", "mod", "training.max_steps=2", "training.eval_every=2",
+                         "data.vocab_size=512", "data.block_size=64", "data.max_bytes=300000",
+                         "--no-ray", "--out", str(tmp_path / "q")], cwd=root, capture_output=True, text=True,
+                        timeout=600)
+    assert ok.returncode == 0, ok.stderr[-2000:]
+    assert "model.type=mod" not in (tmp_path / "q" / "spec.yaml").read_text()
+    assert "type: mod" in (tmp_path / "q" / "spec.yaml").read_text()
+    assert "max_steps: 2" in (tmp_path / "q" / "spec.yaml").read_text()

@@ -1,0 +1,67 @@
+"""Experiment specs: shipped files validate, overrides apply, bad input names the key."""
+
+from pathlib import Path
+
+import pytest
+
+from trainers.spec import SpecError, dump_spec, load_spec, spec_from_dict
+
+ROOT = Path(__file__).resolve().parents[2]
+
+
+@pytest.mark.parametrize("path", sorted((ROOT / "experiments").glob("*.yaml")), ids=lambda p: p.name)
+def test_shipped_specs_validate(path):
+    spec = load_spec(path)
+    assert spec.model.type in ("standard", "mod", "dtf")
+
+
+def test_shipped_scratch_and_transfer_specs_exist():
+    names = {p.name for p in (ROOT / "experiments").glob("*.yaml")}
+    for v in ("standard", "mod", "dtf"):
+        assert {f"{v}_scratch.yaml", f"{v}_transfer.yaml"} <= names
+    assert "quick.yaml" in names
+
+
+def test_overrides_apply_with_yaml_types():
+    spec = load_spec(ROOT / "experiments/quick.yaml",
+                     ["model.type=mod", "training.max_steps=120", "training.optimizer.lr=3e-4",
+                      "model.mod_capacity=0.25", "training.eval_causal=false"])
+    assert spec.model.type == "mod" and spec.training.max_steps == 120
+    assert spec.training.optimizer.lr == 3e-4 and spec.model.overrides_for("mod")["mod_capacity"] == 0.25
+    assert spec.training.eval_causal is False
+    assert "mod_capacity" not in spec.model.overrides_for("standard")
+    again = spec_from_dict(__import__("yaml").safe_load(dump_spec(spec)))
+    assert again == spec  # the resolved spec written next to results reloads to the same spec
+
+
+@pytest.mark.parametrize("raw,match", [
+    ({"trainng": {}}, r"unknown key trainng \(did you mean 'training'\?\)"),
+    ({"training": {"batch_sise": 4}}, r"unknown key training.batch_sise \(did you mean 'batch_size'\?\)"),
+    ({"training": {"optimizer": {"lr": -1}}}, r"training.optimizer.lr: Input should be greater than 0"),
+    ({"training": {"max_steps": "ten"}}, r"training.max_steps: .*integer.*'ten'"),
+    ({"model": {"type": "moe"}}, r"model.type"),
+    ({"model": {"size": "tiny"}}, r"model.size='tiny'"),
+    ({"model": {"mod_capacty": 0.2, "type": "mod"}}, r"model.mod_capacty: unknown key \(did you mean 'mod_capacity'"),
+    ({"model": {"type": "dtf", "mod_capacity": 0.2}}, r"model.mod_capacity: unknown key: it belongs to \['mod'\]"),
+    ({"model": {"type": "mod", "mod_capacity": 1.5}}, r"mod_capacity=1.5: capacity must be a number in \(0, 1\]"),
+    ({"training": {"from_scratch": False}}, r"needs model.pretrained"),
+    ({"data": {"block_size": 2}}, r"data.block_size"),
+])
+def test_bad_specs_name_the_key(raw, match):
+    with pytest.raises(SpecError, match=match):
+        spec_from_dict(raw, "my.yaml")
+
+
+def test_bad_files_and_overrides(tmp_path):
+    with pytest.raises(SpecError, match="no such spec file"):
+        load_spec(tmp_path / "missing.yaml")
+    (tmp_path / "bad.yaml").write_text("model: [unclosed")
+    with pytest.raises(SpecError, match="bad.yaml: not valid YAML"):
+        load_spec(tmp_path / "bad.yaml")
+    (tmp_path / "list.yaml").write_text("- 1\n- 2\n")
+    with pytest.raises(SpecError, match="mapping"):
+        load_spec(tmp_path / "list.yaml")
+    with pytest.raises(SpecError, match="expected key.path=value"):
+        load_spec(ROOT / "experiments/quick.yaml", ["training.max_steps"])
+    with pytest.raises(SpecError, match=r"quick.yaml: unknown key training.max_step \(did you mean 'max_steps'"):
+        load_spec(ROOT / "experiments/quick.yaml", ["training.max_step=3"])

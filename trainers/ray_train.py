@@ -1,0 +1,66 @@
+"""Ray Train driver: the per-worker loop inside a `TorchTrainer` (DDP: gloo on CPU, NCCL on GPU)."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from .loop import Hooks, train
+from .spec import Spec
+
+
+class RayHooks(Hooks):
+    """The loop's Ray lines: device from Ray, metrics and checkpoints to `ray.train.report`."""
+
+    def device(self, requested: str) -> torch.device:
+        import ray.train.torch
+
+        if requested in ("auto", "cuda") and torch.cuda.is_available():
+            return ray.train.torch.get_device()
+        return super().device("cpu" if requested == "cuda" else requested)
+
+    def report(self, metrics: dict[str, Any], checkpoint_dir: Path | None) -> None:
+        import ray.train
+
+        checkpoint = ray.train.Checkpoint.from_directory(str(checkpoint_dir)) if checkpoint_dir else None
+        ray.train.report(metrics, checkpoint=checkpoint)
+
+
+def ray_worker(config: dict[str, Any]) -> None:
+    train(config, RayHooks())
+
+
+def scaling(spec: Spec):
+    from ray.train import ScalingConfig
+
+    res = spec.resources
+    use_gpu = res.device in ("auto", "cuda") and torch.cuda.is_available()
+    if res.device == "cuda" and not use_gpu:
+        raise ValueError("resources.device='cuda' but torch sees no CUDA device")
+    per_worker = {"CPU": res.cpus_per_worker}
+    if use_gpu:
+        per_worker["GPU"] = res.gpus_per_worker if res.gpus_per_worker is not None else 1.0
+    return ScalingConfig(num_workers=res.num_workers, use_gpu=use_gpu, resources_per_worker=per_worker)
+
+
+def train_with_ray(config: dict[str, Any], spec: Spec, log=print) -> dict[str, Any]:
+    import ray
+    from ray.train import CheckpointConfig, RunConfig
+    from ray.train.torch import TorchTrainer
+
+    if not ray.is_initialized():
+        ray.init(include_dashboard=True, dashboard_host="127.0.0.1")
+    run_dir = Path(config["run_dir"])
+    trainer = TorchTrainer(
+        ray_worker,
+        train_loop_config=config,
+        scaling_config=scaling(spec),
+        run_config=RunConfig(name=run_dir.name, storage_path=str(run_dir / "ray"),
+                             checkpoint_config=CheckpointConfig(num_to_keep=1)),
+    )
+    result = trainer.fit()
+    if result.error:
+        raise result.error
+    return dict(result.metrics or {})

@@ -1,0 +1,240 @@
+"""Experiment specs: one YAML file per experiment, validated by pydantic before anything starts.
+
+    spec = load_spec("experiments/quick.yaml", ["model.type=mod", "training.max_steps=120"])
+
+Unknown keys are refused with a did-you-mean, wrong types and out-of-range values name the file
+and the key. The original project's names work: `model.type`, `model.size`,
+`training.from_scratch`, `training.num_epochs`, `training.batch_size`, `training.optimizer.lr`,
+and the routing knobs (`mod_capacity`, `dtf_capacity`, `beta_ce_init`, ...) under `model`.
+"""
+
+from __future__ import annotations
+
+import difflib
+from pathlib import Path
+from typing import Any, Literal
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+
+
+class SpecError(ValueError):
+    """A spec that cannot run; the message names the file and the key."""
+
+
+VARIANT_NAMES = ("standard", "mod", "dtf")
+
+
+class Strict(BaseModel):
+    model_config = ConfigDict(extra="forbid", validate_assignment=True)
+
+
+class ModelSpec(BaseModel):
+    """Which model: variant, shape preset, optional checkpoint, and config overrides.
+
+    Any field of the variants' configs (`models.make_config` names: `mod_capacity`,
+    `dtf_capacity`, `beta_ce_init`, `hidden_size`, ...) may be given here; a routing knob
+    applies only to the variants that have it.
+    """
+
+    model_config = ConfigDict(extra="allow")
+    type: Literal["standard", "mod", "dtf"] = "standard"
+    size: str = "debug"
+    pretrained: str | None = None  # hub name or local Qwen2/Qwen2.5 directory, for transfer
+
+    def overrides(self) -> dict[str, Any]:
+        return dict(self.model_extra or {})
+
+    def overrides_for(self, variant: str) -> dict[str, Any]:
+        from models.config import config_class
+
+        fields = config_class(variant).field_names()
+        return {k: v for k, v in self.overrides().items() if k in fields}
+
+
+class DataSpec(Strict):
+    """Where text comes from, how it is tokenized and packed."""
+
+    source: str = "builtin"  # "builtin", a hub dataset name, or local text/jsonl/parquet file(s) or directory
+    name: str | None = None  # hub dataset config, e.g. "wikitext-2-raw-v1"
+    split: str = "train"
+    text_field: str = "text"
+    tokenizer: str | None = None  # hub name or local directory; None: a byte-level BPE trained here
+    vocab_size: int = Field(4096, ge=260, le=1_000_000)  # of the locally trained tokenizer
+    block_size: int = Field(256, ge=8)
+    val_fraction: float = Field(0.05, gt=0.0, lt=0.5)
+    max_bytes: int = Field(4_000_000, ge=10_000)  # text budget, builtin or loaded
+    cache_dir: str | None = None  # default $DTLAB_CACHE or ~/.cache/dtlab
+
+
+class OptimizerSpec(Strict):
+    lr: float = Field(3e-3, gt=0.0)
+    betas: tuple[float, float] = (0.9, 0.95)
+    weight_decay: float = Field(0.1, ge=0.0)
+    eps: float = Field(1e-8, gt=0.0)
+
+
+class SchedulerSpec(Strict):
+    warmup_steps: int = Field(20, ge=0)
+    min_lr_ratio: float = Field(0.1, ge=0.0, le=1.0)
+
+
+class TrainingSpec(Strict):
+    from_scratch: bool = True
+    num_epochs: int = Field(1, ge=1)
+    max_steps: int | None = Field(None, ge=1)  # overrides num_epochs when set
+    batch_size: int = Field(8, ge=1)  # rows per worker per micro-step
+    grad_accum_steps: int = Field(1, ge=1)
+    grad_clip: float = Field(1.0, gt=0.0)
+    optimizer: OptimizerSpec = OptimizerSpec()
+    scheduler: SchedulerSpec = SchedulerSpec()
+    eval_every: int = Field(50, ge=1)
+    eval_batches: int = Field(8, ge=1)
+    eval_at_start: bool = True
+    eval_causal: bool = True  # routed variants: also the validation loss in `causal` routing
+    log_every: int = Field(10, ge=1)
+    checkpoint: bool = True
+
+
+class ResourcesSpec(Strict):
+    num_workers: int = Field(1, ge=1)
+    device: Literal["auto", "cpu", "cuda", "mps"] = "auto"
+    precision: Literal["auto", "fp32", "bf16", "fp16"] = "auto"
+    cpus_per_worker: float = Field(1.0, gt=0.0)
+    gpus_per_worker: float | None = Field(None, ge=0.0)  # None: 1 when CUDA is used
+    use_ray: bool = True
+
+
+class Spec(Strict):
+    name: str = "experiment"
+    description: str = ""
+    seed: int = 0
+    seeds: list[int] | None = None  # replicates, for experiments and sweeps
+    variants: list[Literal["standard", "mod", "dtf"]] | None = None  # compared by `dtlab run`
+    model: ModelSpec = ModelSpec()
+    data: DataSpec = DataSpec()
+    training: TrainingSpec = TrainingSpec()
+    resources: ResourcesSpec = ResourcesSpec()
+
+    @model_validator(mode="after")
+    def _check_model_keys(self) -> Spec:
+        from models.config import CONFIG_CLASSES, PRESETS
+
+        if self.model.size not in PRESETS:
+            raise ValueError(f"model.size={self.model.size!r}: expected one of {list(PRESETS)}"
+                             f"{_did_you_mean(self.model.size, PRESETS)}")
+        variants = set(self.variants or []) | {self.model.type}
+        known = {k for v in variants for k in CONFIG_CLASSES[v].field_names()}
+        every = {k for c in CONFIG_CLASSES.values() for k in c.field_names()}
+        for key in self.model.overrides():
+            if key not in known:
+                owners = [v for v, c in CONFIG_CLASSES.items() if key in c.field_names()]
+                hint = (f": it belongs to {owners}, not to the variants here ({sorted(variants)})" if owners
+                        else _did_you_mean(key, every | set(ModelSpec.model_fields)))
+                raise ValueError(f"model.{key}: unknown key{hint}")
+        from models.config import make_config
+
+        for variant in sorted(variants):  # values are checked now, not when a worker builds the model
+            try:
+                make_config(variant, self.model.size, **self.model.overrides_for(variant))
+            except ValueError as err:
+                raise ValueError(f"model: {err}") from None
+        if not self.training.from_scratch and not self.model.pretrained:
+            raise ValueError("training.from_scratch=false (transfer) needs model.pretrained: a hub name such as "
+                             "'Qwen/Qwen2.5-0.5B' or a local checkpoint directory")
+        return self
+
+    def variant_list(self) -> list[str]:
+        return list(self.variants or [self.model.type])
+
+    def seed_list(self) -> list[int]:
+        return list(self.seeds or [self.seed])
+
+
+def _did_you_mean(name: str, choices) -> str:
+    close = difflib.get_close_matches(str(name), [str(c) for c in choices], n=1)
+    return f" (did you mean {close[0]!r}?)" if close else ""
+
+
+def _section_keys(model: type[BaseModel], path: list[str]) -> list[str]:
+    """Valid keys at a dotted path of the schema, for did-you-mean."""
+    for part in path:
+        field = model.model_fields.get(part)
+        ann = getattr(field, "annotation", None)
+        if not (isinstance(ann, type) and issubclass(ann, BaseModel)):
+            return []
+        model = ann
+    keys = list(model.model_fields)
+    if model is ModelSpec:
+        from models.config import CONFIG_CLASSES
+
+        keys += [k for c in CONFIG_CLASSES.values() for k in c.field_names()]
+    return keys
+
+
+def _format_error(err: ValidationError, source: str) -> str:
+    lines = []
+    for e in err.errors():
+        loc = [str(p) for p in e["loc"]]
+        key = ".".join(loc) or "(top level)"
+        if e["type"] == "extra_forbidden":
+            hint = _did_you_mean(loc[-1], _section_keys(Spec, loc[:-1]))
+            lines.append(f"{source}: unknown key {key}{hint}")
+        elif e["type"] == "value_error":
+            lines.append(f"{source}: {str(e['msg']).removeprefix('Value error, ')}")
+        else:
+            lines.append(f"{source}: {key}: {e['msg']} (got {e.get('input')!r})")
+    return "\n".join(lines)
+
+
+def parse_override(text: str) -> tuple[list[str], Any]:
+    if "=" not in text:
+        raise SpecError(f"override {text!r}: expected key.path=value")
+    key, raw = text.split("=", 1)
+    if not key or any(not p for p in key.split(".")):
+        raise SpecError(f"override {text!r}: expected key.path=value")
+    try:
+        value = yaml.safe_load(raw) if raw != "" else ""
+    except yaml.YAMLError:
+        value = raw
+    return key.split("."), value
+
+
+def apply_overrides(raw: dict[str, Any], overrides: list[str]) -> dict[str, Any]:
+    for text in overrides:
+        path, value = parse_override(text)
+        node = raw
+        for part in path[:-1]:
+            child = node.get(part)
+            if child is None:
+                child = node[part] = {}
+            if not isinstance(child, dict):
+                raise SpecError(f"override {text!r}: {part} is not a section")
+            node = child
+        node[path[-1]] = value
+    return raw
+
+
+def load_spec(path: str | Path, overrides: list[str] | None = None) -> Spec:
+    """Read, override (`key.path=value`, values parsed as YAML) and validate a spec file."""
+    path = Path(path)
+    if not path.is_file():
+        raise SpecError(f"{path}: no such spec file")
+    try:
+        raw = yaml.safe_load(path.read_text()) or {}
+    except yaml.YAMLError as err:
+        raise SpecError(f"{path}: not valid YAML: {err}") from err
+    if not isinstance(raw, dict):
+        raise SpecError(f"{path}: expected a mapping of sections at the top level")
+    return spec_from_dict(apply_overrides(raw, list(overrides or [])), str(path))
+
+
+def spec_from_dict(raw: dict[str, Any], source: str = "spec") -> Spec:
+    try:
+        return Spec.model_validate(raw)
+    except ValidationError as err:
+        raise SpecError(_format_error(err, source)) from None
+
+
+def dump_spec(spec: Spec) -> str:
+    return yaml.safe_dump(spec.model_dump(mode="json"), sort_keys=False)
