@@ -365,7 +365,7 @@ def train(config: dict[str, Any], hooks: Hooks | None = None) -> dict[str, Any]:
                 values = _all_reduce_mean(torch.stack([sums[n] / steps_since for n in names]), world).cpu().tolist()
                 synchronize(device.type)
                 elapsed = time.perf_counter() - t_log
-                record = {"kind": "train", "step": step, **dict(zip(names, values)), "lr": lr,
+                record = {"kind": "train", "step": step, **dict(zip(names, values, strict=True)), "lr": lr,
                           "grad_norm": float(grad_norm), "tokens_per_s": steps_since * tokens_per_step / elapsed,
                           "tokens_seen": step * tokens_per_step,
                           "routing": flat_stats({i: {k: v for k, v in s.items() if k != "selected_by_pos"}
