@@ -27,6 +27,27 @@ def _train(args: argparse.Namespace) -> int:
     return 0
 
 
+def _sweep(args: argparse.Namespace) -> int:
+    import time
+
+    from .spec import SpecError, load_spec
+    from .sweep import run_sweep
+
+    try:
+        spec = load_spec(args.spec, args.overrides)
+        if args.resume and not args.out:
+            raise SpecError("--resume needs --out DIR: the sweep to continue")
+        out = args.out or f"runs/sweep-{spec.name}-{time.strftime('%Y%m%d-%H%M%S')}"
+        summary = run_sweep(spec, out, resume=args.resume, force=args.force, source=args.spec)
+    except SpecError as err:
+        print(f"dtlab sweep: {err}", file=sys.stderr)
+        return 2
+    if summary.get("interrupted"):
+        print(f"dtlab sweep: interrupted; continue with: dtlab sweep {args.spec} --out {out} --resume", file=sys.stderr)
+        return 130
+    return 0
+
+
 def _bench(args: argparse.Namespace) -> int:
     from pathlib import Path
 
@@ -64,6 +85,14 @@ def build_parser() -> argparse.ArgumentParser:
     train.add_argument("--force", action="store_true", help="set an existing run in --out aside and start afresh")
     train.add_argument("--no-ray", action="store_true", help="run the loop in this process, without Ray")
     train.set_defaults(func=_train)
+
+    sweep = sub.add_parser("sweep", help="Ray Tune + Optuna over the spec's sweep.search_space, with ASHA")
+    sweep.add_argument("spec", help="experiment spec with a sweep section, e.g. experiments/sweep_smoke.yaml")
+    sweep.add_argument("overrides", nargs="*", help="key.path=value")
+    sweep.add_argument("--out", help="sweep directory (default runs/sweep-NAME-TIME)")
+    sweep.add_argument("--resume", action="store_true", help="continue an interrupted sweep in --out")
+    sweep.add_argument("--force", action="store_true", help="set an existing sweep in --out aside")
+    sweep.set_defaults(func=_sweep)
 
     bench = sub.add_parser("bench", help="time training steps of every variant against transformers' Qwen2")
     bench.add_argument("--preset", help="model shape (default: debug on CPU, 0.5B on CUDA)")

@@ -48,6 +48,9 @@ class Hooks:
     def on_step(self, step: int) -> None:
         """Called before each optimizer step (tests interrupt runs here)."""
 
+    def export(self, record: dict[str, Any]) -> None:
+        """Called on rank 0 with each logged record (Ray exports them as metrics)."""
+
     def log(self, line: str) -> None:
         print(line, flush=True)
 
@@ -118,6 +121,18 @@ def flat_stats(stats: dict[int, dict[str, torch.Tensor]]) -> dict[str, dict[str,
             pos += n
         out[str(i)] = layer
     return out
+
+
+def memory_stats(device: torch.device) -> dict[str, float]:
+    """Peak accelerator memory (CUDA) or peak resident memory of the process (elsewhere), GiB."""
+    if device.type == "cuda":
+        return {"peak_mem_gib": torch.cuda.max_memory_allocated(device) / 2**30}
+    try:
+        import resource
+
+        return {"peak_rss_gib": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20}
+    except (ImportError, OSError):
+        return {}
 
 
 def _all_reduce_mean(t: torch.Tensor, world: int) -> torch.Tensor:
@@ -295,7 +310,10 @@ def train(config: dict[str, Any], hooks: Hooks | None = None) -> dict[str, Any]:
             "total_steps": steps, "tokens_per_step": tokens_per_step,
             "parameters": sum(p.numel() for p in target.parameters()),
             "flops_per_token": models.flops_per_token(target.config, data.train.shape[1]),
-            "flop_ratio_vs_dense": models.flop_ratio_vs_dense(target.config, data.train.shape[1])}
+            "flop_ratio_vs_dense": models.flop_ratio_vs_dense(target.config, data.train.shape[1]),
+            "seq_len": int(data.train.shape[1]), "run": run_dir.name,
+            "model_config": {k: v for k, v in target.config.to_dict().items()
+                             if isinstance(v, (int, float, str, bool))}}
     metrics_file = None
     if rank == 0:
         run_json = run_dir / "run.json"
@@ -313,8 +331,11 @@ def train(config: dict[str, Any], hooks: Hooks | None = None) -> dict[str, Any]:
     def do_eval() -> dict[str, Any]:
         nonlocal best_val, last_eval
         record = {"kind": "eval", "step": step, "tokens_seen": step * tokens_per_step,
+                  "train_flops": step * tokens_per_step * info["flops_per_token"], "done": step >= steps,
                   **evaluate(model, data.val, spec, precision, device, rank, world)}
         write(record)
+        if rank == 0:
+            hooks.export({**record, "variant": info["variant"], "run": info["run"]})
         improved = record["val_loss"] < best_val
         best_val = min(best_val, record["val_loss"])
         last_eval = record
@@ -331,6 +352,8 @@ def train(config: dict[str, Any], hooks: Hooks | None = None) -> dict[str, Any]:
     try:
         if step == 0 and tcfg.eval_at_start:
             do_eval()
+        elif step >= steps and last_eval:  # resumed with nothing left: say where it ended, once
+            hooks.report({k: v for k, v in last_eval.items() if not isinstance(v, dict)}, None)
         sums: dict[str, torch.Tensor] = {}
         t_log, steps_since = time.perf_counter(), 0
         while step < steps:
@@ -367,11 +390,12 @@ def train(config: dict[str, Any], hooks: Hooks | None = None) -> dict[str, Any]:
                 elapsed = time.perf_counter() - t_log
                 record = {"kind": "train", "step": step, **dict(zip(names, values, strict=True)), "lr": lr,
                           "grad_norm": float(grad_norm), "tokens_per_s": steps_since * tokens_per_step / elapsed,
-                          "tokens_seen": step * tokens_per_step,
+                          "tokens_seen": step * tokens_per_step, **memory_stats(device),
                           "routing": flat_stats({i: {k: v for k, v in s.items() if k != "selected_by_pos"}
                                                  for i, s in out.routing_stats.items()})}
                 write(record)
                 if rank == 0:
+                    hooks.export({**record, "variant": info["variant"], "run": info["run"]})
                     hooks.log(f"step {step}/{steps} | loss {record['loss']:.4f} | lm {record['lm_loss']:.4f} | "
                               f"lr {lr:.2e} | {record['tokens_per_s']:,.0f} tok/s")
                 sums, t_log, steps_since = {}, time.perf_counter(), 0

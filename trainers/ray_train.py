@@ -28,6 +28,12 @@ class RayHooks(Hooks):
         ray.train.report(metrics, checkpoint=checkpoint)
 
 
+    def export(self, record: dict[str, Any]) -> None:
+        from dashboards.metrics import export_record
+
+        export_record(record)
+
+
 def ray_worker(config: dict[str, Any]) -> None:
     train(config, RayHooks())
 

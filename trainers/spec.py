@@ -105,6 +105,36 @@ class ResourcesSpec(Strict):
     use_ray: bool = True
 
 
+class Objective(Strict):
+    metric: str
+    mode: Literal["min", "max"] = "min"
+
+
+class AshaSpec(Strict):
+    enabled: bool = True
+    grace_period: int = Field(1, ge=1)  # evaluations before a trial can be stopped
+    reduction_factor: float = Field(2.0, gt=1.0)
+    max_t: int | None = Field(None, ge=1)  # default: the number of evaluations + 1, so finished trials end normally
+
+
+class SweepSpec(Strict):
+    """Ray Tune + Optuna over any spec key. `search_space` maps a dotted key to one of
+    {choice: [...]}, {uniform: [lo, hi]}, {loguniform: [lo, hi]}, {int: [lo, hi]}."""
+
+    metric: str = "val_loss"
+    mode: Literal["min", "max"] = "min"
+    objectives: list[Objective] | None = None  # multi-objective, e.g. val_loss and train_flops (Pareto front)
+    num_samples: int = Field(4, ge=1)  # configurations Optuna proposes (each runs once per seed)
+    max_concurrent: int | None = Field(None, ge=1)  # default: as many trials as the cluster fits
+    search_space: dict[str, dict[str, Any]] = Field(default_factory=dict)
+    asha: AshaSpec = AshaSpec()
+    driver_cpus: float = Field(0.1, gt=0.0)  # the per-trial driver that builds the TorchTrainer
+    dashboard_host: str = "127.0.0.1"
+
+    def objective_list(self) -> list[Objective]:
+        return list(self.objectives or [Objective(metric=self.metric, mode=self.mode)])
+
+
 class Spec(Strict):
     name: str = "experiment"
     description: str = ""
@@ -115,6 +145,7 @@ class Spec(Strict):
     data: DataSpec = DataSpec()
     training: TrainingSpec = TrainingSpec()
     resources: ResourcesSpec = ResourcesSpec()
+    sweep: SweepSpec | None = None
 
     @model_validator(mode="after")
     def _check_model_keys(self) -> Spec:

@@ -1,0 +1,169 @@
+"""Sweeps: the plan is checked before Ray starts; end to end with ASHA; SIGINT then --resume."""
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+
+from tests.trainers.conftest import tiny_spec
+from trainers.spec import SpecError, load_spec, spec_from_dict
+from trainers.sweep import Replicates, check_gpus, plan_sweep, trial_spec
+
+ROOT = Path(__file__).resolve().parents[2]
+
+
+def sweep_spec(space, **extra):
+    raw = tiny_spec(variants=["mod", "dtf"])
+    raw["sweep"] = {"search_space": space, **extra}
+    return spec_from_dict(raw)
+
+
+def test_smoke_spec_plan():
+    plan = plan_sweep(load_spec(ROOT / "experiments/sweep_smoke.yaml"))
+    assert plan.variants == ["mod", "dtf"] and plan.variant_is_searched
+    by_key = {d.key: d for d in plan.dims}
+    assert by_key["model.mod_capacity"].variants == ["mod"] and by_key["model.beta_ce_init"].variants == ["dtf"]
+    assert by_key["training.optimizer.lr"].variants is None
+    assert plan.max_t == 5  # 4 evaluations (steps 0, 10, 20, 30) + 1
+
+
+def test_trial_spec_applies_routing_keys_only_where_they_belong():
+    plan = plan_sweep(load_spec(ROOT / "experiments/sweep_smoke.yaml"))
+    params = {"model.type": "dtf", "model.mod_capacity": 0.3, "model.dtf_capacity": 0.25,
+              "training.optimizer.lr": 1e-3}
+    spec = trial_spec(plan.base, params, seed=7)
+    assert spec.model.type == "dtf" and spec.seed == 7 and spec.training.optimizer.lr == 1e-3
+    assert spec.model.overrides() == {"dtf_capacity": 0.25}
+
+
+@pytest.mark.parametrize("space,match", [
+    ({"model.mod_capacty": {"uniform": [0.1, 0.5]}}, r"sweep.search_space.model.mod_capacty.*did you mean"),
+    ({"training.lrr": {"choice": [1, 2]}}, r"sweep.search_space.training.lrr"),
+    ({"model.mod_capacity": {"uniform": [0.5, 0.1]}}, r"empty range \[0.5, 0.1\]"),
+    ({"model.mod_capacity": {"choice": []}}, r"non-empty list"),
+    ({"training.optimizer.lr": {"loguniform": [0, 1]}}, r"loguniform needs lo > 0"),
+    ({"model.mod_capacity": {"normal": [0, 1]}}, r"expected one of \{choice"),
+    ({"model.mod_capacity": {"uniform": [0.1, 1.5]}}, r"mod_capacity=1.5.*capacity must be a number in \(0, 1\]"),
+    ({"model.ma_window": {"int": [5, 50]}, "model.type": {"choice": ["mod", "standard"]}},
+     r"none of the swept variants \['mod', 'standard'\] has this key \(it belongs to \['dtf'\]\)"),
+    ({"model.type": {"choice": ["mod", "moe"]}}, r"model.type: expected a choice among"),
+])
+def test_bad_search_space_fails_before_ray(space, match):
+    with pytest.raises(SpecError, match=match):
+        plan_sweep(sweep_spec(space))
+
+
+def test_asha_max_t_and_missing_sweep_section():
+    with pytest.raises(SpecError, match=r"max_t=3 must exceed the number of evaluations \(4\)"):
+        plan_sweep(sweep_spec({}, asha={"max_t": 3}))
+    with pytest.raises(SpecError, match="no sweep section"):
+        plan_sweep(spec_from_dict(tiny_spec()))
+
+
+def test_more_gpus_per_trial_than_the_cluster_has():
+    spec = spec_from_dict(tiny_spec(resources={"num_workers": 2, "gpus_per_worker": 1, "device": "auto"}))
+    with pytest.raises(SpecError, match=r"asks for 2 GPU\(s\).*the cluster has 1"):
+        check_gpus(spec, 1)
+    check_gpus(spec, 2)
+
+
+def test_cli_refuses_bad_sweep_before_ray(tmp_path, capsys):
+    from trainers.cli import main
+
+    bad = tmp_path / "bad.yaml"
+    bad.write_text((ROOT / "experiments/sweep_smoke.yaml").read_text().replace("[0.1, 0.5]}", "[0.5, 0.1]}"))
+    code = main(["sweep", str(bad), "--out", str(tmp_path / "s")])
+    assert code == 2 and "bad.yaml: sweep.search_space.model.mod_capacity: empty range" in capsys.readouterr().err
+    assert not (tmp_path / "s").exists()
+
+
+class FakeSearcher:
+    metric, mode = "val_loss", "min"
+
+    def __init__(self):
+        self.n, self.told = 0, {}
+
+    def suggest(self, trial_id):
+        self.n += 1
+        return {"model.mod_capacity": 0.1 * self.n}
+
+    def on_trial_result(self, trial_id, result):
+        pass
+
+    def on_trial_complete(self, trial_id, result=None, error=False):
+        self.told[trial_id] = result
+
+
+def test_replicates_run_each_proposal_once_per_seed_and_report_the_mean():
+    inner = FakeSearcher()
+    rep = Replicates(inner, [0, 1, 2])
+    configs = [rep.suggest(f"t{i}") for i in range(6)]
+    assert [c["seed"] for c in configs] == [0, 1, 2, 0, 1, 2]
+    assert configs[0]["model.mod_capacity"] == configs[2]["model.mod_capacity"] != configs[3]["model.mod_capacity"]
+    for i, loss in enumerate([3.0, 4.0, 5.0]):
+        rep.on_trial_complete(f"t{i}", {"val_loss": loss})
+    assert inner.told == {"t0": {"val_loss": 4.0}}
+
+
+def _evals(path):
+    return [r for r in map(json.loads, path.read_text().splitlines()) if r["kind"] == "eval"]
+
+
+@pytest.mark.slow
+def test_sweep_smoke_end_to_end_with_asha(tmp_path):
+    out = tmp_path / "sweep"
+    env = {**os.environ, "PYTHONPATH": str(ROOT)}
+    proc = subprocess.run([sys.executable, "-m", "trainers.cli", "sweep", "experiments/sweep_smoke.yaml",
+                           "--out", str(out)], cwd=ROOT, env=env, capture_output=True, text=True, timeout=900)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert "Ray dashboard: http://127.0.0.1:" in proc.stdout + proc.stderr
+    runs = sorted(out.glob("trials/*/metrics.jsonl"))
+    assert len(runs) == 6
+    summary = json.loads((out / "summary.json").read_text())
+    variants = {t["params"]["model.type"] for t in summary["trials"]}
+    assert len(summary["trials"]) == 6 and summary["best"]["val_loss"] == min(
+        t["val_loss"] for t in summary["trials"])
+    stopped = [t for t in summary["trials"] if not t["done"]]
+    assert stopped, "ASHA stopped no trial early"
+    assert len(variants) >= 1
+    for run in runs:
+        steps = [r["step"] for r in _evals(run)]
+        assert steps == sorted(set(steps)) and steps[0] == 0
+
+
+@pytest.mark.slow
+def test_sigint_then_resume_loses_nothing(tmp_path):
+    out = tmp_path / "sweep"
+    env = {**os.environ, "PYTHONPATH": str(ROOT)}
+    cmd = [sys.executable, "-m", "trainers.cli", "sweep", "experiments/sweep_smoke.yaml", "sweep.num_samples=4",
+           "sweep.asha.enabled=false", "--out", str(out)]
+    proc = subprocess.Popen(cmd, cwd=ROOT, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    deadline = time.time() + 300
+    while time.time() < deadline and not any(
+            any(r.get("step") == 10 for r in _evals(p)) for p in out.glob("trials/*/metrics.jsonl")):
+        time.sleep(1)
+    proc.send_signal(signal.SIGINT)
+    assert proc.wait(timeout=180) == 130
+    before = {p.parent.name: p.read_text() for p in out.glob("trials/*/metrics.jsonl")}
+    finished = {k for k, text in before.items() if '"done": true' in text}
+    assert before, "no trial had started"
+    proc = subprocess.run(cmd + ["--resume"], cwd=ROOT, env=env, capture_output=True, text=True, timeout=900)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    after = {p.parent.name: p.read_text() for p in out.glob("trials/*/metrics.jsonl")}
+    assert len(after) == 4 and set(before) <= set(after)
+    for name in finished:
+        assert after[name] == before[name], f"finished trial {name} was rerun"
+    for name, text in after.items():
+        steps = [r["step"] for r in map(json.loads, text.splitlines()) if r["kind"] == "eval"]
+        assert steps == [0, 10, 20, 30], f"trial {name}: evaluations {steps}"
+
+
+@pytest.mark.parametrize("name", ["sweep_smoke.yaml", "sweep_gpu.yaml", "sweep_multigpu.yaml"])
+def test_shipped_sweeps_plan(name):
+    plan = plan_sweep(load_spec(ROOT / "experiments" / name), name)
+    assert len(plan.variants) >= 2 and len(plan.dims) >= 3

@@ -1,0 +1,438 @@
+"""`dtlab sweep`: Ray Tune + Optuna over routing hyperparameters, ASHA, resume.
+
+Tune runs `sweep_trial` once per trial; it builds one Ray Train `TorchTrainer` (run name from
+the trial id) whose workers run the ordinary training loop, with `TuneReportCallback` forwarding
+each evaluation to Tune. Optuna's TPE (seeded) proposes configurations through a define-by-run
+space, so routing keys are suggested only for the variants that have them; seeds are
+replicates (every proposal runs once per seed and Optuna is told the mean). Each trial keeps its
+own run directory under `OUT/trials/`, whose `metrics.jsonl` is the full history.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import pickle
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+from .spec import Spec, SpecError, _did_you_mean, dump_spec, spec_from_dict
+
+KINDS = ("choice", "uniform", "loguniform", "int")
+TUNE_DIR, EXPERIMENT = "tune", "sweep"
+
+
+# ---- the search space ---------------------------------------------------------------------------
+@dataclass
+class Dimension:
+    key: str  # dotted spec key
+    kind: str
+    args: list[Any]
+    variants: list[str] | None = None  # a model key applies only to these variants
+
+    def corners(self) -> list[Any]:
+        if self.kind == "choice":
+            return list(self.args)
+        lo, hi = self.args
+        return [lo, hi] if self.kind != "int" else [int(lo), int(hi)]
+
+
+@dataclass
+class Plan:
+    spec: Spec
+    base: dict[str, Any]  # the spec without its sweep section, as a dict
+    dims: list[Dimension]
+    variants: list[str]
+    variant_is_searched: bool
+    seeds: list[int]
+    max_t: int
+    extra: dict[str, Any] = field(default_factory=dict)
+
+
+def _set(raw: dict[str, Any], key: str, value: Any) -> None:
+    node = raw
+    parts = key.split(".")
+    for part in parts[:-1]:
+        node = node.setdefault(part, {})
+        if not isinstance(node, dict):
+            raise SpecError(f"sweep.search_space.{key}: {part} is not a section")
+    node[parts[-1]] = value
+
+
+def trial_spec(base: dict[str, Any], params: dict[str, Any], seed: int | None) -> Spec:
+    """The spec of one trial: the base with the suggested values (model keys only where the
+    trial's variant has them) and the replicate seed."""
+    import copy
+
+    from models.config import config_class
+
+    raw = copy.deepcopy(base)
+    variant = params.get("model.type", raw.get("model", {}).get("type", "standard"))
+    _set(raw, "model.type", variant)
+    raw.pop("variants", None)
+    fields = config_class(variant).field_names()
+    for key in list(raw.get("model", {})):  # fixed routing knobs of other variants do not apply here
+        if key not in ("type", "size", "pretrained") and key not in fields:
+            del raw["model"][key]
+    for key, value in params.items():
+        if key.startswith("model.") and key.count(".") == 1 and key != "model.type" and \
+                key.split(".")[1] not in fields and key.split(".")[1] not in ("size", "pretrained"):
+            continue
+        _set(raw, key, value)
+    if seed is not None:
+        raw["seed"] = seed
+    return spec_from_dict(raw, "trial")
+
+
+def plan_sweep(spec: Spec, source: str = "spec") -> Plan:
+    """Check the sweep section completely, before Ray starts."""
+    from models.config import CONFIG_CLASSES
+
+    if spec.sweep is None:
+        raise SpecError(f"{source}: no sweep section; `dtlab sweep` needs one (see experiments/sweep_smoke.yaml)")
+    sw = spec.sweep
+    base = spec.model_dump(mode="json", exclude={"sweep"})
+    dims: list[Dimension] = []
+    for key, dist in sw.search_space.items():
+        where = f"{source}: sweep.search_space.{key}"
+        if not isinstance(dist, dict) or len(dist) != 1 or next(iter(dist)) not in KINDS:
+            raise SpecError(f"{where}: expected one of {{choice: [...]}}, {{uniform: [lo, hi]}}, "
+                            f"{{loguniform: [lo, hi]}}, {{int: [lo, hi]}}; got {dist!r}")
+        kind, args = next(iter(dist.items()))
+        if kind == "choice":
+            if not isinstance(args, list) or not args:
+                raise SpecError(f"{where}: choice needs a non-empty list of values, got {args!r}")
+        else:
+            if not (isinstance(args, list) and len(args) == 2 and all(isinstance(a, (int, float)) and
+                                                                        not isinstance(a, bool) for a in args)):
+                raise SpecError(f"{where}: {kind} needs [lo, hi] numbers, got {args!r}")
+            lo, hi = args
+            if (kind == "int" and (lo > hi or int(lo) != lo or int(hi) != hi)) or (kind != "int" and lo >= hi):
+                raise SpecError(f"{where}: empty range [{lo}, {hi}]: expected lo < hi"
+                                + (" (integers, lo <= hi)" if kind == "int" else ""))
+            if kind == "loguniform" and lo <= 0:
+                raise SpecError(f"{where}: loguniform needs lo > 0, got {lo}")
+        dims.append(Dimension(key, kind, list(args)))
+    type_dim = next((d for d in dims if d.key == "model.type"), None)
+    if type_dim is not None:
+        bad = [v for v in type_dim.args if v not in CONFIG_CLASSES]
+        if bad or type_dim.kind != "choice":
+            raise SpecError(f"{source}: sweep.search_space.model.type: expected a choice among "
+                            f"{sorted(CONFIG_CLASSES)}, got {type_dim.kind} {type_dim.args!r}")
+        variants = list(dict.fromkeys(type_dim.args))
+    else:
+        variants = spec.variant_list()
+    for dim in dims:
+        parts = dim.key.split(".")
+        if parts[0] == "model" and len(parts) == 2 and parts[1] not in ("type", "size", "pretrained"):
+            have = [v for v in variants if parts[1] in CONFIG_CLASSES[v].field_names()]
+            if not have:
+                owners = [v for v, c in CONFIG_CLASSES.items() if parts[1] in c.field_names()]
+                every = {k for c in CONFIG_CLASSES.values() for k in c.field_names()}
+                hint = f" (it belongs to {owners})" if owners else _did_you_mean(parts[1], every)
+                raise SpecError(f"{source}: sweep.search_space.{dim.key}: none of the swept variants {variants} has "
+                                f"this key{hint}")
+            dim.variants = have
+        elif parts[0] == "sweep":
+            raise SpecError(f"{source}: sweep.search_space.{dim.key}: the sweep section itself cannot be searched")
+    # every corner of every dimension must make a valid spec, for each variant it applies to
+    for dim in dims:
+        if dim.key == "model.type":
+            continue
+        for variant in dim.variants or variants:
+            for value in dim.corners():
+                try:
+                    trial_spec(base, {"model.type": variant, dim.key: value}, None)
+                except SpecError as err:
+                    msg = str(err).removeprefix("trial: ")
+                    raise SpecError(f"{source}: sweep.search_space.{dim.key}={value!r}: {msg}") from None
+    n_evals = _evaluations(spec)
+    max_t = sw.asha.max_t or n_evals + 1
+    if sw.asha.enabled and max_t <= n_evals:
+        raise SpecError(f"{source}: sweep.asha.max_t={max_t} must exceed the number of evaluations ({n_evals}) so "
+                        "that trials that finish end normally")
+    return Plan(spec, base, dims, variants, type_dim is not None, spec.seed_list(), max_t)
+
+
+def _evaluations(spec: Spec) -> int:
+    t = spec.training
+    if t.max_steps is None:
+        return 10_000  # epochs: not known before the data; ASHA's max_t then only caps
+    n = t.max_steps // t.eval_every + (0 if t.max_steps % t.eval_every == 0 else 1)
+    return n + (1 if t.eval_at_start else 0)
+
+
+class DefineByRun:
+    """Optuna define-by-run space: routing keys are suggested only for variants that have them."""
+
+    def __init__(self, dims: list[Dimension], variants: list[str]) -> None:
+        self.dims, self.variants = dims, variants
+
+    def __call__(self, trial) -> dict[str, Any] | None:
+        variant = trial.suggest_categorical("model.type", self.variants)
+        for d in self.dims:
+            if d.key == "model.type" or (d.variants and variant not in d.variants):
+                continue
+            if d.kind == "choice":
+                trial.suggest_categorical(d.key, d.args)
+            elif d.kind == "int":
+                trial.suggest_int(d.key, int(d.args[0]), int(d.args[1]))
+            else:
+                trial.suggest_float(d.key, float(d.args[0]), float(d.args[1]), log=d.kind == "loguniform")
+        return None
+
+
+def make_searcher(plan: Plan):
+    from ray.tune.search.optuna import OptunaSearch
+
+    objectives = plan.spec.sweep.objective_list()
+    metric = [o.metric for o in objectives] if len(objectives) > 1 else objectives[0].metric
+    mode = [o.mode for o in objectives] if len(objectives) > 1 else objectives[0].mode
+    points = None
+    if len(plan.variants) > 1 and not plan.variant_is_searched:  # a fixed list: every variant in turn
+        points = [{"model.type": plan.variants[i % len(plan.variants)]} for i in range(plan.spec.sweep.num_samples)]
+    searcher = OptunaSearch(space=DefineByRun(plan.dims, plan.variants), metric=metric, mode=mode,
+                            points_to_evaluate=points, seed=plan.spec.seed)
+    if len(plan.seeds) > 1:
+        return Replicates(searcher, plan.seeds)
+    return searcher
+
+
+def _searcher_base():
+    from ray.tune.search import Searcher
+
+    return Searcher
+
+
+class Replicates(_searcher_base()):
+    """Runs every proposal of the wrapped searcher once per seed; tells it the mean result."""
+
+    def __init__(self, searcher, seeds: list[int]) -> None:
+        super().__init__(metric=searcher.metric, mode=searcher.mode)
+        self.searcher, self.seeds = searcher, list(seeds)
+        self.queue: list[tuple[str, int]] = []
+        self.base_of: dict[str, str] = {}
+        self.configs: dict[str, dict] = {}
+        self.results: dict[str, dict[str, Any]] = {}
+
+    def set_search_properties(self, metric, mode, config, **spec) -> bool:
+        return self.searcher.set_search_properties(metric, mode, config, **spec)
+
+    def suggest(self, trial_id: str):
+        if not self.queue:
+            config = self.searcher.suggest(trial_id)
+            if not isinstance(config, dict):
+                return config
+            self.configs[trial_id] = config
+            self.queue = [(trial_id, s) for s in self.seeds]
+        base, seed = self.queue.pop(0)
+        self.base_of[trial_id] = base
+        return {**self.configs[base], "seed": seed}
+
+    def on_trial_result(self, trial_id: str, result: dict) -> None:
+        if self.base_of.get(trial_id) == trial_id:
+            self.searcher.on_trial_result(trial_id, result)
+
+    def on_trial_complete(self, trial_id: str, result: dict | None = None, error: bool = False) -> None:
+        base = self.base_of.get(trial_id)
+        if base is None:
+            return
+        self.results.setdefault(base, {})[trial_id] = None if error else result
+        done = self.results[base]
+        if len(done) < len(self.seeds):
+            return
+        good = [r for r in done.values() if r]
+        metrics = self.searcher.metric if isinstance(self.searcher.metric, list) else [self.searcher.metric]
+        mean = {m: sum(r[m] for r in good) / len(good) for m in metrics if good and all(m in r for r in good)}
+        self.searcher.on_trial_complete(base, mean or None, error=not good)
+
+    def save(self, checkpoint_path: str) -> None:
+        state = {k: v for k, v in self.__dict__.items() if k != "searcher"}
+        with open(checkpoint_path, "wb") as f:
+            pickle.dump(state, f)
+        self.searcher.save(checkpoint_path + ".inner")
+
+    def restore(self, checkpoint_path: str) -> None:
+        with open(checkpoint_path, "rb") as f:
+            self.__dict__.update(pickle.load(f))
+        self.searcher.restore(checkpoint_path + ".inner")
+
+
+# ---- one trial --------------------------------------------------------------------------------------
+def sweep_trial(config: dict[str, Any]) -> None:
+    """Tune's trainable: one TorchTrainer for this trial, resumed from its own run directory."""
+    import ray.tune
+    from ray.train import CheckpointConfig, RunConfig
+    from ray.train.torch import TorchTrainer
+    from ray.tune.integration.ray_train import TuneReportCallback
+
+    from .data import prepare_data
+    from .ray_train import ray_worker, scaling
+    from .runner import check_fit, holds_run, prepare_run_dir, write_run_files
+
+    trial_id = ray.tune.get_context().get_trial_id()
+    params = {k: v for k, v in config.items() if "." in k}
+    spec = trial_spec(config["base"], params, config.get("seed"))
+    run_dir = Path(config["sweep_dir"]) / "trials" / trial_id
+    resume = holds_run(run_dir) and (run_dir / "checkpoints" / "last").is_dir()
+    data = prepare_data(spec.data)
+    check_fit(spec, data, spec.resources.num_workers)
+    if not resume:
+        prepare_run_dir(run_dir, resume=False, force=holds_run(run_dir), log=lambda s: None)
+        write_run_files(run_dir, spec, data, resume=False)
+        (run_dir / "params.json").write_text(json.dumps({"trial_id": trial_id, "params": params,
+                                                          "seed": spec.seed}, indent=1))
+    trainer = TorchTrainer(
+        ray_worker,
+        train_loop_config={"spec": spec.model_dump(mode="json"), "run_dir": str(run_dir), "data_dir": str(data.path),
+                           "resume": resume},
+        scaling_config=scaling(spec),
+        run_config=RunConfig(name=f"trial-{trial_id}", storage_path=str(Path(config["sweep_dir"]) / "train"),
+                             callbacks=[TuneReportCallback()], checkpoint_config=CheckpointConfig(num_to_keep=1)),
+    )
+    trainer.fit()
+
+
+# ---- the driver ---------------------------------------------------------------------------------------
+def check_ray_dashboard() -> None:
+    try:
+        from ray._private.utils import get_dashboard_dependency_error
+    except ImportError:  # pragma: no cover - Ray moved it
+        return
+    err = get_dashboard_dependency_error()
+    if err is not None:
+        raise SpecError("the Ray dashboard's dependencies do not import "
+                        f"({err}); install ray[default] (pip install 'ray[default,tune,train]'): without them, "
+                        "trials that ASHA stops leak their worker reservations and the sweep hangs")
+
+
+def check_gpus(spec: Spec, gpus_available: float) -> None:
+    res = spec.resources
+    per_trial = res.num_workers * (res.gpus_per_worker or 0)
+    if res.device == "cuda" and res.gpus_per_worker is None:
+        per_trial = res.num_workers
+    if per_trial > gpus_available:
+        raise SpecError(f"resources: a trial asks for {per_trial:g} GPU(s) (num_workers={res.num_workers} x "
+                        f"gpus_per_worker={res.gpus_per_worker}) but the cluster has {gpus_available:g}")
+
+
+def trial_resources(spec: Spec, gpus: float) -> tuple[float, float]:
+    """(CPUs, GPUs) one trial holds: its driver and its workers."""
+    res = spec.resources
+    use_gpu = res.device in ("auto", "cuda") and gpus > 0
+    gpw = (res.gpus_per_worker if res.gpus_per_worker is not None else 1.0) if use_gpu else 0.0
+    return spec.sweep.driver_cpus + res.num_workers * res.cpus_per_worker, res.num_workers * gpw
+
+
+def run_sweep(spec: Spec, out: str | Path, resume: bool = False, force: bool = False, source: str = "spec",
+              log=print) -> dict[str, Any]:
+    from .data import prepare_data
+    from .runner import check_fit, holds_run, prepare_run_dir
+
+    plan = plan_sweep(spec, source)
+    check_ray_dashboard()
+    if not os.environ.get("RAY_ADDRESS"):
+        import torch
+
+        check_gpus(spec, torch.cuda.device_count() if torch.cuda.is_available() else 0)
+    out = Path(out)
+    tune_path = out / TUNE_DIR / EXPERIMENT
+    if resume and not (holds_run(out) and tune_path.is_dir()):
+        raise SpecError(f"--resume: {out} holds no sweep to continue")
+    for variant in plan.variants:  # data and model fit, once, before any trial
+        data = prepare_data(trial_spec(plan.base, {"model.type": variant}, None).data)
+        check_fit(trial_spec(plan.base, {"model.type": variant}, None), data, spec.resources.num_workers)
+    prepare_run_dir(out, resume, force, log)
+    if not resume:
+        (out / "spec.yaml").write_text(dump_spec(spec))
+        (out / "sweep.json").write_text(json.dumps(
+            {"created": time.strftime("%Y-%m-%dT%H:%M:%S%z"), "variants": plan.variants,
+             "seeds": plan.seeds, "max_t": plan.max_t,
+             "search_space": {d.key: {d.kind: d.args, "variants": d.variants} for d in plan.dims}}, indent=1))
+
+    import ray
+    from ray import tune
+
+    if not ray.is_initialized():
+        ctx = ray.init(address=os.environ.get("RAY_ADDRESS"), include_dashboard=True,
+                       dashboard_host=spec.sweep.dashboard_host)
+        url = getattr(ctx, "dashboard_url", None)
+        log(f"Ray dashboard: http://{url}" if url and not str(url).startswith("http") else f"Ray dashboard: {url}")
+    cluster = ray.cluster_resources()
+    check_gpus(spec, cluster.get("GPU", 0.0))
+    cpus, gpus = trial_resources(spec, cluster.get("GPU", 0.0))
+    fits = math.floor(cluster.get("CPU", 1.0) / cpus + 1e-9)
+    if gpus > 0:
+        fits = min(fits, math.floor(cluster.get("GPU", 0.0) / gpus + 1e-9))
+    concurrent = max(1, min(spec.sweep.max_concurrent or fits, fits))
+    log(f"sweep: {spec.sweep.num_samples} configuration(s) x {len(plan.seeds)} seed(s) over {plan.variants}, "
+        f"{concurrent} at a time ({cpus:g} CPU, {gpus:g} GPU per trial), results in {out}")
+
+    trainable = tune.with_resources(sweep_trial, {"cpu": spec.sweep.driver_cpus})
+    first = spec.sweep.objective_list()[0]
+    scheduler = None
+    if spec.sweep.asha.enabled:
+        from ray.tune.schedulers import ASHAScheduler
+
+        scheduler = ASHAScheduler(time_attr="training_iteration", metric=first.metric, mode=first.mode,
+                                  max_t=plan.max_t, grace_period=spec.sweep.asha.grace_period,
+                                  reduction_factor=spec.sweep.asha.reduction_factor)
+    if resume:
+        log(f"resuming the sweep in {tune_path}")
+        tuner = tune.Tuner.restore(str(tune_path.resolve()), trainable=trainable, resume_unfinished=True,
+                                   resume_errored=True)
+    else:
+        tuner = tune.Tuner(
+            trainable,
+            param_space={"base": plan.base, "sweep_dir": str(out.resolve())},
+            tune_config=tune.TuneConfig(search_alg=make_searcher(plan), scheduler=scheduler,
+                                        num_samples=spec.sweep.num_samples * len(plan.seeds),
+                                        max_concurrent_trials=concurrent),
+            run_config=tune.RunConfig(name=EXPERIMENT, storage_path=str((out / TUNE_DIR).resolve()),
+                                      failure_config=tune.FailureConfig(max_failures=0)),
+        )
+    results = tuner.fit()
+    summary = summarize(out)
+    unfinished = len(results) - results.num_terminated - results.num_errors
+    summary["interrupted"] = unfinished > 0 or len(results) < spec.sweep.num_samples * len(plan.seeds)
+    (out / "summary.json").write_text(json.dumps(summary, indent=1))
+    errors = [str(r.error) for r in results if r.error]
+    if errors:
+        log(f"{len(errors)} trial(s) failed: {errors[:3]}")
+    best = summary.get("best")
+    if best:
+        log(f"best: trial {best['trial_id']} {first.metric} {best.get(first.metric)} with {best['params']}")
+    return summary
+
+
+def summarize(out: Path) -> dict[str, Any]:
+    """Every trial's final record and parameters, read from the trials' own files."""
+    trials = []
+    for run in sorted((out / "trials").glob("*")):
+        params_file, metrics = run / "params.json", run / "metrics.jsonl"
+        if not params_file.is_file() or not metrics.is_file():
+            continue
+        evals = []
+        for line in metrics.read_text().splitlines():
+            try:
+                rec = json.loads(line)
+            except json.JSONDecodeError:
+                continue
+            if rec.get("kind") == "eval":
+                evals.append(rec)
+        info = json.loads(params_file.read_text())
+        last = evals[-1] if evals else {}
+        trials.append({"trial_id": info["trial_id"], "params": info["params"], "seed": info["seed"],
+                       "evaluations": len(evals), "done": bool(last.get("done")),
+                       **{k: v for k, v in last.items() if not isinstance(v, (dict, list))}})
+    spec = yaml.safe_load((out / "spec.yaml").read_text()) if (out / "spec.yaml").is_file() else {}
+    sweep = (spec or {}).get("sweep") or {}
+    metric, mode = sweep.get("metric", "val_loss"), sweep.get("mode", "min")
+    scored = [t for t in trials if isinstance(t.get(metric), (int, float))]
+    best = (min if mode == "min" else max)(scored, key=lambda t: t[metric]) if scored else None
+    return {"trials": trials, "best": best}
