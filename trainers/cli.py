@@ -48,6 +48,34 @@ def _sweep(args: argparse.Namespace) -> int:
     return 0
 
 
+def _run(args: argparse.Namespace) -> int:
+    from .experiment import run_experiment
+    from .spec import SpecError, load_spec
+
+    try:
+        spec = load_spec(args.spec, args.overrides)
+        run_experiment(spec, args.out, resume=args.resume, force=args.force,
+                       use_ray=False if args.no_ray else None, source=args.spec)
+    except SpecError as err:
+        print(f"dtlab run: {err}", file=sys.stderr)
+        return 2
+    return 0
+
+
+def _report(args: argparse.Namespace) -> int:
+    from analysis.report import ReportError, write_report
+
+    try:
+        report = write_report(args.dirs, args.out, force=args.force)
+    except ReportError as err:
+        print(f"dtlab report: {err}", file=sys.stderr)
+        return 2
+    for p in report.problems:
+        print(f"note: {p}", file=sys.stderr)
+    print(f"report: {report.html} ({report.charts} charts); tables: {report.markdown}, {report.tables_dir}/")
+    return 0
+
+
 def _bench(args: argparse.Namespace) -> int:
     from pathlib import Path
 
@@ -93,6 +121,21 @@ def build_parser() -> argparse.ArgumentParser:
     sweep.add_argument("--resume", action="store_true", help="continue an interrupted sweep in --out")
     sweep.add_argument("--force", action="store_true", help="set an existing sweep in --out aside")
     sweep.set_defaults(func=_sweep)
+
+    run = sub.add_parser("run", help="the whole experiment: train every variant (or sweep), then the report")
+    run.add_argument("spec", help="experiment spec, e.g. experiments/quick.yaml")
+    run.add_argument("overrides", nargs="*", help="key.path=value")
+    run.add_argument("--out", help="experiment directory (default runs/NAME-TIME)")
+    run.add_argument("--resume", action="store_true", help="continue: finished runs are kept, others resumed")
+    run.add_argument("--force", action="store_true", help="set an existing experiment in --out aside")
+    run.add_argument("--no-ray", action="store_true", help="train in this process, without Ray")
+    run.set_defaults(func=_run)
+
+    report = sub.add_parser("report", help="compare runs and sweeps in one HTML report with CSV/Markdown tables")
+    report.add_argument("dirs", nargs="+", help="run, sweep or experiment directories")
+    report.add_argument("--out", help="HTML file (default DIR/report.html for one directory, else report.html)")
+    report.add_argument("--force", action="store_true", help="replace an --out file not written by dtlab")
+    report.set_defaults(func=_report)
 
     bench = sub.add_parser("bench", help="time training steps of every variant against transformers' Qwen2")
     bench.add_argument("--preset", help="model shape (default: debug on CPU, 0.5B on CUDA)")

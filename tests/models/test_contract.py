@@ -323,3 +323,14 @@ def test_dtf_beta_schedule():
         with torch.no_grad():
             seen.append(model(x).routing_stats[1]["beta_ce"].item())
     assert seen == pytest.approx([-2.0, 0.0, 2.0, 2.0], abs=1e-5)
+
+
+def test_dtf_prior_loss_trains_the_prior_alone():
+    """The prior is a side network: its loss must not pull the residual stream (which made the
+    stream grow without bound in training, see DTFDecisionLayer)."""
+    model = build("dtf").train()
+    x = tokens(2, 32)
+    model(x).aux_losses["dtf_prior"].backward()
+    for name, p in model.named_parameters():
+        touched = p.grad is not None and p.grad.abs().sum() > 0
+        assert touched == (".prior" in name), f"{name}: prior-loss gradient {'present' if touched else 'missing'}"

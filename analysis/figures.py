@@ -1,0 +1,151 @@
+"""Plotly figures built from the loaders' DataFrames. Each returns None when it has no data."""
+
+from __future__ import annotations
+
+import pandas as pd
+import plotly.graph_objects as go
+
+PALETTE = ["#1f77b4", "#d62728", "#2ca02c", "#9467bd", "#ff7f0e", "#8c564b", "#e377c2", "#17becf", "#7f7f7f"]
+
+
+def _colors(labels) -> dict[str, str]:
+    return {lab: PALETTE[i % len(PALETTE)] for i, lab in enumerate(sorted(set(labels)))}
+
+
+def _layout(fig: go.Figure, title: str, x: str, y: str) -> go.Figure:
+    fig.update_layout(title=title, xaxis_title=x, yaxis_title=y, template="plotly_white", height=420,
+                      margin=dict(l=60, r=20, t=50, b=50), legend=dict(orientation="v"))
+    return fig
+
+
+def val_loss_curves(evals: pd.DataFrame, runs: pd.DataFrame) -> go.Figure | None:
+    if evals.empty or "val_loss" not in evals:
+        return None
+    df = evals.merge(runs[["run_id", "label"]], on="run_id")
+    x = "tokens_seen" if "tokens_seen" in df and df["tokens_seen"].notna().all() else "step"
+    colors, fig, shown = _colors(df["label"]), go.Figure(), set()
+    for run_id, g in df.sort_values("step").groupby("run_id", sort=True):
+        lab = g["label"].iloc[0]
+        fig.add_trace(go.Scatter(x=g[x], y=g["val_loss"], mode="lines+markers", name=lab, legendgroup=lab,
+                                 showlegend=lab not in shown, line=dict(color=colors[lab]),
+                                 hovertemplate=f"{run_id}<br>%{{x}}: %{{y:.4f}}<extra></extra>"))
+        shown.add(lab)
+    return _layout(fig, "Validation loss (LM only) during training", x.replace("_", " "), "val loss (nats)")
+
+
+def final_loss_bars(table: pd.DataFrame) -> go.Figure | None:
+    if table.empty:
+        return None
+    err = table["ci95_high"] - table["val_loss_mean"]
+    fig = go.Figure(go.Bar(x=table["label"], y=table["val_loss_mean"],
+                           error_y=dict(type="data", array=err.fillna(0), visible=True),
+                           marker_color=[_colors(table["label"])[lab] for lab in table["label"]],
+                           text=[f"n={n}" + (f", {c} configs" if c > 1 else "") for n, c in
+                                 zip(table["runs"], table["configurations"], strict=True)],
+                           textposition="outside"))
+    fig.update_yaxes(range=[float(table["val_loss_min"].min()) * 0.98, float(table["val_loss_max"].max()) * 1.02])
+    return _layout(fig, "Final validation loss: mean and 95% interval over seeds", "", "val loss (nats)")
+
+
+def pareto(runs: pd.DataFrame) -> go.Figure | None:
+    df = runs.dropna(subset=["val_loss", "train_flops"])
+    df = df[df["train_flops"] > 0]
+    if df.empty:
+        return None
+    colors, fig = _colors(df["label"]), go.Figure()
+    for lab, g in df.groupby("label", sort=True):
+        fig.add_trace(go.Scatter(x=g["train_flops"], y=g["val_loss"], mode="markers", name=lab,
+                                 marker=dict(size=10, color=colors[lab],
+                                             symbol="diamond" if lab.startswith("dense control") else "circle"),
+                                 text=g["run_id"], hovertemplate="%{text}<br>%{x:.3g} FLOPs: %{y:.4f}<extra></extra>"))
+    front, best = [], float("inf")
+    for _, r in df.sort_values("train_flops").iterrows():
+        if r["val_loss"] < best:
+            best = r["val_loss"]
+            front.append((r["train_flops"], r["val_loss"]))
+    fig.add_trace(go.Scatter(x=[f for f, _ in front], y=[v for _, v in front], mode="lines", name="Pareto front",
+                             line=dict(color="black", dash="dash")))
+    fig.update_xaxes(type="log")
+    return _layout(fig, "Loss against training FLOPs", "training FLOPs", "final val loss (nats)")
+
+
+def speed_bars(table: pd.DataFrame) -> go.Figure | None:
+    df = table[table["source"] == "training runs"] if not table.empty else table
+    if df.empty or df["tokens_per_s"].isna().all():
+        return None
+    fig = go.Figure()
+    fig.add_trace(go.Bar(x=df["label"], y=df["flop_ratio_vs_dense"], name="FLOP ratio vs dense"))
+    fig.add_trace(go.Bar(x=df["label"], y=df["time_ratio_vs_dense"], name="time per token vs dense (measured)"))
+    fig.update_layout(barmode="group")
+    return _layout(fig, "Compute: FLOP ratio next to measured time ratio", "", "ratio to Standard")
+
+
+def _last_eval_stat(routing: pd.DataFrame, stat: str, mode: str) -> pd.DataFrame:
+    df = routing[(routing["kind"] == "eval") & (routing["stat"] == stat) & (routing["mode"] == mode)]
+    if df.empty:
+        return df
+    last = df.groupby("run_id")["step"].transform("max")
+    return df[df["step"] == last]
+
+
+def selected_by_layer(routing: pd.DataFrame, runs: pd.DataFrame) -> go.Figure | None:
+    if routing.empty:
+        return None
+    mode = "causal" if (routing["mode"] == "causal").any() else "topk"
+    df = _last_eval_stat(routing, "selected_frac", mode)
+    if df.empty:
+        return None
+    df = df.merge(runs[["run_id", "label"]], on="run_id")
+    z = df.pivot_table(index="run_id", columns="layer", values="value")
+    labels = df.drop_duplicates("run_id").set_index("run_id")["label"]
+    fig = go.Figure(go.Heatmap(z=z.values, x=[f"layer {c}" for c in z.columns],
+                               y=[f"{labels[r]} · {r}" for r in z.index], colorscale="Viridis",
+                               colorbar=dict(title="selected")))
+    fig.update_layout(height=max(300, 28 * len(z) + 120))
+    return _layout(fig, f"Selected fraction by layer, last evaluation ({mode} routing)", "", "")
+
+
+def selected_by_position(positions: pd.DataFrame, runs: pd.DataFrame, bins: int = 64) -> list[go.Figure]:
+    """One heat-map (layer x position) per routed label, from its best run's last evaluation."""
+    if positions.empty:
+        return []
+    figs = []
+    df = positions[positions["mode"] == "topk"]
+    df = df[df["step"] == df.groupby("run_id")["step"].transform("max")]
+    ranked = runs.dropna(subset=["val_loss"]).sort_values("val_loss")
+    for lab, g in ranked[ranked["run_id"].isin(df["run_id"])].groupby("label", sort=True):
+        run_id = g["run_id"].iloc[0]
+        d = df[df["run_id"] == run_id].copy()
+        T = int(d["position"].max()) + 1
+        d["bin"] = (d["position"] * min(bins, T) // T)
+        z = d.pivot_table(index="layer", columns="bin", values="selected_frac", aggfunc="mean")
+        width = T / z.shape[1]
+        fig = go.Figure(go.Heatmap(z=z.values, x=[int(b * width) for b in z.columns],
+                                   y=[f"layer {i}" for i in z.index], colorscale="Viridis",
+                                   colorbar=dict(title="selected")))
+        figs.append(_layout(fig, f"{lab}: selected fraction by position ({run_id}, last evaluation)",
+                            "position in the sequence", ""))
+    return figs
+
+
+def stat_over_training(routing: pd.DataFrame, runs: pd.DataFrame, stats: list[str], title: str,
+                       variants: tuple[str, ...] = ("mod", "dtf"), per_layer: bool = True) -> go.Figure | None:
+    if routing.empty:
+        return None
+    keep = runs.loc[runs["variant"].isin(variants), ["run_id", "label"]]
+    df = routing[(routing["kind"] == "train") & routing["stat"].isin(stats) & (routing["mode"] == "topk")]
+    df = df.merge(keep, on="run_id")
+    if df.empty:
+        return None
+    ranked = runs.dropna(subset=["val_loss"]).sort_values("val_loss")
+    show = set(ranked[ranked["run_id"].isin(df["run_id"])].groupby("label").head(1)["run_id"]) or set(df["run_id"])
+    df = df[df["run_id"].isin(show)]
+    fig = go.Figure()
+    if not per_layer:
+        df = df.groupby(["run_id", "label", "stat", "step"], as_index=False)["value"].mean()
+        df["layer"] = -1
+    for (run_id, lab, stat, layer), g in df.sort_values("step").groupby(["run_id", "label", "stat", "layer"]):
+        name = f"{lab} {stat}" + (f" L{layer}" if layer >= 0 else "")
+        fig.add_trace(go.Scatter(x=g["step"], y=g["value"], mode="lines", name=name,
+                                 hovertemplate=f"{run_id}<br>step %{{x}}: %{{y:.4f}}<extra></extra>"))
+    return _layout(fig, title, "step", "")

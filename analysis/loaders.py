@@ -1,0 +1,211 @@
+"""Run and sweep directories into pandas DataFrames. No torch, no Ray: works on a copied folder.
+
+A run is a directory holding `metrics.jsonl` (written by the training loop), usually with
+`run.json`, `spec.yaml` and, for sweep trials, `params.json`. `load(paths)` finds every run under
+the given paths and returns a `RunSet` of DataFrames:
+
+- `runs`: one row per run (variant, seed, device, precision, FLOPs, final metrics, parameters).
+- `steps`: one row per logged training step.
+- `evals`: one row per evaluation.
+- `routing`: long format, one row per (run, kind, step, mode, layer, stat).
+- `positions`: the selected fraction by position, per (run, step, mode, layer, position).
+- `problems`: what was missing or odd, in words, for the report to say.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import pandas as pd
+import yaml
+
+RUN_KEYS = ("kind", "step")
+
+
+@dataclass
+class RunSet:
+    runs: pd.DataFrame
+    steps: pd.DataFrame
+    evals: pd.DataFrame
+    routing: pd.DataFrame
+    positions: pd.DataFrame
+    problems: list[str] = field(default_factory=list)
+    benches: pd.DataFrame = field(default_factory=pd.DataFrame)
+
+    @property
+    def empty(self) -> bool:
+        return self.runs.empty
+
+
+def find_runs(path: Path) -> list[Path]:
+    """Directories under `path` (itself included) that hold a `metrics.jsonl`."""
+    if (path / "metrics.jsonl").is_file():
+        return [path]
+    return sorted(p.parent for p in path.rglob("metrics.jsonl")
+                  if "checkpoints" not in p.parts and "ray" not in p.parent.parts[-1:])
+
+
+def read_jsonl(path: Path, problems: list[str]) -> list[dict[str, Any]]:
+    records, bad = [], []
+    lines = path.read_text(errors="replace").splitlines()
+    for i, line in enumerate(lines, 1):
+        if not line.strip():
+            continue
+        try:
+            rec = json.loads(line)
+        except json.JSONDecodeError:
+            bad.append(i)
+            continue
+        if isinstance(rec, dict) and "step" in rec:
+            records.append(rec)
+        else:
+            bad.append(i)
+    if bad:
+        where = "its last line is cut (a crashed run?)" if bad == [len(lines)] else f"lines {bad[:5]} do not parse"
+        problems.append(f"{path}: {where}; {len(records)} records read, {len(bad)} skipped")
+    return records
+
+
+def _read_json(path: Path, problems: list[str], what: str) -> dict[str, Any]:
+    if not path.is_file():
+        problems.append(f"{path.parent}: no {path.name} ({what} unknown)")
+        return {}
+    try:
+        return json.loads(path.read_text())
+    except json.JSONDecodeError:
+        problems.append(f"{path}: not valid JSON ({what} unknown)")
+        return {}
+
+
+def spec_fingerprint(spec: dict[str, Any]) -> str:
+    """What makes runs comparable: the spec less what a comparison varies (variant, seed, sweep
+    parameters, routing knobs, names)."""
+    import copy
+
+    s = copy.deepcopy(spec or {})
+    for key in ("name", "description", "seed", "seeds", "variants", "sweep"):
+        s.pop(key, None)
+    s["model"] = {k: v for k, v in (s.get("model") or {}).items() if k in ("size", "pretrained")}
+    s["resources"] = {"num_workers": (s.get("resources") or {}).get("num_workers", 1)}
+    (s.get("training") or {}).get("optimizer", {}).pop("lr", None)
+    return hashlib.sha256(json.dumps(s, sort_keys=True).encode()).hexdigest()[:10]
+
+
+def _routing_rows(run_id: str, rec: dict[str, Any], rows: list, pos_rows: list) -> None:
+    for mode, key in (("topk", "routing"), ("causal", "routing_causal")):
+        for layer, stats in (rec.get(key) or {}).items():
+            for stat, value in stats.items():
+                if isinstance(value, list):
+                    if stat == "selected_by_pos":
+                        pos_rows.extend({"run_id": run_id, "step": rec["step"], "mode": mode, "layer": int(layer),
+                                         "position": i, "selected_frac": v} for i, v in enumerate(value))
+                    continue
+                rows.append({"run_id": run_id, "kind": rec.get("kind", "train"), "step": rec["step"], "mode": mode,
+                             "layer": int(layer), "stat": stat, "value": value})
+
+
+def load_run(path: Path, problems: list[str]) -> tuple[dict[str, Any], list[dict], list[dict], list, list]:
+    run_id = path.name if path.parent.name != "trials" else f"trial-{path.name}"
+    records = read_jsonl(path / "metrics.jsonl", problems)
+    info = _read_json(path / "run.json", problems, "device, seed and commit")
+    params = _read_json(path / "params.json", [], "") if (path / "params.json").is_file() else {}
+    spec = {}
+    if (path / "spec.yaml").is_file():
+        try:
+            spec = yaml.safe_load((path / "spec.yaml").read_text()) or {}
+        except yaml.YAMLError:
+            problems.append(f"{path / 'spec.yaml'}: not valid YAML")
+    training = info.get("training") or {}
+    model_spec = spec.get("model") or {}
+    steps = [{"run_id": run_id, **{k: v for k, v in r.items() if not isinstance(v, (dict, list))}}
+             for r in records if r.get("kind", "train") == "train"]
+    evals = [{"run_id": run_id, **{k: v for k, v in r.items() if not isinstance(v, (dict, list))}}
+             for r in records if r.get("kind") == "eval"]
+    routing, positions = [], []
+    for r in records:
+        _routing_rows(run_id, r, routing, positions)
+    last = evals[-1] if evals else {}
+    variant = training.get("variant") or info.get("variant") or model_spec.get("type")
+    if not evals:
+        problems.append(f"{path}: no evaluation recorded (the run stopped before its first evaluation?)")
+    mc = training.get("model_config") or {}
+    row = {
+        "run_id": run_id, "path": str(path), "name": spec.get("name") or info.get("name"), "variant": variant,
+        "seed": info.get("seed", spec.get("seed")), "device": training.get("device"),
+        "precision": training.get("precision"), "world_size": training.get("world_size"),
+        "parameters": training.get("parameters"), "flops_per_token": training.get("flops_per_token"),
+        "flop_ratio_vs_dense": training.get("flop_ratio_vs_dense"), "seq_len": training.get("seq_len"),
+        "num_hidden_layers": mc.get("num_hidden_layers"), "hidden_size": mc.get("hidden_size"),
+        "capacity": mc.get("mod_capacity", mc.get("dtf_capacity")),
+        "commit": info.get("commit"), "dirty": info.get("dirty"), "total_steps": training.get("total_steps"),
+        "final_step": last.get("step"), "val_loss": last.get("val_loss"), "val_ppl": last.get("val_ppl"),
+        "val_loss_causal": last.get("val_loss_causal"), "train_flops": last.get("train_flops"),
+        "tokens_seen": last.get("tokens_seen"), "done": bool(last.get("done")) or (
+            last.get("step") is not None and last.get("step") == training.get("total_steps")),
+        "evaluations": len(evals), "routing_modes": ",".join(sorted({e.get("routing_mode", "?") for e in evals} |
+                                                                     ({"causal"} if "val_loss_causal" in last else set()))),
+        "tokens_per_s": pd.Series([s.get("tokens_per_s") for s in steps], dtype="float64").median() if steps else None,
+        "peak_mem_gib": max((s.get("peak_mem_gib") or 0 for s in steps), default=None) or None,
+        "peak_rss_gib": max((s.get("peak_rss_gib") or 0 for s in steps), default=None) or None,
+        "spec_version": spec_fingerprint(spec) if spec else None,
+        "params": json.dumps(params.get("params", {}), sort_keys=True) if params else None,
+        "trial_id": params.get("trial_id"),
+    }
+    return row, steps, evals, routing, positions
+
+
+def load_bench(path: Path, problems: list[str]) -> list[dict[str, Any]]:
+    try:
+        rows = json.loads(path.read_text())
+    except json.JSONDecodeError:
+        problems.append(f"{path}: not valid JSON, benchmark skipped")
+        return []
+    return [r for r in rows if isinstance(r, dict) and "variant" in r] if isinstance(rows, list) else []
+
+
+def load(paths: list[str | Path]) -> RunSet:
+    """Every run under `paths` (run, sweep or experiment directories) as DataFrames."""
+    problems: list[str] = []
+    runs, steps, evals, routing, positions, benches = [], [], [], [], [], []
+    seen: set[Path] = set()
+    for p in map(Path, paths):
+        if not p.exists():
+            problems.append(f"{p}: no such directory")
+            continue
+        found = find_runs(p) if p.is_dir() else []
+        if not found:
+            problems.append(f"{p}: no runs found (no metrics.jsonl below it)")
+        for run in found:
+            if run.resolve() in seen:
+                continue
+            seen.add(run.resolve())
+            row, s, e, r, pos = load_run(run, problems)
+            runs.append(row)
+            steps += s
+            evals += e
+            routing += r
+            positions += pos
+        for bench in (sorted(p.rglob("bench*.json")) if p.is_dir() else []):
+            benches += load_bench(bench, problems)
+    runs_df = pd.DataFrame(runs)
+    if not runs_df.empty:
+        dupes = runs_df["run_id"].duplicated(keep=False)
+        if dupes.any():  # the same directory name in two places: qualify by parent
+            runs_df.loc[dupes, "run_id"] = [f"{Path(p).parent.name}/{r}" for p, r in
+                                            zip(runs_df.loc[dupes, "path"], runs_df.loc[dupes, "run_id"], strict=True)]
+        versions = runs_df["spec_version"].dropna().unique()
+        if len(versions) > 1:
+            groups = {v: sorted(runs_df.loc[runs_df["spec_version"] == v, "run_id"]) for v in versions}
+            problems.append("runs come from different spec versions (data, shape or training settings differ), so "
+                            "their losses are not directly comparable: " +
+                            "; ".join(f"{v}: {', '.join(ids[:6])}{' ...' if len(ids) > 6 else ''}"
+                                      for v, ids in groups.items()))
+        missing_variant = runs_df["variant"].isna()
+        if missing_variant.any():
+            problems.append(f"runs with no known variant: {list(runs_df.loc[missing_variant, 'run_id'])}")
+    return RunSet(runs_df, pd.DataFrame(steps), pd.DataFrame(evals), pd.DataFrame(routing), pd.DataFrame(positions),
+                  problems, pd.DataFrame(benches))

@@ -1,0 +1,152 @@
+"""Comparison tables: DataFrames in, DataFrames out (pure pandas)."""
+
+from __future__ import annotations
+
+import json
+import math
+
+import pandas as pd
+
+# Two-sided 95% Student-t quantiles by degrees of freedom (1..30); 1.96 beyond.
+T95 = [12.706, 4.303, 3.182, 2.776, 2.571, 2.447, 2.365, 2.306, 2.262, 2.228, 2.201, 2.179, 2.160, 2.145, 2.131,
+       2.120, 2.110, 2.101, 2.093, 2.086, 2.080, 2.074, 2.069, 2.064, 2.060, 2.056, 2.052, 2.048, 2.045, 2.042]
+
+
+def t95(n: int) -> float:
+    return T95[n - 2] if 2 <= n <= 31 else 1.96
+
+
+def label_runs(runs: pd.DataFrame) -> pd.DataFrame:
+    """Adds `label`: the variant, its capacity, and for Standard runs shallower than the deepest
+    run of the set, 'dense control (L layers)': a compute-matched dense baseline."""
+    runs = runs.copy()
+    if runs.empty:
+        runs["label"] = []
+        return runs
+    deepest = runs["num_hidden_layers"].max() if "num_hidden_layers" in runs else None
+
+    def label(r) -> str:
+        v = r.get("variant") or "unknown"
+        layers = r.get("num_hidden_layers")
+        if v == "standard" and deepest and layers and not pd.isna(layers) and layers < deepest:
+            return f"dense control ({int(layers)} layers)"
+        cap = r.get("capacity")
+        if v in ("mod", "dtf") and cap is not None and not pd.isna(cap) and not r.get("params"):
+            return f"{v} c={cap:g}"
+        return v
+
+    runs["label"] = runs.apply(label, axis=1)
+    return runs
+
+
+def final_loss(runs: pd.DataFrame) -> pd.DataFrame:
+    """Final validation loss per label: mean, spread and a 95% interval over seeds (n >= 2)."""
+    rows = []
+    for label, g in runs.dropna(subset=["val_loss"]).groupby("label", sort=True):
+        x = g["val_loss"].astype(float)
+        n = len(x)
+        configs = g["params"].fillna("").nunique() if "params" in g else 1
+        sd = float(x.std(ddof=1)) if n > 1 else float("nan")
+        # an interval over seeds only: runs of different hyperparameters are not replicates
+        half = t95(n) * sd / math.sqrt(n) if n > 1 and configs == 1 else float("nan")
+        rows.append({"label": label, "variant": g["variant"].iloc[0], "runs": n, "configurations": configs,
+                     "seeds": ",".join(str(s) for s in sorted(g["seed"].dropna().unique())),
+                     "val_loss_mean": float(x.mean()), "val_loss_std": sd, "ci95_low": float(x.mean()) - half,
+                     "ci95_high": float(x.mean()) + half, "val_loss_min": float(x.min()), "val_loss_max": float(x.max()),
+                     "val_loss_causal_mean": float(g["val_loss_causal"].astype(float).mean())
+                     if "val_loss_causal" in g and g["val_loss_causal"].notna().any() else float("nan"),
+                     "flop_ratio_vs_dense": float(g["flop_ratio_vs_dense"].astype(float).mean())
+                     if g["flop_ratio_vs_dense"].notna().any() else float("nan")})
+    return pd.DataFrame(rows)
+
+
+def speed(runs: pd.DataFrame, benches: pd.DataFrame) -> pd.DataFrame:
+    """Measured tokens/s and memory next to each label's FLOP ratio (from the runs' own records,
+    and from `dtlab bench` files found beside them)."""
+    rows = []
+    dense = runs.loc[runs["variant"] == "standard", "tokens_per_s"].dropna()
+    dense_tps = float(dense.median()) if len(dense) else float("nan")
+    for label, g in runs.groupby("label", sort=True):
+        tps = float(g["tokens_per_s"].dropna().median()) if g["tokens_per_s"].notna().any() else float("nan")
+        mem = g["peak_mem_gib"].dropna() if "peak_mem_gib" in g else pd.Series(dtype=float)
+        rss = g["peak_rss_gib"].dropna() if "peak_rss_gib" in g else pd.Series(dtype=float)
+        rows.append({"source": "training runs", "label": label,
+                     "flop_ratio_vs_dense": float(g["flop_ratio_vs_dense"].astype(float).mean())
+                     if g["flop_ratio_vs_dense"].notna().any() else float("nan"),
+                     "tokens_per_s": tps, "time_ratio_vs_dense": dense_tps / tps if tps == tps and tps else float("nan"),
+                     "peak_mem_gib": float(mem.max()) if len(mem) else float("nan"),
+                     "peak_rss_gib": float(rss.max()) if len(rss) else float("nan"),
+                     "devices": ",".join(sorted(set(g["device"].dropna().astype(str))))})
+    if not benches.empty:
+        for _, b in benches.iterrows():
+            cap = b.get("capacity")
+            rows.append({"source": f"dtlab bench ({b.get('device')}, {b.get('preset')})",
+                         "label": b["variant"] + (f" c={cap:g}" if isinstance(cap, (int, float)) and cap == cap else ""),
+                         "flop_ratio_vs_dense": b.get("flop_ratio_vs_dense"), "tokens_per_s": b.get("tokens_per_s"),
+                         "time_ratio_vs_dense": b.get("step_ratio_vs_dense"), "peak_mem_gib": b.get("peak_mem_gib"),
+                         "peak_rss_gib": float("nan"), "devices": b.get("device")})
+    return pd.DataFrame(rows)
+
+
+def best_configs(runs: pd.DataFrame, mode: str = "min") -> pd.DataFrame:
+    """The best run per variant, with its hyperparameters (sweep trials carry them)."""
+    have = runs.dropna(subset=["val_loss"])
+    rows = []
+    for variant, g in have.groupby("variant", sort=True):
+        best = g.loc[g["val_loss"].idxmin() if mode == "min" else g["val_loss"].idxmax()]
+        params = json.loads(best["params"]) if isinstance(best.get("params"), str) else {}
+        rows.append({"variant": variant, "run_id": best["run_id"], "val_loss": best["val_loss"],
+                     "seed": best.get("seed"), "evaluations": best.get("evaluations"),
+                     **{k: v for k, v in params.items() if k != "model.type"}})
+    return pd.DataFrame(rows)
+
+
+def importances(runs: pd.DataFrame, space: dict | None = None) -> pd.DataFrame:
+    """Which hyperparameters mattered: Optuna's fANOVA importance of each swept key for the final
+    validation loss, per variant (needs at least 4 trials with results)."""
+    import optuna
+    from optuna.distributions import CategoricalDistribution, FloatDistribution
+
+    optuna.logging.set_verbosity(optuna.logging.WARNING)
+    rows = []
+    trials = runs.dropna(subset=["val_loss", "params"])
+    for variant, g in trials.groupby("variant", sort=True):
+        params = [{k: v for k, v in json.loads(p).items() if k != "model.type"} for p in g["params"]]
+        keys = sorted({k for p in params for k in p if all(k in q for q in params)})
+        if len(g) < 4 or not keys:
+            continue
+        dists = {}
+        for k in keys:
+            values = [p[k] for p in params]
+            kind = next(iter((space or {}).get(k, {})), None)
+            if all(isinstance(v, (int, float)) and not isinstance(v, bool) for v in values) and kind != "choice":
+                lo, hi = float(min(values)), float(max(values))
+                if lo == hi:
+                    continue
+                dists[k] = FloatDistribution(lo, hi, log=kind == "loguniform" and lo > 0)
+            else:
+                dists[k] = CategoricalDistribution(sorted(set(map(str, values))))
+        if not dists:
+            continue
+        study = optuna.create_study(direction="minimize")
+        for p, loss in zip(params, g["val_loss"], strict=True):
+            values = {k: (float(p[k]) if isinstance(dists[k], FloatDistribution) else str(p[k])) for k in dists}
+            study.add_trial(optuna.trial.create_trial(params=values, distributions=dists, value=float(loss)))
+        try:
+            imp = optuna.importance.get_param_importances(study)
+        except (RuntimeError, ValueError) as err:  # too little variation to tell
+            rows.append({"variant": variant, "parameter": "(not computed)", "importance": float("nan"),
+                         "note": str(err)[:120]})
+            continue
+        rows += [{"variant": variant, "parameter": k, "importance": v, "note": f"{len(g)} trials"}
+                 for k, v in imp.items()]
+    return pd.DataFrame(rows)
+
+
+def facts(runs: pd.DataFrame) -> pd.DataFrame:
+    cols = ["run_id", "label", "variant", "seed", "device", "precision", "world_size", "routing_modes",
+            "tokens_seen", "final_step", "total_steps", "done", "evaluations", "commit", "dirty", "spec_version"]
+    out = runs[[c for c in cols if c in runs]].copy()
+    if "commit" in out:
+        out["commit"] = out["commit"].map(lambda c: c[:10] if isinstance(c, str) else c)
+    return out
