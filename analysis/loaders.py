@@ -146,8 +146,9 @@ def load_run(path: Path, problems: list[str]) -> tuple[dict[str, Any], list[dict
         "val_loss_causal": last.get("val_loss_causal"), "train_flops": last.get("train_flops"),
         "tokens_seen": last.get("tokens_seen"), "done": bool(last.get("done")) or (
             last.get("step") is not None and last.get("step") == training.get("total_steps")),
-        "evaluations": len(evals), "routing_modes": ",".join(sorted({e.get("routing_mode", "?") for e in evals} |
-                                                                     ({"causal"} if "val_loss_causal" in last else set()))),
+        "evaluations": len(evals),
+        "routing_modes": ",".join(sorted({e.get("routing_mode", "?") for e in evals}
+                                         | ({"causal"} if "val_loss_causal" in last else set()))),
         "tokens_per_s": pd.Series([s.get("tokens_per_s") for s in steps], dtype="float64").median() if steps else None,
         "peak_mem_gib": max((s.get("peak_mem_gib") or 0 for s in steps), default=None) or None,
         "peak_rss_gib": max((s.get("peak_rss_gib") or 0 for s in steps), default=None) or None,

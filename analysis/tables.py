@@ -52,7 +52,8 @@ def final_loss(runs: pd.DataFrame) -> pd.DataFrame:
         rows.append({"label": label, "variant": g["variant"].iloc[0], "runs": n, "configurations": configs,
                      "seeds": ",".join(str(s) for s in sorted(g["seed"].dropna().unique())),
                      "val_loss_mean": float(x.mean()), "val_loss_std": sd, "ci95_low": float(x.mean()) - half,
-                     "ci95_high": float(x.mean()) + half, "val_loss_min": float(x.min()), "val_loss_max": float(x.max()),
+                     "ci95_high": float(x.mean()) + half, "val_loss_min": float(x.min()),
+                     "val_loss_max": float(x.max()),
                      "val_loss_causal_mean": float(g["val_loss_causal"].astype(float).mean())
                      if "val_loss_causal" in g and g["val_loss_causal"].notna().any() else float("nan"),
                      "flop_ratio_vs_dense": float(g["flop_ratio_vs_dense"].astype(float).mean())
@@ -64,7 +65,7 @@ def speed(runs: pd.DataFrame, benches: pd.DataFrame) -> pd.DataFrame:
     """Measured tokens/s and memory next to each label's FLOP ratio (from the runs' own records,
     and from `dtlab bench` files found beside them)."""
     rows = []
-    dense = runs.loc[runs["variant"] == "standard", "tokens_per_s"].dropna()
+    dense = runs.loc[runs["label"] == "standard", "tokens_per_s"].dropna()  # full depth, not the controls
     dense_tps = float(dense.median()) if len(dense) else float("nan")
     for label, g in runs.groupby("label", sort=True):
         tps = float(g["tokens_per_s"].dropna().median()) if g["tokens_per_s"].notna().any() else float("nan")
@@ -73,7 +74,8 @@ def speed(runs: pd.DataFrame, benches: pd.DataFrame) -> pd.DataFrame:
         rows.append({"source": "training runs", "label": label,
                      "flop_ratio_vs_dense": float(g["flop_ratio_vs_dense"].astype(float).mean())
                      if g["flop_ratio_vs_dense"].notna().any() else float("nan"),
-                     "tokens_per_s": tps, "time_ratio_vs_dense": dense_tps / tps if tps == tps and tps else float("nan"),
+                     "tokens_per_s": tps,
+                     "time_ratio_vs_dense": dense_tps / tps if tps == tps and tps else float("nan"),
                      "peak_mem_gib": float(mem.max()) if len(mem) else float("nan"),
                      "peak_rss_gib": float(rss.max()) if len(rss) else float("nan"),
                      "devices": ",".join(sorted(set(g["device"].dropna().astype(str))))})
@@ -81,7 +83,8 @@ def speed(runs: pd.DataFrame, benches: pd.DataFrame) -> pd.DataFrame:
         for _, b in benches.iterrows():
             cap = b.get("capacity")
             rows.append({"source": f"dtlab bench ({b.get('device')}, {b.get('preset')})",
-                         "label": b["variant"] + (f" c={cap:g}" if isinstance(cap, (int, float)) and cap == cap else ""),
+                         "label": b["variant"]
+                         + (f" c={cap:g}" if isinstance(cap, (int, float)) and cap == cap else ""),
                          "flop_ratio_vs_dense": b.get("flop_ratio_vs_dense"), "tokens_per_s": b.get("tokens_per_s"),
                          "time_ratio_vs_dense": b.get("step_ratio_vs_dense"), "peak_mem_gib": b.get("peak_mem_gib"),
                          "peak_rss_gib": float("nan"), "devices": b.get("device")})

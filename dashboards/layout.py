@@ -31,7 +31,8 @@ HEALTH_HEAD = """<script>
 window.__dtlabErrors = [];
 window.addEventListener('error', function (e) { window.__dtlabErrors.push(String(e.message || e)); });
 (function () { var ce = console.error; console.error = function () {
-  window.__dtlabErrors.push(Array.prototype.map.call(arguments, String).join(' ')); ce.apply(console, arguments); }; })();
+  window.__dtlabErrors.push(Array.prototype.map.call(arguments, String).join(' '));
+  ce.apply(console, arguments); }; })();
 </script>"""
 
 HEALTH_TAIL = """<script>

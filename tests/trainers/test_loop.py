@@ -1,6 +1,7 @@
 """The training loop without Ray: records, checkpoints, exact resume, refusals."""
 
 import json
+from pathlib import Path
 
 import pytest
 import torch
@@ -207,3 +208,20 @@ def test_gradient_accumulation_matches_one_big_batch(tmp_path):
     for a, b in zip(big, small, strict=True):
         assert a["loss"] == pytest.approx(b["loss"], abs=1e-5)
         assert a["grad_norm"] == pytest.approx(b["grad_norm"], rel=1e-4)
+
+
+def test_dtlab_run_trains_every_variant_then_reports(tmp_path):
+    from trainers.experiment import run_experiment
+
+    spec = spec_from_dict(tiny_spec(variants=["standard", "mod", "dtf"], training={"max_steps": 4, "eval_every": 2}))
+    result = run_experiment(spec, tmp_path / "exp", use_ray=False, log=lambda s: None)
+    exp = tmp_path / "exp"
+    assert sorted(p.name for p in exp.glob("*-seed0")) == ["dtf-seed0", "mod-seed0", "standard-seed0"]
+    assert Path(result["report"]).is_file() and result["charts"] >= 6 and result["problems"] == []
+    before = (exp / "mod-seed0" / "metrics.jsonl").read_text()
+    with pytest.raises(SpecError, match="already holds an experiment"):
+        run_experiment(spec, exp, use_ray=False, log=lambda s: None)
+    lines = []
+    run_experiment(spec, exp, resume=True, use_ray=False, log=lines.append)
+    assert (exp / "mod-seed0" / "metrics.jsonl").read_text() == before
+    assert sum("finished earlier, kept" in line for line in lines) == 3

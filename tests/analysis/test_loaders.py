@@ -1,0 +1,85 @@
+"""Loaders on fixture directories: DataFrames, no torch or Ray, and honest problems."""
+
+import subprocess
+import sys
+from pathlib import Path
+
+from analysis.loaders import load
+from analysis.tables import final_loss, importances, label_runs, speed
+from tests.analysis.fixtures import make_run
+
+ROOT = Path(__file__).resolve().parents[2]
+
+
+def test_loads_runs_steps_evals_and_routing(tmp_path):
+    make_run(tmp_path, "standard-seed0", "standard", final=5.0)
+    make_run(tmp_path, "mod-seed0", "mod", final=5.2)
+    make_run(tmp_path, "dtf-seed0", "dtf", final=5.1)
+    rs = load([tmp_path])
+    assert sorted(rs.runs["variant"]) == ["dtf", "mod", "standard"]
+    assert len(rs.steps) == 6 and len(rs.evals) == 9 and not rs.problems
+    assert set(rs.routing["stat"]) >= {"selected_frac", "gate_mean", "s_ce", "beta_cu"}
+    assert set(rs.routing["mode"]) == {"topk", "causal"}
+    assert len(rs.positions) == 2 * 2 * 3 * 16  # 2 routed runs x 2 layers x 3 evals x 16 positions
+    row = rs.runs.set_index("variant").loc["mod"]
+    assert row["val_loss"] == 5.2 and row["done"] and row["device"] == "cpu" and row["routing_modes"] == "causal,topk"
+
+
+def test_final_loss_interval_over_seeds(tmp_path):
+    for seed, final in enumerate([5.0, 5.2, 5.4]):
+        make_run(tmp_path, f"mod-seed{seed}", "mod", seed=seed, final=final)
+    make_run(tmp_path, "standard-seed0", "standard")
+    table = final_loss(label_runs(load([tmp_path]).runs)).set_index("label")
+    mod = table.loc["mod c=0.125"]
+    assert mod["runs"] == 3 and abs(mod["val_loss_mean"] - 5.2) < 1e-9 and abs(mod["val_loss_std"] - 0.2) < 1e-9
+    assert abs((mod["ci95_high"] - mod["val_loss_mean"]) - 4.303 * 0.2 / 3 ** 0.5) < 1e-6  # t(2 dof)
+    assert table.loc["standard"]["ci95_high"] != table.loc["standard"]["ci95_high"]  # one seed: no interval
+
+
+def test_dense_control_and_speed(tmp_path):
+    make_run(tmp_path, "standard-seed0", "standard", layers=4, tps=1000)
+    make_run(tmp_path, "control", "standard", layers=2, tps=2000)
+    make_run(tmp_path, "mod-seed0", "mod", tps=1500)
+    runs = label_runs(load([tmp_path]).runs)
+    assert "dense control (2 layers)" in set(runs["label"])
+    table = speed(runs, load([tmp_path]).benches).set_index("label")
+    assert abs(table.loc["mod c=0.125"]["time_ratio_vs_dense"] - 1000 / 1500) < 1e-9  # vs full-depth Standard
+    assert table.loc["mod c=0.125"]["flop_ratio_vs_dense"] == 0.6
+
+
+def test_truncated_metrics_missing_files_and_different_spec_versions(tmp_path):
+    make_run(tmp_path, "a", "mod", cut=True)
+    other = {"name": "fx", "seed": 0, "model": {"type": "mod", "size": "small"}, "data": {}, "training": {}}
+    make_run(tmp_path, "b", "mod", spec=other)
+    (tmp_path / "b" / "run.json").unlink()
+    rs = load([tmp_path, tmp_path / "nothing"])
+    text = "\n".join(rs.problems)
+    assert "metrics.jsonl: its last line is cut" in text
+    assert "no run.json" in text
+    assert "different spec versions" in text
+    assert "nothing: no such directory" in text
+    assert len(rs.runs) == 2  # nothing dropped silently
+
+
+def test_empty_directory(tmp_path):
+    rs = load([tmp_path])
+    assert rs.empty and "no runs found" in rs.problems[0]
+
+
+def test_sweep_trials_and_importance(tmp_path):
+    for i in range(8):
+        make_run(tmp_path / "trials", f"t{i}", "mod", final=5.0 + (i % 4) * 0.3 + 0.01 * i,
+                 params={"model.type": "mod", "model.mod_capacity": 0.1 + 0.05 * (i % 4),
+                         "training.optimizer.lr": 1e-3 * (1 + i % 2)})
+    runs = label_runs(load([tmp_path]).runs)
+    assert runs["run_id"].str.startswith("trial-").all()
+    imp = importances(runs, {"training.optimizer.lr": {"loguniform": [1e-3, 2e-3]}})
+    top = imp.sort_values("importance", ascending=False).iloc[0]
+    assert top["parameter"] == "model.mod_capacity"  # the loss was made to depend on it
+
+
+def test_analysis_imports_neither_torch_nor_ray():
+    code = ("import sys, analysis.loaders, analysis.tables, analysis.figures, analysis.report;"
+            "print('torch' in sys.modules, 'ray' in sys.modules)")
+    out = subprocess.run([sys.executable, "-c", code], cwd=ROOT, capture_output=True, text=True, check=True)
+    assert out.stdout.split() == ["False", "False"]

@@ -1,0 +1,94 @@
+"""The report: files, tables, and a real headless Chromium that renders every chart without errors."""
+
+import html
+import json
+import os
+import re
+import shutil
+import subprocess
+from pathlib import Path
+
+import pytest
+
+from analysis.report import ReportError, write_report
+from tests.analysis.fixtures import make_run
+from trainers.cli import main
+
+ROOT = Path(__file__).resolve().parents[2]
+ARTIFACTS = ROOT / "test-artifacts"
+CHROMIUM = shutil.which("chromium") or shutil.which("chromium-browser") or shutil.which("google-chrome")
+
+
+def experiment(tmp_path):
+    for seed in (0, 1):
+        make_run(tmp_path, f"standard-seed{seed}", "standard", seed=seed, final=5.0 + seed * 0.1)
+        make_run(tmp_path, f"mod-seed{seed}", "mod", seed=seed, final=5.2 + seed * 0.1, tps=1500)
+        make_run(tmp_path, f"dtf-seed{seed}", "dtf", seed=seed, final=5.1 + seed * 0.1, tps=1400)
+    make_run(tmp_path, "control", "standard", layers=2, final=5.5, tps=2000)
+    (tmp_path / "bench.json").write_text(json.dumps([
+        {"variant": "standard", "capacity": None, "step_s": 0.1, "tokens_per_s": 1000, "flops_per_token": 1e6,
+         "flop_ratio_vs_dense": 1.0, "step_ratio_vs_dense": 1.0, "mfu": None, "peak_mem_gib": None, "device": "cpu",
+         "preset": "debug"}]))
+    return tmp_path
+
+
+def test_report_files_and_tables(tmp_path):
+    exp = experiment(tmp_path / "exp")
+    report = write_report([exp])
+    assert report.html == exp / "report.html" and report.charts >= 8
+    page = report.html.read_text()
+    assert "<script src=" not in page and "plotly" in page.lower()  # self-contained: JavaScript inlined
+    tables = {p.stem for p in report.tables_dir.glob("*.csv")}
+    assert {"final_loss", "speed", "best_configs", "runs"} <= tables
+    md = report.markdown.read_text()
+    assert "| dense control (2 layers) |" in md and "dtlab bench (cpu, debug)" in md
+    assert "abc123def4" in md  # the commit of each run
+    # written again in place (it is ours), but never over a file that is not
+    write_report([exp])
+    (tmp_path / "mine.html").write_text("<html>my notes</html>")
+    with pytest.raises(ReportError, match="not written by dtlab"):
+        write_report([exp], tmp_path / "mine.html")
+    assert (tmp_path / "mine.html").read_text() == "<html>my notes</html>"
+
+
+def test_report_says_what_is_missing(tmp_path):
+    make_run(tmp_path / "exp", "mod-seed0", "mod", cut=True)
+    report = write_report([tmp_path / "exp", tmp_path / "ghost"], tmp_path / "r.html")
+    page = html.unescape(report.html.read_text())
+    assert "What is missing or odd" in page and "its last line is cut" in page and "ghost: no such directory" in page
+    empty = write_report([tmp_path / "ghost"], tmp_path / "empty.html")
+    assert "no runs found" in html.unescape(empty.html.read_text()) and empty.charts == 0
+
+
+def test_report_cli(tmp_path, capsys):
+    exp = experiment(tmp_path / "exp")
+    assert main(["report", str(exp), "--out", str(tmp_path / "out.html")]) == 0
+    assert "charts" in capsys.readouterr().out and (tmp_path / "out.html").is_file()
+
+
+def _chromium(args, url, tmp_path):
+    flags = ["--headless", "--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run",
+             "--disable-background-networking", "--disable-component-update", "--disable-sync",
+             f"--user-data-dir={tmp_path / 'chrome-profile'}", "--virtual-time-budget=20000"]
+    return subprocess.run([CHROMIUM, *flags, *args, url], capture_output=True, text=True, timeout=180)
+
+
+@pytest.mark.slow
+def test_report_renders_in_headless_chromium(tmp_path):
+    if CHROMIUM is None:
+        if os.environ.get("CI"):
+            pytest.fail("chromium is missing: .ci/run installs Debian's chromium package")
+        pytest.skip("chromium is not installed")
+    exp = experiment(tmp_path / "exp")
+    report = write_report([exp])
+    dom = _chromium(["--dump-dom"], report.html.as_uri(), tmp_path).stdout
+    errors = re.search(r'data-errors="([^"]*)"', dom)
+    charts = re.search(r'data-charts="(\d+)"', dom)
+    assert errors and charts, "the page did not finish loading"
+    assert json.loads(html.unescape(errors.group(1))) == [], html.unescape(errors.group(1))
+    assert int(charts.group(1)) == report.charts, (charts.group(1), report.charts)
+    assert dom.count('class="main-svg"') >= report.charts
+    ARTIFACTS.mkdir(exist_ok=True)
+    shot = ARTIFACTS / "report.png"
+    _chromium(["--window-size=1400,5000", f"--screenshot={shot}"], report.html.as_uri(), tmp_path)
+    assert shot.is_file() and shot.stat().st_size > 50_000
