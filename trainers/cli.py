@@ -6,13 +6,6 @@ import argparse
 import sys
 
 
-def _demo(args: argparse.Namespace) -> int:
-    from .demo import run_demo
-
-    run_demo(steps=args.steps)
-    return 0
-
-
 def _train(args: argparse.Namespace) -> int:
     from .runner import run_training
     from .spec import SpecError, load_spec
@@ -101,35 +94,23 @@ def _bench(args: argparse.Namespace) -> int:
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="dtlab", description=__doc__)
     sub = parser.add_subparsers(dest="command", required=True)
-    demo = sub.add_parser("demo", help="train the three debug models a few steps on CPU and print their loss")
-    demo.add_argument("--steps", type=int, default=40)
-    demo.set_defaults(func=_demo)
-
-    train = sub.add_parser("train", help="train one variant (model.type) as a spec file says")
-    train.add_argument("spec", help="experiment spec (YAML), e.g. experiments/quick.yaml")
-    train.add_argument("overrides", nargs="*", help="key.path=value, e.g. model.type=mod training.max_steps=120")
-    train.add_argument("--out", help="run directory (default runs/NAME-VARIANT-TIME)")
-    train.add_argument("--resume", action="store_true", help="continue the run in --out from its last checkpoint")
-    train.add_argument("--force", action="store_true", help="set an existing run in --out aside and start afresh")
-    train.add_argument("--no-ray", action="store_true", help="run the loop in this process, without Ray")
-    train.set_defaults(func=_train)
-
-    sweep = sub.add_parser("sweep", help="Ray Tune + Optuna over the spec's sweep.search_space, with ASHA")
-    sweep.add_argument("spec", help="experiment spec with a sweep section, e.g. experiments/sweep_smoke.yaml")
-    sweep.add_argument("overrides", nargs="*", help="key.path=value")
-    sweep.add_argument("--out", help="sweep directory (default runs/sweep-NAME-TIME)")
-    sweep.add_argument("--resume", action="store_true", help="continue an interrupted sweep in --out")
-    sweep.add_argument("--force", action="store_true", help="set an existing sweep in --out aside")
-    sweep.set_defaults(func=_sweep)
-
-    run = sub.add_parser("run", help="the whole experiment: train every variant (or sweep), then the report")
-    run.add_argument("spec", help="experiment spec, e.g. experiments/quick.yaml")
-    run.add_argument("overrides", nargs="*", help="key.path=value")
-    run.add_argument("--out", help="experiment directory (default runs/NAME-TIME)")
-    run.add_argument("--resume", action="store_true", help="continue: finished runs are kept, others resumed")
-    run.add_argument("--force", action="store_true", help="set an existing experiment in --out aside")
-    run.add_argument("--no-ray", action="store_true", help="train in this process, without Ray")
-    run.set_defaults(func=_run)
+    for name, func, what, doc, resume_help, ray in (
+        ("train", _train, "run", "train one variant (model.type) as a spec file says",
+         "continue the run in --out from its last checkpoint", True),
+        ("sweep", _sweep, "sweep", "Ray Tune + Optuna over the spec's sweep.search_space, with ASHA",
+         "continue an interrupted sweep in --out: finished trials are kept", False),
+        ("run", _run, "experiment", "the whole experiment: train every variant (or sweep), then the report",
+         "continue: finished runs are kept, the others resumed", True),
+    ):
+        cmd = sub.add_parser(name, help=doc)
+        cmd.add_argument("spec", help="experiment spec (YAML), e.g. experiments/quick.yaml")
+        cmd.add_argument("overrides", nargs="*", help="key.path=value, e.g. model.type=mod training.max_steps=120")
+        cmd.add_argument("--out", help=f"{what} directory (default under runs/)")
+        cmd.add_argument("--resume", action="store_true", help=resume_help)
+        cmd.add_argument("--force", action="store_true", help=f"set an existing {what} in --out aside, start afresh")
+        if ray:
+            cmd.add_argument("--no-ray", action="store_true", help="train in this process, without Ray")
+        cmd.set_defaults(func=func)
 
     report = sub.add_parser("report", help="compare runs and sweeps in one HTML report with CSV/Markdown tables")
     report.add_argument("dirs", nargs="+", help="run, sweep or experiment directories")
