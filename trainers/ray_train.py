@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import sys
 from pathlib import Path
 from typing import Any
 
@@ -27,6 +28,11 @@ class RayHooks(Hooks):
         checkpoint = ray.train.Checkpoint.from_directory(str(checkpoint_dir)) if checkpoint_dir else None
         ray.train.report(metrics, checkpoint=checkpoint)
 
+
+    def log(self, line: str) -> None:
+        # Ray Train patches `print` to log and tee, which shows each line twice on the driver.
+        sys.stdout.write(line + "\n")
+        sys.stdout.flush()
 
     def export(self, record: dict[str, Any]) -> None:
         from dashboards.metrics import export_record
