@@ -8,15 +8,10 @@ import sys
 
 def _train(args: argparse.Namespace) -> int:
     from .runner import run_training
-    from .spec import SpecError, load_spec
+    from .spec import load_spec
 
-    try:
-        spec = load_spec(args.spec, args.overrides)
-        run_training(spec, out=args.out, resume=args.resume, force=args.force,
-                     use_ray=False if args.no_ray else None)
-    except SpecError as err:
-        print(f"dtlab train: {err}", file=sys.stderr)
-        return 2
+    run_training(load_spec(args.spec, args.overrides), out=args.out, resume=args.resume, force=args.force,
+                 use_ray=False if args.no_ray else None)
     return 0
 
 
@@ -26,15 +21,11 @@ def _sweep(args: argparse.Namespace) -> int:
     from .spec import SpecError, load_spec
     from .sweep import run_sweep
 
-    try:
-        spec = load_spec(args.spec, args.overrides)
-        if args.resume and not args.out:
-            raise SpecError("--resume needs --out DIR: the sweep to continue")
-        out = args.out or f"runs/sweep-{spec.name}-{time.strftime('%Y%m%d-%H%M%S')}"
-        summary = run_sweep(spec, out, resume=args.resume, force=args.force, source=args.spec)
-    except SpecError as err:
-        print(f"dtlab sweep: {err}", file=sys.stderr)
-        return 2
+    spec = load_spec(args.spec, args.overrides)
+    if args.resume and not args.out:
+        raise SpecError("--resume needs --out DIR: the sweep to continue")
+    out = args.out or f"runs/sweep-{spec.name}-{time.strftime('%Y%m%d-%H%M%S')}"
+    summary = run_sweep(spec, out, resume=args.resume, force=args.force, source=args.spec)
     if summary.get("interrupted"):
         print(f"dtlab sweep: interrupted; continue with: dtlab sweep {args.spec} --out {out} --resume", file=sys.stderr)
         return 130
@@ -43,26 +34,17 @@ def _sweep(args: argparse.Namespace) -> int:
 
 def _run(args: argparse.Namespace) -> int:
     from .experiment import run_experiment
-    from .spec import SpecError, load_spec
+    from .spec import load_spec
 
-    try:
-        spec = load_spec(args.spec, args.overrides)
-        run_experiment(spec, args.out, resume=args.resume, force=args.force,
-                       use_ray=False if args.no_ray else None, source=args.spec)
-    except SpecError as err:
-        print(f"dtlab run: {err}", file=sys.stderr)
-        return 2
+    run_experiment(load_spec(args.spec, args.overrides), args.out, resume=args.resume, force=args.force,
+                   use_ray=False if args.no_ray else None, source=args.spec)
     return 0
 
 
 def _report(args: argparse.Namespace) -> int:
-    from analysis.report import ReportError, write_report
+    from analysis.report import write_report
 
-    try:
-        report = write_report(args.dirs, args.out, force=args.force)
-    except ReportError as err:
-        print(f"dtlab report: {err}", file=sys.stderr)
-        return 2
+    report = write_report(args.dirs, args.out, force=args.force)
     for p in report.problems:
         print(f"note: {p}", file=sys.stderr)
     print(f"report: {report.html} ({report.charts} charts); tables: {report.markdown}, {report.tables_dir}/")
@@ -135,8 +117,17 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: list[str] | None = None) -> int:
+    """Bad input (a spec, a path, an output that would be overwritten) exits with code 2."""
+    from analysis.report import ReportError
+
+    from .spec import SpecError
+
     args = build_parser().parse_args(argv)
-    return args.func(args)
+    try:
+        return args.func(args)
+    except (SpecError, ReportError) as err:
+        print(f"dtlab {args.command}: {err}", file=sys.stderr)
+        return 2
 
 
 if __name__ == "__main__":
