@@ -58,6 +58,12 @@ COMMON_DEFAULTS: dict[str, Any] = dict(
 )
 
 
+def capacity_k(capacity: float, T: int) -> int:
+    """Tokens a routed block takes per row: k = max(1, floor(c * T)); the epsilon keeps e.g.
+    0.29 * 100 from flooring to 28."""
+    return max(1, min(T, math.floor(capacity * T + 1e-9)))
+
+
 def _did_you_mean(name: str, choices) -> str:
     close = difflib.get_close_matches(name, list(choices), n=1)
     return f" (did you mean {close[0]!r}?)" if close else ""

@@ -15,11 +15,7 @@ left out. For the 0.5B shape at T = 2048 this gives MoD (c = 0.125) 0.669 of den
 
 from __future__ import annotations
 
-import math
-
-
-def _k(capacity: float, T: int) -> int:
-    return max(1, min(T, math.floor(capacity * T + 1e-9)))
+from .config import capacity_k
 
 
 def _block_flops(config, S: int) -> float:
@@ -39,14 +35,14 @@ def forward_flops_per_token(config, seq_len: int) -> float:
         if kind in ("dense", "dtf_decision"):
             total += _block_flops(config, T)
         if kind == "mod":
-            k = _k(config.mod_capacity, T)
+            k = capacity_k(config.mod_capacity, T)
             total += (k / T) * _block_flops(config, k) + 2 * D
             if config.mod_use_predictor:
                 total += 2 * (D * (D // 2) + D // 2)
         if kind == "dtf_decision":
             total += 2 * 3 * D * config.prior_intermediate_size
         if kind == "dtf_dynamic":
-            k = _k(config.dtf_capacity, T)
+            k = capacity_k(config.dtf_capacity, T)
             total += (k / T) * _block_flops(config, k) + 2 * 3 * D
     return total
 

@@ -7,12 +7,12 @@ routing math in fp32 and never reads a tensor value on the host, so forward has 
 
 from __future__ import annotations
 
-import math
 from typing import NamedTuple
 
 import torch
 import torch.nn.functional as F
 
+from .config import capacity_k  # noqa: F401  (re-exported: routing's k)
 from .layers import DecoderBlock, Rope, sdpa_mask
 
 
@@ -32,11 +32,6 @@ class LayerOutput(NamedTuple):
     carry: tuple | None  # DTF decision -> dynamic hand-over: (H, H_prior)
     aux: dict[str, torch.Tensor]  # unweighted auxiliary losses, with gradients
     stats: dict[str, torch.Tensor]  # detached routing statistics
-
-
-def capacity_k(capacity: float, T: int) -> int:
-    """k = max(1, floor(c * T)); the epsilon keeps e.g. 0.29 * 100 from flooring to 28."""
-    return max(1, min(T, math.floor(capacity * T + 1e-9)))
 
 
 def topk_sorted(scores_BT: torch.Tensor, k: int, key_mask_BT: torch.Tensor | None) -> torch.Tensor:

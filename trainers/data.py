@@ -185,10 +185,11 @@ def load_hf_tokenizer(name: str) -> Tokenizer:
         raise SpecError(f"data.tokenizer={name!r}: could not load ({type(err).__name__}: {err})") from err
 
 
-def tokenizer_for(spec: DataSpec, docs: list[str], fingerprint: str) -> Tokenizer:
+def tokenizer_for(spec: DataSpec, docs: list[str], fingerprint: str) -> tuple[Tokenizer, Path | None]:
+    """The tokenizer, and its cached file when it was trained here."""
     if spec.tokenizer:
-        return load_hf_tokenizer(spec.tokenizer)
-    return train_bpe(docs, spec.vocab_size, cache_root(spec), fingerprint)[0]
+        return load_hf_tokenizer(spec.tokenizer), None
+    return train_bpe(docs, spec.vocab_size, cache_root(spec), fingerprint)
 
 
 # ---- split and pack --------------------------------------------------------------------------------
@@ -234,7 +235,7 @@ def prepare_data(spec: DataSpec) -> Prepared:
     folder = cache_root(spec) / "data" / key
     if (folder / "meta.json").is_file():
         return load_prepared(folder)
-    tok = tokenizer_for(spec, docs, fingerprint)
+    tok, tok_file = tokenizer_for(spec, docs, fingerprint)
     if tok.vocab_size >= 2**31:
         raise SpecError(f"data.tokenizer: vocabulary of {tok.vocab_size} does not fit int32 token ids")
     val_docs = [d for d in docs if _is_val(d, spec.val_fraction)]
@@ -250,11 +251,10 @@ def prepare_data(spec: DataSpec) -> Prepared:
         raise SpecError(f"data.source={spec.source!r}: the corpus is too small for data.block_size="
                         f"{spec.block_size} ({sum(map(len, docs))} characters)")
     meta = {"source": where, "documents": len(docs), "characters": sum(map(len, docs)), "fingerprint": fingerprint,
-            "tokenizer": tok.name, "tokenizer_file": None, "vocab_size": tok.vocab_size, "eot_id": tok.eot_id,
+            "tokenizer": tok.name, "tokenizer_file": str(tok_file) if tok_file else None,
+            "vocab_size": tok.vocab_size, "eot_id": tok.eot_id,
             "block_size": spec.block_size, "train_rows": len(train), "val_rows": len(val),
             "train_tokens": int(train.size), "val_tokens": int(val.size), "split": split}
-    if not spec.tokenizer:
-        meta["tokenizer_file"] = str(train_bpe(docs, spec.vocab_size, cache_root(spec), fingerprint)[1])
     folder.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(dir=folder.parent, prefix=f".{key}-"))
     np.save(tmp / "train.npy", train)

@@ -345,8 +345,8 @@ def run_sweep(spec: Spec, out: str | Path, resume: bool = False, force: bool = F
     if resume and not (holds_run(out) and tune_path.is_dir()):
         raise SpecError(f"--resume: {out} holds no sweep to continue")
     for variant in plan.variants:  # data and model fit, once, before any trial
-        data = prepare_data(trial_spec(plan.base, {"model.type": variant}, None).data)
-        check_fit(trial_spec(plan.base, {"model.type": variant}, None), data, spec.resources.num_workers)
+        one = trial_spec(plan.base, {"model.type": variant}, None)
+        check_fit(one, prepare_data(one.data), spec.resources.num_workers)
     prepare_run_dir(out, resume, force, log)
     if not resume:
         (out / "spec.yaml").write_text(dump_spec(spec))
