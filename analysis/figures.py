@@ -30,7 +30,8 @@ def val_loss_curves(evals: pd.DataFrame, runs: pd.DataFrame) -> go.Figure | None
                                  showlegend=lab not in shown, line=dict(color=colors[lab]),
                                  hovertemplate=f"{run_id}<br>%{{x}}: %{{y:.4f}}<extra></extra>"))
         shown.add(lab)
-    return _layout(fig, "Validation loss (LM only) during training", x.replace("_", " "), "val loss (nats)")
+    return _layout(fig, "Validation loss (LM only; routed models in causal routing) during training",
+                   x.replace("_", " "), "val loss (nats)")
 
 
 def final_loss_bars(table: pd.DataFrame) -> go.Figure | None:

@@ -6,7 +6,10 @@ the given paths and returns a `RunSet` of DataFrames:
 
 - `runs`: one row per run (variant, seed, device, precision, FLOPs, final metrics, parameters).
 - `steps`: one row per logged training step.
-- `evals`: one row per evaluation.
+- `evals`: one row per evaluation. `val_loss` is the headline: the causal-routing loss for a
+  routed model (the one it can use autoregressively), the only loss for a dense one;
+  `val_loss_topk` is the training-mode (top-k, looks ahead within the row) loss, and
+  `headline_mode` says which routing `val_loss` comes from. `runs` has the same columns.
 - `routing`: long format, one row per (run, kind, step, mode, layer, stat).
 - `positions`: the selected fraction by position, per (run, step, mode, layer, position).
 - `problems`: what was missing or odd, in words, for the report to say.
@@ -23,7 +26,8 @@ from typing import Any
 import pandas as pd
 import yaml
 
-RUN_KEYS = ("kind", "step")
+from dtlab.trainers.records import METRICS
+from dtlab.trainers.records import read_jsonl as _read_records
 
 
 @dataclass
@@ -43,31 +47,20 @@ class RunSet:
 
 def find_runs(path: Path) -> list[Path]:
     """Directories under `path` (itself included) that hold a `metrics.jsonl`."""
-    if (path / "metrics.jsonl").is_file():
+    if (path / METRICS).is_file():
         return [path]
-    return sorted(p.parent for p in path.rglob("metrics.jsonl")
+    return sorted(p.parent for p in path.rglob(METRICS)
                   if "checkpoints" not in p.parts and "ray" not in p.parent.parts[-1:])
 
 
 def read_jsonl(path: Path, problems: list[str]) -> list[dict[str, Any]]:
-    records, bad = [], []
-    lines = path.read_text(errors="replace").splitlines()
-    for i, line in enumerate(lines, 1):
-        if not line.strip():
-            continue
-        try:
-            rec = json.loads(line)
-        except json.JSONDecodeError:
-            bad.append(i)
-            continue
-        if isinstance(rec, dict) and "step" in rec:
-            records.append(rec)
-        else:
-            bad.append(i)
-    if bad:
-        where = "its last line is cut (a crashed run?)" if bad == [len(lines)] else f"lines {bad[:5]} do not parse"
-        problems.append(f"{path}: {where}; {len(records)} records read, {len(bad)} skipped")
-    return records
+    """The records of `path`; what does not parse is said in `problems`."""
+    got = _read_records(path)
+    if got.bad_lines:
+        where = ("its last line is cut (a crashed run?)" if got.cut_at_end
+                 else f"lines {got.bad_lines[:5]} do not parse")
+        problems.append(f"{path}: {where}; {len(got.records)} records read, {len(got.bad_lines)} skipped")
+    return got.records
 
 
 def _read_json(path: Path, problems: list[str], what: str) -> dict[str, Any]:
@@ -108,9 +101,21 @@ def _routing_rows(run_id: str, rec: dict[str, Any], rows: list, pos_rows: list) 
                              "layer": int(layer), "stat": stat, "value": value})
 
 
+def headline(rec: dict[str, Any]) -> dict[str, Any]:
+    """`val_loss` becomes the causal-routing loss where there is one; the top-k loss is kept as
+    `val_loss_topk`, and `headline_mode` says which is which."""
+    causal = rec.get("val_loss_causal")
+    rec["val_loss_topk"] = rec.get("val_loss")
+    rec["headline_mode"] = "causal" if causal is not None else rec.get("routing_mode", "topk")
+    if causal is not None:
+        rec["val_loss"], rec["val_ppl_topk"] = causal, rec.get("val_ppl")
+        rec["val_ppl"] = rec.get("val_ppl_causal", rec.get("val_ppl"))
+    return rec
+
+
 def load_run(path: Path, problems: list[str]) -> tuple[dict[str, Any], list[dict], list[dict], list, list]:
     run_id = path.name if path.parent.name != "trials" else f"trial-{path.name}"
-    records = read_jsonl(path / "metrics.jsonl", problems)
+    records = read_jsonl(path / METRICS, problems)
     info = _read_json(path / "run.json", problems, "device, seed and commit")
     params = _read_json(path / "params.json", [], "") if (path / "params.json").is_file() else {}
     spec = {}
@@ -123,7 +128,7 @@ def load_run(path: Path, problems: list[str]) -> tuple[dict[str, Any], list[dict
     model_spec = spec.get("model") or {}
     steps = [{"run_id": run_id, **{k: v for k, v in r.items() if not isinstance(v, (dict, list))}}
              for r in records if r.get("kind", "train") == "train"]
-    evals = [{"run_id": run_id, **{k: v for k, v in r.items() if not isinstance(v, (dict, list))}}
+    evals = [headline({"run_id": run_id, **{k: v for k, v in r.items() if not isinstance(v, (dict, list))}})
              for r in records if r.get("kind") == "eval"]
     routing, positions = [], []
     for r in records:
@@ -140,9 +145,10 @@ def load_run(path: Path, problems: list[str]) -> tuple[dict[str, Any], list[dict
         "parameters": training.get("parameters"), "flops_per_token": training.get("flops_per_token"),
         "flop_ratio_vs_dense": training.get("flop_ratio_vs_dense"), "seq_len": training.get("seq_len"),
         "num_hidden_layers": mc.get("num_hidden_layers"), "hidden_size": mc.get("hidden_size"),
-        "capacity": mc.get("mod_capacity", mc.get("dtf_capacity")),
+        "capacity": training.get("capacity"),
         "commit": info.get("commit"), "dirty": info.get("dirty"), "total_steps": training.get("total_steps"),
-        "final_step": last.get("step"), "val_loss": last.get("val_loss"), "val_ppl": last.get("val_ppl"),
+        "final_step": last.get("step"), "val_loss": last.get("val_loss"), "val_loss_topk": last.get("val_loss_topk"),
+        "headline_mode": last.get("headline_mode"), "val_ppl": last.get("val_ppl"),
         "val_loss_causal": last.get("val_loss_causal"), "train_flops": last.get("train_flops"),
         "tokens_seen": last.get("tokens_seen"), "done": bool(last.get("done")) or (
             last.get("step") is not None and last.get("step") == training.get("total_steps")),

@@ -10,7 +10,7 @@ from pathlib import Path
 
 import pandas as pd
 
-from dashboards.layout import GENERATOR, Section, render
+from dtlab.dashboards.layout import GENERATOR, Section, render
 
 from . import figures, tables
 from .loaders import RunSet, load
@@ -23,6 +23,11 @@ class Report:
     tables_dir: Path
     charts: int
     problems: list[str]
+
+
+HEADLINE = ("Validation losses of routed models (MoD, DTF) are in causal routing, the routing a model can use "
+            "token by token; their top-k losses, which look ahead within the row, appear beside them as "
+            "training-mode figures.")
 
 
 class ReportError(ValueError):
@@ -53,8 +58,10 @@ def build_sections(rs: RunSet, space: dict) -> tuple[list[Section], dict[str, pd
     s = []
     curves = figures.val_loss_curves(rs.evals, runs)
     s.append(Section("Validation loss", "LM loss on the fixed validation set (aux losses excluded), per run, "
-                     "coloured by variant; then the final loss per variant: mean, and a 95% Student-t interval "
-                     "when there are two seeds or more.",
+                     "coloured by variant; routed models in causal routing. Then the final loss per variant: "
+                     "mean, a 95% Student-t interval when there are two seeds or more, the training-mode "
+                     "(top-k) loss beside it, and whether the difference from Standard is established: not "
+                     "when a side has a single seed or the difference is within the seed-to-seed spread.",
                      [x for x in (curves, figures.final_loss_bars(final), final) if x is not None]))
     s.append(Section("Loss against compute", "Final validation loss against training FLOPs (forward + backward, "
                      "counted from the config); the dashed line is the Pareto front. Standard runs shallower than "
@@ -127,12 +134,13 @@ def write_report(paths: list[str | Path], out: str | Path | None = None, force: 
         sections, frames = build_sections(rs, _sweep_space(paths))
     n_runs = len(rs.runs)
     subtitle = (f"{n_runs} run(s) from {', '.join(map(str, paths))} · generated {time.strftime('%Y-%m-%d %H:%M')}")
-    page, charts = render("dtlab comparison report", subtitle, sections, problems, plotly.offline.get_plotlyjs())
+    page, charts = render("dtlab comparison report", subtitle, sections, problems, plotly.offline.get_plotlyjs(),
+                          lead=HEADLINE)
     out.parent.mkdir(parents=True, exist_ok=True)
     out.write_text(page)
     tables_dir = out.with_name(out.stem + "_tables")
     tables_dir.mkdir(exist_ok=True)
-    md = [f"# dtlab comparison report\n\n{subtitle}\n"]
+    md = [f"# dtlab comparison report\n\n{subtitle}\n\n{HEADLINE}\n"]
     if problems:
         md.append("## What is missing or odd\n\n" + "".join(f"- {p}\n" for p in problems))
     for name, df in frames.items():

@@ -39,8 +39,14 @@ def label_runs(runs: pd.DataFrame) -> pd.DataFrame:
     return runs
 
 
+def _mean(g: pd.DataFrame, col: str) -> float:
+    return float(g[col].astype(float).mean()) if col in g and g[col].notna().any() else float("nan")
+
+
 def final_loss(runs: pd.DataFrame) -> pd.DataFrame:
-    """Final validation loss per label: mean, spread and a 95% interval over seeds (n >= 2)."""
+    """Final validation loss per label: mean, spread and a 95% interval over seeds (n >= 2), in the
+    headline routing (`causal` for routed models), the training-mode top-k loss beside it, and
+    whether each difference from Standard is established."""
     rows = []
     for label, g in runs.dropna(subset=["val_loss"]).groupby("label", sort=True):
         x = g["val_loss"].astype(float)
@@ -49,16 +55,45 @@ def final_loss(runs: pd.DataFrame) -> pd.DataFrame:
         sd = float(x.std(ddof=1)) if n > 1 else float("nan")
         # an interval over seeds only: runs of different hyperparameters are not replicates
         half = t95(n) * sd / math.sqrt(n) if n > 1 and configs == 1 else float("nan")
-        rows.append({"label": label, "variant": g["variant"].iloc[0], "runs": n, "configurations": configs,
-                     "seeds": ",".join(str(s) for s in sorted(g["seed"].dropna().unique())),
-                     "val_loss_mean": float(x.mean()), "val_loss_std": sd, "ci95_low": float(x.mean()) - half,
-                     "ci95_high": float(x.mean()) + half, "val_loss_min": float(x.min()),
-                     "val_loss_max": float(x.max()),
-                     "val_loss_causal_mean": float(g["val_loss_causal"].astype(float).mean())
-                     if "val_loss_causal" in g and g["val_loss_causal"].notna().any() else float("nan"),
-                     "flop_ratio_vs_dense": float(g["flop_ratio_vs_dense"].astype(float).mean())
-                     if g["flop_ratio_vs_dense"].notna().any() else float("nan")})
-    return pd.DataFrame(rows)
+        seeds = sorted(g["seed"].dropna().unique())
+        rows.append({"label": label, "variant": g["variant"].iloc[0], "routing": _modes(g), "runs": n,
+                     "seeds": len(seeds), "seed_ids": ",".join(str(int(s)) for s in seeds),
+                     "configurations": configs, "val_loss_mean": float(x.mean()), "val_loss_std": sd,
+                     "ci95_low": float(x.mean()) - half, "ci95_high": float(x.mean()) + half,
+                     "val_loss_min": float(x.min()), "val_loss_max": float(x.max()),
+                     "val_loss_topk_mean (training mode)": _mean(g, "val_loss_topk"),
+                     "flop_ratio_vs_dense": _mean(g, "flop_ratio_vs_dense")})
+    return with_verdicts(pd.DataFrame(rows))
+
+
+def _modes(g: pd.DataFrame) -> str:
+    modes = sorted(set(g["headline_mode"].dropna())) if "headline_mode" in g else []
+    return ",".join(modes) or "?"
+
+
+def with_verdicts(table: pd.DataFrame, reference: str = "standard") -> pd.DataFrame:
+    """`vs_standard` (difference of mean losses) and `difference`: not established when either
+    side has a single seed or the difference is within the seed-to-seed spread (the larger of the
+    two standard deviations); otherwise 'beyond the seed spread'."""
+    if table.empty or reference not in set(table["label"]):
+        return table.assign(vs_standard=float("nan"), difference="")
+    ref = table.set_index("label").loc[reference]
+    diffs, verdicts = [], []
+    for _, r in table.iterrows():
+        diff = r["val_loss_mean"] - ref["val_loss_mean"]
+        spread = max(r["val_loss_std"], ref["val_loss_std"])
+        if r["label"] == reference:
+            verdict = "reference"
+        elif r["seeds"] < 2 or ref["seeds"] < 2 or r["configurations"] > 1:
+            verdict = "not established (single seed)" if min(r["seeds"], ref["seeds"]) < 2 else \
+                "not established (several configurations)"
+        elif abs(diff) <= spread:
+            verdict = f"not established (|{diff:.3f}| within the seed spread {spread:.3f})"
+        else:
+            verdict = f"beyond the seed spread ({spread:.3f}), {int(r['seeds'])} vs {int(ref['seeds'])} seeds"
+        diffs.append(diff)
+        verdicts.append(verdict)
+    return table.assign(vs_standard=diffs, difference=verdicts)
 
 
 def speed(runs: pd.DataFrame, benches: pd.DataFrame) -> pd.DataFrame:

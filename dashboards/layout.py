@@ -24,7 +24,7 @@ table{border-collapse:collapse;font-size:12px;margin:8px 0;display:block;overflo
 th,td{border:1px solid #e5e7eb;padding:4px 8px;text-align:right;white-space:nowrap}th{background:#f3f4f6}
 td:first-child,th:first-child{text-align:left}.note{color:#92400e;background:#fffbeb;border:1px solid #fde68a;
 padding:8px 12px;border-radius:6px;font-size:13px}ul.problems li{margin:2px 0;font-size:13px}
-nav a{color:#93c5fd;margin-right:14px;font-size:13px}
+nav a{color:#93c5fd;margin-right:14px;font-size:13px}p.lead{font-size:14px;margin:16px 0 0}
 """
 
 HEALTH_HEAD = """<script>
@@ -64,8 +64,9 @@ def _table(df: pd.DataFrame) -> str:
     return f"<table><thead><tr>{head}</tr></thead><tbody>{body}</tbody></table>"
 
 
-def render(title: str, subtitle: str, sections: list[Section], problems: list[str], plotly_js: str) -> tuple[str, int]:
-    """The page and the number of charts on it."""
+def render(title: str, subtitle: str, sections: list[Section], problems: list[str], plotly_js: str,
+           lead: str = "") -> tuple[str, int]:
+    """The page and the number of charts on it; `lead` is said first, above everything else."""
     charts = 0
     parts = []
     for i, sec in enumerate(sections):
@@ -87,9 +88,10 @@ def render(title: str, subtitle: str, sections: list[Section], problems: list[st
     if problems:
         items = "".join(f"<li>{html.escape(p)}</li>" for p in problems)
         prob = f"<section><h2>What is missing or odd</h2><ul class='problems'>{items}</ul></section>"
+    lead_html = f"<p class='lead'>{html.escape(lead)}</p>" if lead else ""
     page = (f"<!DOCTYPE html><html><head><meta charset='utf-8'><meta name='generator' content='{GENERATOR}'>"
             f"<meta name='dtlab-charts' content='{charts}'><title>{html.escape(title)}</title>"
             f"<style>{CSS}</style>{HEALTH_HEAD}<script>{plotly_js}</script></head><body>"
             f"<header><h1>{html.escape(title)}</h1><p>{html.escape(subtitle)}</p><nav>{nav}</nav></header>"
-            f"<main>{prob}{''.join(parts)}</main>{HEALTH_TAIL}</body></html>")
+            f"<main>{lead_html}{prob}{''.join(parts)}</main>{HEALTH_TAIL}</body></html>")
     return page, charts

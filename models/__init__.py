@@ -1,54 +1,43 @@
 """dtlab models: Standard (Qwen2.5), Mixture-of-Depths and Dynamic Transformer.
 
-    import models
+    from dtlab import models
     model = models.build_model("mod", preset="debug", mod_capacity=0.25)
     out = model(input_ids, labels=input_ids)  # out.loss, out.lm_loss, out.aux_losses, out.routing_stats
 
-Importing this package registers the configs and models with the transformers Auto classes,
-so a saved checkpoint reloads through `AutoModelForCausalLM.from_pretrained`.
+The names below load on first use, so `dtlab.models.flops` (compute accounting) imports without
+torch. Using any of them registers the configs and models with the transformers Auto classes,
+so a saved checkpoint reloads through `AutoModelForCausalLM.from_pretrained` (in a process that
+has not touched `dtlab.models` yet, call `models.register_auto_classes()` first).
 """
 
 from __future__ import annotations
 
-import os
+import importlib
 from typing import Any
 
-from transformers import AutoConfig, AutoModelForCausalLM
-
-from .config import CONFIG_CLASSES, PRESETS, DTFConfig, DTLabConfig, MoDConfig, config_class, make_config
-from .flops import flop_ratio_vs_dense, flops_per_token, forward_flops_per_token, param_count
-from .modeling import DTFForCausalLM, DTLabCausalLMOutput, DTLabForCausalLM, MoDForCausalLM, StandardForCausalLM
-
-# Variant registry: specs hold these strings; the classes stay here.
-VARIANTS: dict[str, type[DTLabForCausalLM]] = {
-    "standard": StandardForCausalLM,
-    "mod": MoDForCausalLM,
-    "dtf": DTFForCausalLM,
+_NAMES = {
+    "config": ("PRESETS", "ROUTING_MODES", "DTLabConfig", "MoDConfig", "DTFConfig", "make_config", "config_class"),
+    "flops": ("flops_per_token", "forward_flops_per_token", "flop_ratio_vs_dense", "param_count", "capacity_k"),
+    "modeling": ("VARIANTS", "build_model", "register_auto_classes", "DTLabForCausalLM", "StandardForCausalLM",
+                 "MoDForCausalLM", "DTFForCausalLM", "DTLabCausalLMOutput"),
 }
-
-for _variant, _model_cls in VARIANTS.items():
-    AutoConfig.register(CONFIG_CLASSES[_variant].model_type, CONFIG_CLASSES[_variant], exist_ok=True)
-    AutoModelForCausalLM.register(CONFIG_CLASSES[_variant], _model_cls, exist_ok=True)
+_WHERE = {name: module for module, names in _NAMES.items() for name in names}
+__all__ = sorted(_WHERE)
 
 
-def build_model(
-    variant: str,
-    preset: str = "debug",
-    pretrained: str | os.PathLike | None = None,
-    **overrides: Any,
-) -> DTLabForCausalLM:
-    """A `variant` model from `preset` + overrides, or with shape and weights from `pretrained`
-    (a hub name or a local Qwen2/Qwen2.5 checkpoint directory; the preset is then ignored)."""
-    config_class(variant)
-    if pretrained is not None:
-        from .loading import build_pretrained
-
-        return build_pretrained(variant, pretrained, overrides)
-    return VARIANTS[variant](make_config(variant, preset, **overrides))
+def __getattr__(name: str) -> Any:
+    if name not in _WHERE:  # a submodule not imported yet (models.layers), or nothing
+        try:
+            return importlib.import_module(f".{name}", __name__)
+        except ModuleNotFoundError as err:
+            if err.name != f"{__name__}.{name}":
+                raise
+            raise AttributeError(f"module {__name__!r} has no attribute {name!r}") from None
+    importlib.import_module(".modeling", __name__)  # registers the Auto classes
+    value = getattr(importlib.import_module(f".{_WHERE[name]}", __name__), name)
+    globals()[name] = value
+    return value
 
 
-__all__ = [
-    "PRESETS", "VARIANTS", "DTLabConfig", "MoDConfig", "DTFConfig", "DTLabForCausalLM", "StandardForCausalLM",
-    "MoDForCausalLM", "DTFForCausalLM", "DTLabCausalLMOutput", "build_model", "make_config", "flops_per_token",
-    "forward_flops_per_token", "flop_ratio_vs_dense", "param_count",
-]
+def __dir__() -> list[str]:
+    return sorted(set(globals()) | set(__all__))

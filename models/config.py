@@ -58,14 +58,10 @@ COMMON_DEFAULTS: dict[str, Any] = dict(
 )
 
 
-def capacity_k(capacity: float, T: int) -> int:
-    """Tokens a routed block takes per row: k = max(1, floor(c * T)); the epsilon keeps e.g.
-    0.29 * 100 from flooring to 28."""
-    return max(1, min(T, math.floor(capacity * T + 1e-9)))
-
-
-def _did_you_mean(name: str, choices) -> str:
-    close = difflib.get_close_matches(name, list(choices), n=1)
+def did_you_mean(name: str, choices) -> str:
+    """' (did you mean 'x'?)' for the closest of `choices`, or ''. The one helper for every
+    unknown-name message of dtlab (configs, specs, sweeps)."""
+    close = difflib.get_close_matches(str(name), [str(c) for c in choices], n=1)
     return f" (did you mean {close[0]!r}?)" if close else ""
 
 
@@ -80,6 +76,8 @@ class DTLabConfig(PretrainedConfig):
     model_type = "dtlab_standard"
     variant: ClassVar[str] = "standard"
     VARIANT_DEFAULTS: ClassVar[dict[str, Any]] = {}
+    # The field holding the fraction of tokens a routed block takes (None: nothing is routed).
+    capacity_key: ClassVar[str | None] = None
 
     def __init__(self, **kwargs: Any) -> None:
         kwargs.pop("rope_scaling", None)  # Qwen2.5 checkpoints carry `rope_scaling: null`
@@ -104,6 +102,16 @@ class DTLabConfig(PretrainedConfig):
         """Per-layer structure as data: the forward loop never branches on the variant."""
         return ["dense"] * self.num_hidden_layers
 
+    @property
+    def capacity(self) -> float | None:
+        """The fraction of tokens each routed block processes; None for a dense model."""
+        return getattr(self, self.capacity_key) if self.capacity_key else None
+
+    @property
+    def routing_modes(self) -> tuple[str, ...]:
+        """The routing modes that mean something for this model: a dense model has one."""
+        return ROUTING_MODES if self.capacity_key else ROUTING_MODES[:1]
+
     def check_fields(self) -> None:
         for key in ("vocab_size", "hidden_size", "intermediate_size", "num_hidden_layers",
                     "num_attention_heads", "num_key_value_heads", "max_position_embeddings",
@@ -121,6 +129,8 @@ class DTLabConfig(PretrainedConfig):
                 f"num_attention_heads={self.num_attention_heads}: grouped-query attention needs it")
         if self.head_dim % 2:
             raise ValueError(f"head_dim={self.head_dim} (hidden_size / num_attention_heads) must be even for RoPE")
+        if self.capacity_key:
+            _check_capacity(self.capacity_key, self.capacity)
         if self.routing_mode not in ROUTING_MODES:
             raise ValueError(f"routing_mode={self.routing_mode!r}: expected one of {ROUTING_MODES}")
         for key in ("rope_theta", "rms_norm_eps", "initializer_range"):
@@ -134,6 +144,7 @@ class MoDConfig(DTLabConfig):
 
     model_type = "dtlab_mod"
     variant: ClassVar[str] = "mod"
+    capacity_key: ClassVar[str | None] = "mod_capacity"
 
     def __init__(self, **kwargs: Any) -> None:  # explicit: transformers would generate one otherwise
         super().__init__(**kwargs)
@@ -151,7 +162,6 @@ class MoDConfig(DTLabConfig):
 
     def check_fields(self) -> None:
         super().check_fields()
-        _check_capacity("mod_capacity", self.mod_capacity)
         for key in ("mod_aux_loss_weight", "mod_predictor_loss_weight"):
             if getattr(self, key) < 0:
                 raise ValueError(f"{key}={getattr(self, key)!r}: expected a weight >= 0")
@@ -166,6 +176,7 @@ class DTFConfig(DTLabConfig):
 
     model_type = "dtlab_dtf"
     variant: ClassVar[str] = "dtf"
+    capacity_key: ClassVar[str | None] = "dtf_capacity"
 
     def __init__(self, **kwargs: Any) -> None:  # explicit: transformers would generate one otherwise
         super().__init__(**kwargs)
@@ -206,7 +217,6 @@ class DTFConfig(DTLabConfig):
 
     def check_fields(self) -> None:
         super().check_fields()
-        _check_capacity("dtf_capacity", self.dtf_capacity)
         if self.prior_ffn_intermediate_size_factor <= 0:
             raise ValueError(f"prior_ffn_intermediate_size_factor={self.prior_ffn_intermediate_size_factor!r}: "
                              "expected a number > 0")
@@ -231,7 +241,7 @@ CONFIG_CLASSES: dict[str, type[DTLabConfig]] = {"standard": DTLabConfig, "mod": 
 
 def config_class(variant: str) -> type[DTLabConfig]:
     if variant not in CONFIG_CLASSES:
-        raise ValueError(f"unknown variant {variant!r}{_did_you_mean(str(variant), CONFIG_CLASSES)}: "
+        raise ValueError(f"unknown variant {variant!r}{did_you_mean(str(variant), CONFIG_CLASSES)}: "
                          f"expected one of {sorted(CONFIG_CLASSES)}")
     return CONFIG_CLASSES[variant]
 
@@ -243,7 +253,7 @@ def check_override_keys(variant: str, overrides: dict[str, Any]) -> None:
     for key in overrides:
         if key not in valid:
             other = [v for v, c in CONFIG_CLASSES.items() if key in c.field_names()]
-            where = f"; it belongs to variant(s) {other}" if other else _did_you_mean(key, valid)
+            where = f"; it belongs to variant(s) {other}" if other else did_you_mean(key, valid)
             raise ValueError(f"unknown override key {key!r} for variant {variant!r}{where}")
 
 
@@ -255,7 +265,7 @@ def make_config(variant: str, preset: str = "debug", **overrides: Any) -> DTLabC
     """
     cls = config_class(variant)
     if preset not in PRESETS:
-        raise ValueError(f"unknown preset {preset!r}{_did_you_mean(str(preset), PRESETS)}: "
+        raise ValueError(f"unknown preset {preset!r}{did_you_mean(str(preset), PRESETS)}: "
                          f"expected one of {list(PRESETS)}")
     check_override_keys(variant, overrides)
     return cls(**{**PRESETS[preset], **overrides})

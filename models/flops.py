@@ -11,11 +11,24 @@ and the block's cost per token of the row is (S / T) times that. Also counted: t
 (2*D*V), MoD routers (2*D) and predictors (2*(D*D/2 + D/2)), DTF priors (2*3*D*P) and the DTF
 router's two surprise reductions (3*D each). Norms, softmax, RoPE and the embedding lookup are
 left out. For the 0.5B shape at T = 2048 this gives MoD (c = 0.125) 0.669 of dense.
+
+Importing this module imports no torch (a test checks it in a fresh process): any object with
+the config's attributes will do, a `dtlab.models` config or a namespace read from `config.json`.
 """
 
 from __future__ import annotations
 
-from .config import capacity_k
+import math
+from types import SimpleNamespace
+
+SHAPE_KEYS = ("vocab_size", "hidden_size", "intermediate_size", "num_hidden_layers", "num_attention_heads",
+              "num_key_value_heads", "tie_word_embeddings")
+
+
+def capacity_k(capacity: float, T: int) -> int:
+    """Tokens a routed block takes per row: k = max(1, floor(c * T)); the epsilon keeps e.g.
+    0.29 * 100 from flooring to 28. Routing and compute accounting both use this one."""
+    return max(1, min(T, math.floor(capacity * T + 1e-9)))
 
 
 def _block_flops(config, S: int) -> float:
@@ -27,6 +40,12 @@ def _block_flops(config, S: int) -> float:
     return linear + attention
 
 
+def _routed_block_flops(config, T: int) -> float:
+    """Per token of the row: the block over its k selected tokens."""
+    k = capacity_k(config.capacity, T)
+    return (k / T) * _block_flops(config, k)
+
+
 def forward_flops_per_token(config, seq_len: int) -> float:
     """Forward FLOPs per token of a row of `seq_len` tokens, in the config's routing."""
     T, D = seq_len, config.hidden_size
@@ -35,15 +54,13 @@ def forward_flops_per_token(config, seq_len: int) -> float:
         if kind in ("dense", "dtf_decision"):
             total += _block_flops(config, T)
         if kind == "mod":
-            k = capacity_k(config.mod_capacity, T)
-            total += (k / T) * _block_flops(config, k) + 2 * D
+            total += _routed_block_flops(config, T) + 2 * D
             if config.mod_use_predictor:
                 total += 2 * (D * (D // 2) + D // 2)
         if kind == "dtf_decision":
             total += 2 * 3 * D * config.prior_intermediate_size
         if kind == "dtf_dynamic":
-            k = capacity_k(config.dtf_capacity, T)
-            total += (k / T) * _block_flops(config, k) + 2 * 3 * D
+            total += _routed_block_flops(config, T) + 2 * 3 * D
     return total
 
 
@@ -52,11 +69,12 @@ def flops_per_token(config, seq_len: int) -> float:
     return 3.0 * forward_flops_per_token(config, seq_len)
 
 
-def dense_equivalent(config):
-    """The same shape as a Standard model (for FLOP ratios)."""
-    from .config import SHAPE_DEFAULTS, DTLabConfig
-
-    return DTLabConfig(**{key: getattr(config, key) for key in SHAPE_DEFAULTS})
+def dense_equivalent(config, num_hidden_layers: int | None = None) -> SimpleNamespace:
+    """The same shape as a Standard model (optionally with another depth), for FLOP ratios."""
+    shape = {key: getattr(config, key) for key in SHAPE_KEYS}
+    if num_hidden_layers is not None:
+        shape["num_hidden_layers"] = num_hidden_layers
+    return SimpleNamespace(**shape, layer_kinds=["dense"] * shape["num_hidden_layers"], capacity=None)
 
 
 def flop_ratio_vs_dense(config, seq_len: int) -> float:

@@ -13,6 +13,13 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+# Initialisers for the models' `_init_weights` (re-exported): transformers >= 5 has ones that
+# respect weights already loaded from a checkpoint.
+try:
+    from transformers import initialization as init  # noqa: F401
+except ImportError:  # pragma: no cover
+    from torch.nn import init  # noqa: F401
+
 
 class RMSNorm(nn.Module):
     """RMSNorm computed in fp32, cast back before the weight (as Qwen2 does)."""

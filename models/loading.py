@@ -117,7 +117,7 @@ def load_into(model: torch.nn.Module, state: dict[str, torch.Tensor], source: st
 
 def build_pretrained(variant: str, pretrained: str | os.PathLike, overrides: dict[str, Any]):
     """A `variant` model whose shape comes from the checkpoint and whose weights are loaded from it."""
-    from . import VARIANTS
+    from .modeling import VARIANTS
 
     path = resolve_checkpoint(pretrained)
     check_override_keys(variant, overrides)

@@ -6,8 +6,9 @@ Shape legend: B batch, T sequence length, K tokens per routed block and row, D h
 
 from __future__ import annotations
 
-import math
+import os
 from dataclasses import dataclass
+from typing import Any, NamedTuple
 
 import torch
 import torch.nn.functional as F
@@ -15,231 +16,37 @@ from torch import nn
 from transformers import PreTrainedModel
 from transformers.modeling_outputs import CausalLMOutputWithPast
 
-from .config import DTFConfig, DTLabConfig, MoDConfig
-from .layers import MLP, DecoderBlock, RMSNorm, RotaryEmbedding, sdpa_mask
-from .routing import (
-    Context,
-    LayerOutput,
-    capacity_k,
-    causal_window_mean,
-    masked_mean,
-    membership,
-    routed_update,
-    selection_stats,
-    topk_sorted,
-)
-
-try:  # transformers >= 5: initialisers that respect weights already loaded from a checkpoint
-    from transformers import initialization as init
-except ImportError:  # pragma: no cover
-    from torch.nn import init
+from .config import CONFIG_CLASSES, DTFConfig, DTLabConfig, MoDConfig, config_class, make_config
+from .dtf import DTFDecisionLayer, DTFDynamicLayer, DTFRouter
+from .layers import DecoderBlock, RMSNorm, RotaryEmbedding, init, sdpa_mask
+from .mod import MoDLayer
+from .routing import Context, LayerOutput
 
 
 class DenseLayer(DecoderBlock):
-    """A plain Qwen2 block (all of Standard; layer 0, 2, ... of MoD)."""
+    """A plain Qwen2 block (all of Standard; the unrouted layers of MoD and DTF)."""
 
     def forward(self, x_BTD: torch.Tensor, ctx: Context, carry: tuple | None) -> LayerOutput:
         return LayerOutput(self.block(x_BTD, ctx.rope, ctx.dense_mask), carry, {}, {})
 
 
-def _router_logits(weight_1D: torch.Tensor, x_BTD: torch.Tensor) -> torch.Tensor:
-    """r = w . x in fp32 (autocast off), [B, T]."""
-    with torch.autocast(x_BTD.device.type, enabled=False):
-        return (x_BTD.float() @ weight_1D.float().t()).squeeze(-1)
-
-
-class Predictor(nn.Module):
-    """Causal stand-in for top-k membership: D -> D/2 -> 1 with SiLU, on the detached input."""
-
-    def __init__(self, hidden_size: int) -> None:
-        super().__init__()
-        self.fc1 = nn.Linear(hidden_size, hidden_size // 2)
-        self.fc2 = nn.Linear(hidden_size // 2, 1)
-
-    def forward(self, x_BTD: torch.Tensor) -> torch.Tensor:
-        with torch.autocast(x_BTD.device.type, enabled=False):
-            return self.fc2(F.silu(self.fc1(x_BTD.detach().float()))).squeeze(-1)
-
-
-class MoDLayer(DecoderBlock):
-    """Mixture-of-Depths routed block (Raposo et al. 2024, arXiv 2404.02258, section 3)."""
-
-    # differs from standard: a router picks k tokens per row; only they run the block.
-
-    def __init__(self, config: MoDConfig) -> None:
-        super().__init__(config)
-        self.router = nn.Linear(config.hidden_size, 1, bias=False)
-        self.predictor = Predictor(config.hidden_size) if config.mod_use_predictor else None
-        self.capacity = config.mod_capacity
-        self.force_unit_gate = config.force_unit_gate
-
-    def forward(self, x_BTD: torch.Tensor, ctx: Context, carry: tuple | None) -> LayerOutput:
-        B, T, _ = x_BTD.shape
-        key_mask = ctx.key_mask_BT
-        r_BT = _router_logits(self.router.weight, x_BTD)
-        idx_BK = topk_sorted(r_BT, capacity_k(self.capacity, T), key_mask)
-        topk_BT = membership(idx_BK, T)
-        target_BT = topk_BT.float()
-        # Eq. (1) of the paper: the router weight scales the block's change, never the stream.
-        gate_BT = torch.ones_like(r_BT) if self.force_unit_gate else torch.sigmoid(r_BT)
-        aux = {"mod_aux": masked_mean(F.binary_cross_entropy_with_logits(r_BT, target_BT, reduction="none"), key_mask)}
-        if self.predictor is not None:
-            p_BT = self.predictor(x_BTD)
-            aux["mod_predictor"] = masked_mean(
-                F.binary_cross_entropy_with_logits(p_BT, target_BT, reduction="none"), key_mask)
-            causal_BT = p_BT > 0.0
-        else:
-            causal_BT = r_BT > 0.0  # sigmoid(r) > 0.5, made a stand-in for top-k by the aux loss
-        if key_mask is not None:
-            causal_BT = causal_BT & key_mask
-        if ctx.routing_mode == "topk":
-            x_BTD, sel_BT = routed_update(self, x_BTD, gate_BT, ctx, idx_BK=idx_BK), topk_BT
-        else:
-            x_BTD, sel_BT = routed_update(self, x_BTD, gate_BT, ctx, sel_BT=causal_BT), causal_BT
-        stats = selection_stats(sel_BT, topk_BT, causal_BT, gate_BT.detach(), r_BT.detach(), key_mask)
-        stats.update({k: v.detach() for k, v in aux.items()})
-        return LayerOutput(x_BTD, carry, aux, stats)
-
-
-class DTFDecisionLayer(DecoderBlock):
-    """DTF decision layer: the full block plus a cheap prior of its output."""
-
-    # differs from standard: also predicts its own output with a small prior network.
-
-    def __init__(self, config: DTFConfig) -> None:
-        super().__init__(config)
-        self.prior_norm = RMSNorm(config.hidden_size, config.rms_norm_eps)
-        self.prior = MLP(config.hidden_size, config.prior_intermediate_size)
-
-    def forward(self, x_BTD: torch.Tensor, ctx: Context, carry: tuple | None) -> LayerOutput:
-        h_post = self.block(x_BTD, ctx.rope, ctx.dense_mask)
-        # The prior is a side network on the detached input: the prior loss trains the prior
-        # alone. Through H the loss would pull the residual stream towards stop_grad(H_post)
-        # = H + update(H), a chase that grows the stream without bound (measured: D_st 0.9 ->
-        # 1.8e6 in 300 steps of the quick experiment; with this detach it stays below 1).
-        h_in = x_BTD.detach()
-        h_prior = h_in + self.prior(self.prior_norm(h_in))
-        err_BT = (h_prior.float() - h_post.detach().float()).pow(2).mean(-1)
-        prior_loss = masked_mean(err_BT, ctx.key_mask_BT)
-        return LayerOutput(h_post, (x_BTD, h_prior), {"dtf_prior": prior_loss}, {"prior_loss": prior_loss.detach()})
-
-
-class DTFRouter(nn.Module):
-    """The four router scalars of a dynamic layer and its causal threshold."""
-
-    def __init__(self, config: DTFConfig) -> None:
-        super().__init__()
-        self.config = config
-        if config.beta_mode == "learnable":
-            self.beta_ce = nn.Parameter(torch.tensor(float(config.beta_ce_init)))
-            self.beta_cu = nn.Parameter(torch.tensor(float(config.beta_cu_init)))
-        self.log_o_ce = nn.Parameter(torch.tensor(math.log(config.o_ce_init)))  # o_ce = exp(.) > 0
-        self.m_cu = nn.Parameter(torch.tensor(float(config.m_cu_init)))
-        # Running (1 - c) quantile of G, updated in training; `causal` mode selects G >= it.
-        self.register_buffer("threshold", torch.tensor(0.5))
-        self.register_buffer("threshold_updates", torch.tensor(0.0))
-
-    def reset_parameters(self) -> None:
-        c = self.config
-        with torch.no_grad():
-            if c.beta_mode == "learnable":
-                init.constant_(self.beta_ce, float(c.beta_ce_init))
-                init.constant_(self.beta_cu, float(c.beta_cu_init))
-            init.constant_(self.log_o_ce, math.log(c.o_ce_init))
-            init.constant_(self.m_cu, float(c.m_cu_init))
-            init.constant_(self.threshold, 0.5)
-            init.zeros_(self.threshold_updates)
-
-    def betas(self, step: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        c = self.config
-        if c.beta_mode == "learnable":
-            return self.beta_ce, self.beta_cu
-        p = (step.float() / c.beta_schedule_steps).clamp(0.0, 1.0)
-        if c.beta_schedule == "cosine":
-            p = 0.5 * (1.0 - torch.cos(math.pi * p))
-        beta_ce = c.beta_ce_start + (c.beta_ce_end - c.beta_ce_start) * p
-        return beta_ce, c.beta_cu_start + (c.beta_cu_end - c.beta_cu_start) * p
-
-    @torch.no_grad()
-    def update_threshold(self, gate_BT: torch.Tensor, idx_BK: torch.Tensor, key_mask_BT: torch.Tensor | None) -> None:
-        """EMA of the mean per-row k-th largest gate: the (1 - c) quantile of G."""
-        g_BK = gate_BT.gather(1, idx_BK)
-        ok_BK = torch.ones_like(g_BK, dtype=torch.bool) if key_mask_BT is None else key_mask_BT.gather(1, idx_BK)
-        row_min_B = g_BK.masked_fill(~ok_BK, float("inf")).amin(1)
-        row_ok_B = ok_BK.any(1)
-        q = row_min_B.where(row_ok_B, 0.0).sum() / row_ok_B.sum().clamp_min(1)
-        m = self.config.dtf_threshold_momentum
-        new = torch.where(self.threshold_updates > 0, m * self.threshold + (1 - m) * q, q)
-        self.threshold.copy_(torch.where(row_ok_B.any(), new, self.threshold))
-        self.threshold_updates.add_(1.0)
-
-    def forward(self, h_BTD, h_post_BTD, h_prior_BTD, ctx: Context) -> dict[str, torch.Tensor]:
-        """The gate G [B, T] and its parts, all fp32 (spec section 3)."""
-        with torch.autocast(h_BTD.device.type, enabled=False):
-            h, h_post, h_prior = h_BTD.float(), h_post_BTD.float(), h_prior_BTD.float()
-            d_st = (h_post - h).pow(2).mean(-1)  # static surprise
-            d_ch = (h_post - h_prior).pow(2).mean(-1)  # change surprise
-            o_ce = self.log_o_ce.exp()
-            ce = d_st - (d_ch - torch.log(o_ce + 1e-10))  # expected change
-            ma = causal_window_mean(d_st.detach(), self.config.ma_window, ctx.key_mask_BT)
-            cu = d_st - self.m_cu * ma  # unexpected change
-            beta_ce, beta_cu = self.betas(ctx.step)
-            s_ce = torch.sigmoid(F.softplus(beta_ce) * ce)
-            s_cu = torch.sigmoid(F.softplus(beta_cu) * cu)
-            gate = s_ce + s_cu - s_ce * s_cu  # probabilistic OR
-        return dict(gate=gate, d_st=d_st, d_ch=d_ch, ce=ce, cu=cu, s_ce=s_ce, s_cu=s_cu,
-                    beta_ce=beta_ce, beta_cu=beta_cu, o_ce=o_ce, m_cu=self.m_cu)
-
-
-class DTFDynamicLayer(DecoderBlock):
-    """DTF dynamic layer: the block runs on the top-k tokens by surprise gate G."""
-
-    # differs from standard: G from the decision layer's surprise selects k tokens per row.
-
-    def __init__(self, config: DTFConfig) -> None:
-        super().__init__(config)
-        self.router = DTFRouter(config)
-        self.capacity = config.dtf_capacity
-        self.force_unit_gate = config.force_unit_gate
-
-    def forward(self, x_BTD: torch.Tensor, ctx: Context, carry: tuple | None) -> LayerOutput:
-        assert carry is not None, "a DTF dynamic layer must follow its decision layer"
-        h_BTD, h_prior_BTD = carry
-        B, T, _ = x_BTD.shape
-        key_mask = ctx.key_mask_BT
-        parts = self.router(h_BTD, x_BTD, h_prior_BTD, ctx)
-        g_BT = parts["gate"]
-        idx_BK = topk_sorted(g_BT, capacity_k(self.capacity, T), key_mask)
-        topk_BT = membership(idx_BK, T)
-        if ctx.training:
-            self.router.update_threshold(g_BT.detach(), idx_BK, key_mask)
-        causal_BT = g_BT >= self.router.threshold
-        if key_mask is not None:
-            causal_BT = causal_BT & key_mask
-        gate_BT = torch.ones_like(g_BT) if self.force_unit_gate else g_BT
-        if ctx.routing_mode == "topk":
-            x_BTD, sel_BT = routed_update(self, x_BTD, gate_BT, ctx, idx_BK=idx_BK), topk_BT
-        else:
-            x_BTD, sel_BT = routed_update(self, x_BTD, gate_BT, ctx, sel_BT=causal_BT), causal_BT
-        logit_BT = torch.logit(g_BT.detach().clamp(1e-6, 1 - 1e-6))
-        stats = selection_stats(sel_BT, topk_BT, causal_BT, g_BT.detach(), logit_BT, key_mask)
-        for name in ("d_st", "d_ch", "ce", "cu", "s_ce", "s_cu"):
-            stats[name] = masked_mean(parts[name].detach(), key_mask)
-        for name in ("beta_ce", "beta_cu", "o_ce", "m_cu"):
-            stats[name] = torch.as_tensor(parts[name]).detach().float()
-        stats["threshold"] = self.router.threshold.detach().clone()
-        return LayerOutput(x_BTD, None, {}, stats)
-
-
+# Per-layer structure is data: `config.layer_kinds` names each layer's class.
 LAYER_CLASSES: dict[str, type[nn.Module]] = {
     "dense": DenseLayer,
     "mod": MoDLayer,
     "dtf_decision": DTFDecisionLayer,
     "dtf_dynamic": DTFDynamicLayer,
 }
-# How the aux losses of several layers combine, and which config field weighs each.
-AUX_LOSS_WEIGHTS = {"mod_aux": "mod_aux_loss_weight", "mod_predictor": "mod_predictor_loss_weight",
-                    "dtf_prior": "prior_loss_weight"}
+# Which config field weighs each auxiliary loss, as the layers declare it.
+AUX_LOSS_WEIGHTS = {name: field for cls in LAYER_CLASSES.values()
+                    for name, field in getattr(cls, "aux_loss_weights", {}).items()}
+
+
+class BackboneOutput(NamedTuple):
+    hidden_BTD: torch.Tensor  # after the final norm
+    aux: dict[str, torch.Tensor]  # unweighted aux losses, each averaged over the layers that make it
+    stats: dict[int, dict[str, torch.Tensor]]  # per routed layer: detached statistics
+    masks: dict[int, torch.Tensor]  # per routed layer: [B, T] bool, the tokens its block processed
 
 
 @dataclass
@@ -249,6 +56,7 @@ class DTLabCausalLMOutput(CausalLMOutputWithPast):
     lm_loss: torch.Tensor | None = None
     aux_losses: dict[str, torch.Tensor] | None = None
     routing_stats: dict[int, dict[str, torch.Tensor]] | None = None
+    routing_masks: dict[int, torch.Tensor] | None = None
 
 
 class DTLabPreTrainedModel(PreTrainedModel):
@@ -281,7 +89,7 @@ class DTLabModel(DTLabPreTrainedModel):
         self.register_buffer("schedule_step", torch.tensor(0, dtype=torch.long), persistent=False)
         self.post_init()
 
-    def forward(self, input_ids, attention_mask=None, position_ids=None):
+    def forward(self, input_ids, attention_mask=None, position_ids=None) -> BackboneOutput:
         B, T = input_ids.shape
         if T > self.config.max_position_embeddings:
             raise ValueError(f"sequence length {T} exceeds max_position_embeddings="
@@ -300,16 +108,19 @@ class DTLabModel(DTLabPreTrainedModel):
         )
         aux: dict[str, list[torch.Tensor]] = {}
         stats: dict[int, dict[str, torch.Tensor]] = {}
+        masks: dict[int, torch.Tensor] = {}
         carry = None
         for i, layer in enumerate(self.layers):
-            x, carry, layer_aux, layer_stats = layer(x, ctx, carry)
+            x, carry, layer_aux, layer_stats, selected = layer(x, ctx, carry)
             for name, value in layer_aux.items():
                 aux.setdefault(name, []).append(value)
             if layer_stats:
                 stats[i] = layer_stats
+            if selected is not None:
+                masks[i] = selected
         # Aux losses are averaged over the layers that produce them (spec sections 2 and 3).
         aux_mean = {name: torch.stack(values).mean() for name, values in aux.items()}
-        return self.norm(x), aux_mean, stats
+        return BackboneOutput(self.norm(x), aux_mean, stats, masks)
 
 
 def lm_loss_from_logits(logits_BTV: torch.Tensor, labels_BT: torch.Tensor) -> torch.Tensor:
@@ -403,9 +214,10 @@ class DTLabForCausalLM(DTLabPreTrainedModel):
     ) -> DTLabCausalLMOutput:
         """input_ids [B, T]; attention_mask [B, T] (1 real, 0 padding); labels [B, T], unshifted
         (-100 ignored). Returns logits [B, T, V] (unless `return_logits=False`), the total loss,
-        `lm_loss`, unweighted `aux_losses` and detached per-layer `routing_stats`.
+        `lm_loss`, unweighted `aux_losses`, detached per-layer `routing_stats` (0-d tensors, and
+        [T] by position) and `routing_masks` ([B, T] bool: the tokens each routed block processed).
         """
-        hidden_BTD, aux, stats = self.model(input_ids, attention_mask, position_ids)
+        hidden_BTD, aux, stats, masks = self.model(input_ids, attention_mask, position_ids)
         logits = self.lm_head(hidden_BTD) if return_logits else None
         loss = lm_loss = None
         if labels is not None:
@@ -416,7 +228,8 @@ class DTLabForCausalLM(DTLabPreTrainedModel):
             loss = lm_loss
             for name, value in aux.items():
                 loss = loss + getattr(self.config, AUX_LOSS_WEIGHTS[name]) * value
-        return DTLabCausalLMOutput(loss=loss, logits=logits, lm_loss=lm_loss, aux_losses=aux, routing_stats=stats)
+        return DTLabCausalLMOutput(loss=loss, logits=logits, lm_loss=lm_loss, aux_losses=aux, routing_stats=stats,
+                                   routing_masks=masks)
 
 
 class StandardForCausalLM(DTLabForCausalLM):
@@ -429,3 +242,39 @@ class MoDForCausalLM(DTLabForCausalLM):
 
 class DTFForCausalLM(DTLabForCausalLM):
     config_class = DTFConfig
+
+
+# Variant registry: specs hold these strings; the classes stay here.
+VARIANTS: dict[str, type[DTLabForCausalLM]] = {
+    "standard": StandardForCausalLM,
+    "mod": MoDForCausalLM,
+    "dtf": DTFForCausalLM,
+}
+
+
+def register_auto_classes() -> None:
+    """Let `AutoConfig` / `AutoModelForCausalLM.from_pretrained` reload saved dtlab checkpoints."""
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    for variant, model_cls in VARIANTS.items():
+        AutoConfig.register(CONFIG_CLASSES[variant].model_type, CONFIG_CLASSES[variant], exist_ok=True)
+        AutoModelForCausalLM.register(CONFIG_CLASSES[variant], model_cls, exist_ok=True)
+
+
+register_auto_classes()
+
+
+def build_model(
+    variant: str,
+    preset: str = "debug",
+    pretrained: str | os.PathLike | None = None,
+    **overrides: Any,
+) -> DTLabForCausalLM:
+    """A `variant` model from `preset` + overrides, or with shape and weights from `pretrained`
+    (a hub name or a local Qwen2/Qwen2.5 checkpoint directory; the preset is then ignored)."""
+    config_class(variant)
+    if pretrained is not None:
+        from .loading import build_pretrained
+
+        return build_pretrained(variant, pretrained, overrides)
+    return VARIANTS[variant](make_config(variant, preset, **overrides))

@@ -1,4 +1,9 @@
-"""Token routing shared by MoD and DTF: top-k selection, the routed update, statistics.
+"""Token routing shared by MoD and DTF: the `RoutedLayer` template, top-k, the routed update.
+
+A routed layer is the shared `DecoderBlock` plus a router. Subclasses (`mod.MoDLayer`,
+`dtf.DTFDynamicLayer`) supply only `route()`, which scores the tokens and returns a typed
+`Routing`, and optionally `on_topk()`, which learns from the training-time top-k decision;
+selecting, applying the update and collecting statistics happen here, once, for both.
 
 Shape legend: B batch, T sequence length, K tokens a routed block takes per row (k), D hidden.
 Everything here keeps shapes static (k is a Python int from the config and T), computes
@@ -7,12 +12,12 @@ routing math in fp32 and never reads a tensor value on the host, so forward has 
 
 from __future__ import annotations
 
-from typing import NamedTuple
+from typing import Any, ClassVar, NamedTuple
 
 import torch
 import torch.nn.functional as F
 
-from .config import capacity_k  # noqa: F401  (re-exported: routing's k)
+from .flops import capacity_k
 from .layers import DecoderBlock, Rope, sdpa_mask
 
 
@@ -31,7 +36,61 @@ class LayerOutput(NamedTuple):
     x: torch.Tensor
     carry: tuple | None  # DTF decision -> dynamic hand-over: (H, H_prior)
     aux: dict[str, torch.Tensor]  # unweighted auxiliary losses, with gradients
-    stats: dict[str, torch.Tensor]  # detached routing statistics
+    stats: dict[str, torch.Tensor]  # detached statistics: 0-d, or [T] by position
+    selected: torch.Tensor | None = None  # [B, T] bool: the tokens a routed block processed
+
+
+class Routing(NamedTuple):
+    """A router's decision for one layer and batch; [B, T] tensors, fp32 unless noted."""
+
+    score_BT: torch.Tensor  # ranked per row by top-k (training semantics: looks at the whole row)
+    gate_BT: torch.Tensor  # scales the block's change of each selected token
+    causal_BT: torch.Tensor  # bool: the `causal` decision, from tokens <= t only
+    logit_BT: torch.Tensor  # the router's logit, for statistics
+    stats: dict[str, torch.Tensor]  # the router's own detached statistics
+    extra: Any = None  # what `on_topk` needs beyond the above (e.g. MoD's predictor logits)
+
+
+class RoutedLayer(DecoderBlock):
+    """A `DecoderBlock` that processes only the tokens its router selects.
+
+    Selected tokens: `x + gate * (Block(x) - x)`; the others pass bit for bit. In `topk` mode
+    each row's k = max(1, floor(c T)) best-scored tokens are selected (sorted, so the block
+    stays causal in the original order); in `causal` mode the router's causal decision is.
+    """
+
+    # Auxiliary losses this layer returns, and the config field that weighs each.
+    aux_loss_weights: ClassVar[dict[str, str]] = {}
+
+    def __init__(self, config) -> None:
+        super().__init__(config)
+        self.capacity = config.capacity
+        self.force_unit_gate = config.force_unit_gate  # ablation: gate = 1 (contract item 4)
+
+    def route(self, x_BTD: torch.Tensor, ctx: Context, carry: tuple | None) -> Routing:
+        raise NotImplementedError
+
+    def on_topk(self, routing: Routing, idx_BK: torch.Tensor, topk_BT: torch.Tensor,
+                ctx: Context) -> dict[str, torch.Tensor]:
+        """After `route`: what the router learns from the top-k decision (auxiliary losses)."""
+        return {}
+
+    def forward(self, x_BTD: torch.Tensor, ctx: Context, carry: tuple | None) -> LayerOutput:
+        T, key_mask = x_BTD.shape[1], ctx.key_mask_BT
+        r = self.route(x_BTD, ctx, carry)
+        idx_BK = topk_sorted(r.score_BT, capacity_k(self.capacity, T), key_mask)
+        topk_BT = membership(idx_BK, T)
+        aux = self.on_topk(r, idx_BK, topk_BT, ctx)
+        causal_BT = r.causal_BT if key_mask is None else r.causal_BT & key_mask
+        gate_BT = torch.ones_like(r.gate_BT) if self.force_unit_gate else r.gate_BT
+        if ctx.routing_mode == "topk":
+            x_BTD, sel_BT = routed_update(self, x_BTD, gate_BT, ctx, idx_BK=idx_BK), topk_BT
+        else:
+            x_BTD, sel_BT = routed_update(self, x_BTD, gate_BT, ctx, sel_BT=causal_BT), causal_BT
+        stats = selection_stats(sel_BT, topk_BT, causal_BT, r.gate_BT.detach(), r.logit_BT.detach(), key_mask)
+        stats.update(r.stats)
+        stats.update({k: v.detach() for k, v in aux.items()})
+        return LayerOutput(x_BTD, None, aux, stats, sel_BT)
 
 
 def topk_sorted(scores_BT: torch.Tensor, k: int, key_mask_BT: torch.Tensor | None) -> torch.Tensor:
@@ -79,6 +138,12 @@ def routed_update(
     return torch.where(sel_BT[..., None], update_BTD, x_BTD)
 
 
+def router_logits(weight_1D: torch.Tensor, x_BTD: torch.Tensor) -> torch.Tensor:
+    """r = w . x in fp32 (autocast off), [B, T]."""
+    with torch.autocast(x_BTD.device.type, enabled=False):
+        return (x_BTD.float() @ weight_1D.float().t()).squeeze(-1)
+
+
 def membership(idx_BK: torch.Tensor, T: int) -> torch.Tensor:
     """[B, T] bool: True where a token is among its row's top-k."""
     out = torch.zeros(idx_BK.shape[0], T, dtype=torch.bool, device=idx_BK.device)
@@ -122,11 +187,11 @@ def selection_stats(
     logit_BT: torch.Tensor,
     key_mask_BT: torch.Tensor | None,
 ) -> dict[str, torch.Tensor]:
-    """Detached per-layer statistics; `selected` is the [B, T] decision actually applied."""
+    """Detached per-layer statistics of the decision actually applied (`sel_BT`): 0-d tensors,
+    and `selected_by_pos` [T], the selected fraction at each position over the batch."""
     with torch.no_grad():
         m_BT = torch.ones_like(gate_BT) if key_mask_BT is None else key_mask_BT.to(gate_BT.dtype)
         return {
-            "selected": sel_BT,
             "selected_frac": masked_mean(sel_BT.to(gate_BT.dtype), key_mask_BT),
             "selected_by_pos": (sel_BT.to(gate_BT.dtype) * m_BT).sum(0) / m_BT.sum(0).clamp_min(1.0),
             "gate_mean": masked_mean(gate_BT, key_mask_BT),

@@ -4,7 +4,7 @@ import json
 import re
 from pathlib import Path
 
-from dashboards.metrics import DESCRIPTIONS, export_record
+from dtlab.dashboards.metrics import DESCRIPTIONS, export_record
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -18,7 +18,7 @@ def test_grafana_dashboard_queries_exported_metrics():
 
 
 def test_export_record_sets_gauges(monkeypatch):
-    import dashboards.metrics as m
+    import dtlab.dashboards.metrics as m
 
     seen = []
 

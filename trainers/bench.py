@@ -18,8 +18,8 @@ from typing import Any
 
 import torch
 
-import models
-from models.flops import flop_ratio_vs_dense, flops_per_token
+from dtlab import models
+from dtlab.models.flops import flop_ratio_vs_dense, flops_per_token
 
 from .device import Precision, detect_device, detect_precision, peak_flops, synchronize
 
@@ -118,7 +118,7 @@ def bench_one(name: str, model, config, x, precision: Precision, warmup: int, st
     peak_fl = peak_flops(device)
     return {
         "variant": name,
-        "capacity": getattr(config, "mod_capacity", getattr(config, "dtf_capacity", None)) if ours else None,
+        "capacity": config.capacity if ours else None,
         "step_s": step_s,
         "tokens_per_s": B * T / step_s,
         "flops_per_token": fpt,
@@ -160,8 +160,7 @@ def run_bench(preset: str | None = None, device: str | None = None, batch: int |
         if v in ("hf-qwen2", "standard"):
             plan.append((v, {}))
         else:
-            key = "mod_capacity" if v == "mod" else "dtf_capacity"
-            plan.extend((v, {key: c}) for c in capacities)
+            plan.extend((v, {models.config_class(v).capacity_key: c}) for c in capacities)
     rows = []
     for name, overrides in plan:
         torch.manual_seed(seed)

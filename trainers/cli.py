@@ -42,7 +42,7 @@ def _run(args: argparse.Namespace) -> int:
 
 
 def _report(args: argparse.Namespace) -> int:
-    from analysis.report import write_report
+    from dtlab.analysis.report import write_report
 
     report = write_report(args.dirs, args.out, force=args.force)
     for p in report.problems:
@@ -118,7 +118,7 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv: list[str] | None = None) -> int:
     """Bad input (a spec, a path, an output that would be overwritten) exits with code 2."""
-    from analysis.report import ReportError
+    from dtlab.analysis.report import ReportError
 
     from .spec import SpecError
 

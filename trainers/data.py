@@ -158,22 +158,21 @@ def _fingerprint(docs: list[str]) -> str:
 
 def train_bpe(docs: list[str], vocab_size: int, cache: Path, fingerprint: str) -> tuple[Tokenizer, Path]:
     """A byte-level BPE trained on `docs`, cached on disk by corpus and vocabulary size."""
-    from tokenizers import Tokenizer as HFTokenizer
-    from tokenizers import decoders, models, pre_tokenizers, trainers
+    import tokenizers
 
     path = cache / "tokenizers" / f"bpe-{vocab_size}-{fingerprint[:16]}.json"
     if not path.is_file():
-        tok = HFTokenizer(models.BPE())
-        tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
-        tok.decoder = decoders.ByteLevel()
-        trainer = trainers.BpeTrainer(vocab_size=vocab_size, special_tokens=[EOT], show_progress=False,
-                                      initial_alphabet=pre_tokenizers.ByteLevel.alphabet())
+        tok = tokenizers.Tokenizer(tokenizers.models.BPE())
+        tok.pre_tokenizer = tokenizers.pre_tokenizers.ByteLevel(add_prefix_space=False)
+        tok.decoder = tokenizers.decoders.ByteLevel()
+        trainer = tokenizers.trainers.BpeTrainer(vocab_size=vocab_size, special_tokens=[EOT], show_progress=False,
+                                                 initial_alphabet=tokenizers.pre_tokenizers.ByteLevel.alphabet())
         tok.train_from_iterator(docs, trainer=trainer)
         path.parent.mkdir(parents=True, exist_ok=True)
         tmp = path.with_suffix(f".{os.getpid()}.tmp")
         tok.save(str(tmp))
         os.replace(tmp, path)
-    return Tokenizer(HFTokenizer.from_file(str(path)), False, f"bpe-{vocab_size} (trained here)"), path
+    return Tokenizer(tokenizers.Tokenizer.from_file(str(path)), False, f"bpe-{vocab_size} (trained here)"), path
 
 
 def load_hf_tokenizer(name: str) -> Tokenizer:

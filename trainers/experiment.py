@@ -7,24 +7,15 @@ import time
 from pathlib import Path
 from typing import Any
 
-from .spec import Spec, SpecError, dump_spec, spec_from_dict
+from .records import finished
+from .spec import Spec, SpecError, dump_spec
 
 MARKER = "experiment.json"
 
 
-def variant_spec(spec: Spec, variant: str, seed: int) -> Spec:
-    raw = spec.model_dump(mode="json")
-    raw["model"]["type"], raw["seed"], raw["variants"], raw["seeds"] = variant, seed, None, None
-    from models.config import config_class
-
-    fields = config_class(variant).field_names()
-    raw["model"] = {k: v for k, v in raw["model"].items() if k in ("type", "size", "pretrained") or k in fields}
-    return spec_from_dict(raw, f"{spec.name} ({variant}, seed {seed})")
-
-
 def run_experiment(spec: Spec, out: str | Path | None, resume: bool = False, force: bool = False,
                    use_ray: bool | None = None, source: str = "spec", log=print) -> dict[str, Any]:
-    from analysis.report import write_report
+    from dtlab.analysis.report import write_report
 
     from .data import prepare_data
     from .runner import check_fit, holds_run, prepare_run_dir
@@ -36,7 +27,7 @@ def run_experiment(spec: Spec, out: str | Path | None, resume: bool = False, for
         run_sweep(spec, out, resume=resume, force=force, source=source, log=log)
     else:
         plan = [(v, s) for v in spec.variant_list() for s in spec.seed_list()]
-        specs = {(v, s): variant_spec(spec, v, s) for v, s in plan}
+        specs = {(v, s): spec.for_run(v, s) for v, s in plan}
         for sub in specs.values():  # every run's input is checked before the first one starts
             check_fit(sub, prepare_data(sub.data), sub.resources.num_workers)
         if out.exists() and (out / MARKER).is_file():
@@ -55,7 +46,7 @@ def run_experiment(spec: Spec, out: str | Path | None, resume: bool = False, for
 
         for (variant, seed), sub in specs.items():
             run_dir = out / f"{variant}-seed{seed}"
-            if holds_run(run_dir) and _finished(run_dir):
+            if holds_run(run_dir) and finished(run_dir):
                 log(f"{run_dir.name}: finished earlier, kept")
                 continue
             log(f"== {variant}, seed {seed} -> {run_dir}")
@@ -63,11 +54,3 @@ def run_experiment(spec: Spec, out: str | Path | None, resume: bool = False, for
     report = write_report([out], out / "report.html", force=True)
     log(f"report: {report.html.resolve()}")
     return {"out": str(out), "report": str(report.html), "charts": report.charts, "problems": report.problems}
-
-
-def _finished(run_dir: Path) -> bool:
-    try:
-        lines = (run_dir / "metrics.jsonl").read_text().splitlines()
-        return any(json.loads(line).get("done") for line in lines[-3:] if line.strip())
-    except (OSError, json.JSONDecodeError):
-        return False

@@ -6,6 +6,10 @@ It runs bare (tests, one process, `--no-ray`), under `torchrun`, or inside a Ray
 `TorchTrainer` (see `ray_train.py`), which passes `Hooks` that report to Ray. When a process
 group is initialised the model is wrapped in DDP and every rank reads its own shard.
 
+A run's state is built once (`setup`); then `train_step` makes one optimizer step,
+`log_step` writes a training record and `evaluate_and_save` an evaluation record and the
+checkpoints (`checkpoint.py`). Fresh starts and resumes go through the same functions. The
+loop is variant-blind: what to evaluate and which statistics exist come from the model.
 Host syncs happen on logging and evaluation steps only; everything else stays on the device.
 """
 
@@ -15,8 +19,8 @@ import contextlib
 import json
 import math
 import os
-import shutil
 import time
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -24,13 +28,15 @@ import numpy as np
 import torch
 import torch.distributed as dist
 
-import models
+from dtlab import models
 
+from . import checkpoint
+from .checkpoint import unwrap
 from .data import load_prepared
 from .device import Precision, detect_device, detect_precision, synchronize
+from .evaluation import evaluate, flat_stats
+from .records import METRICS, JsonlWriter, rewrite_jsonl
 from .spec import Spec
-
-LAST, BEST = "last", "best"
 
 
 class Hooks:
@@ -101,28 +107,6 @@ class Batches:
         return torch.from_numpy(np.asarray(self.rows[idx], dtype=np.int64))
 
 
-def unwrap(model: torch.nn.Module) -> models.DTLabForCausalLM:
-    return model.module if hasattr(model, "module") else model
-
-
-def flat_stats(stats: dict[int, dict[str, torch.Tensor]]) -> dict[str, dict[str, Any]]:
-    """Per-layer routing statistics as plain numbers (one host sync for all of them)."""
-    keep = {i: {k: v for k, v in s.items() if k != "selected"} for i, s in stats.items()}
-    tensors = [v.float().reshape(-1) for s in keep.values() for v in s.values()]
-    if not tensors:
-        return {}
-    values = torch.cat(tensors).cpu().tolist()
-    out, pos = {}, 0
-    for i, s in keep.items():
-        layer = {}
-        for k, v in s.items():
-            n = v.numel()
-            layer[k] = values[pos] if v.ndim == 0 else values[pos:pos + n]
-            pos += n
-        out[str(i)] = layer
-    return out
-
-
 def memory_stats(device: torch.device) -> dict[str, float]:
     """Peak accelerator memory (CUDA) or peak resident memory of the process (elsewhere), GiB."""
     if device.type == "cuda":
@@ -135,126 +119,6 @@ def memory_stats(device: torch.device) -> dict[str, float]:
         return {}
 
 
-def _all_reduce_mean(t: torch.Tensor, world: int) -> torch.Tensor:
-    if world > 1:
-        dist.all_reduce(t)
-        t = t / world
-    return t
-
-
-# ---- checkpoints --------------------------------------------------------------------------------
-def save_checkpoint(run_dir: Path, model, optimizer, scheduler, scaler, state: dict[str, Any], best: bool) -> Path:
-    from transformers.utils import logging as hf_logging
-
-    hf_logging.disable_progress_bar()
-    ckpt = run_dir / "checkpoints"
-    ckpt.mkdir(parents=True, exist_ok=True)
-    tmp = ckpt / f".{LAST}.tmp"
-    shutil.rmtree(tmp, ignore_errors=True)
-    unwrap(model).save_pretrained(tmp)
-    torch.save({"optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict(),
-                "scaler": scaler.state_dict() if scaler is not None else None, **state}, tmp / "trainer_state.pt")
-    last = ckpt / LAST
-    old = ckpt / f".{LAST}.old"
-    shutil.rmtree(old, ignore_errors=True)
-    if last.exists():
-        os.replace(last, old)
-    os.replace(tmp, last)
-    shutil.rmtree(old, ignore_errors=True)
-    if best:
-        shutil.rmtree(ckpt / f".{BEST}.tmp", ignore_errors=True)
-        shutil.copytree(last, ckpt / f".{BEST}.tmp")
-        shutil.rmtree(ckpt / BEST, ignore_errors=True)
-        os.replace(ckpt / f".{BEST}.tmp", ckpt / BEST)
-    return last
-
-
-def load_checkpoint(path: Path, model, optimizer, scheduler, scaler) -> dict[str, Any]:
-    from safetensors.torch import load_file
-
-    target = unwrap(model)
-    state = load_file(path / "model.safetensors", device=str(next(target.parameters()).device))
-    missing, unexpected = target.load_state_dict(state, strict=False)
-    tied = target.config.tie_word_embeddings
-    missing = [k for k in missing if not (tied and k == "lm_head.weight")]
-    if missing or unexpected:
-        raise ValueError(f"checkpoint {path} does not fit the model: missing {missing}, unexpected {unexpected}")
-    if tied:
-        target.tie_weights()
-    trainer = torch.load(path / "trainer_state.pt", map_location="cpu", weights_only=False)
-    optimizer.load_state_dict(trainer.pop("optimizer"))
-    scheduler.load_state_dict(trainer.pop("scheduler"))
-    scaler_state = trainer.pop("scaler")
-    if scaler is not None and scaler_state is not None:
-        scaler.load_state_dict(scaler_state)
-    return trainer
-
-
-def truncate_metrics(path: Path, step: int) -> None:
-    """On resume: drop records past the checkpoint; they are logged again, identically."""
-    if not path.is_file():
-        return
-    keep = []
-    for line in path.read_text().splitlines():
-        try:
-            if json.loads(line).get("step", 0) <= step:
-                keep.append(line)
-        except json.JSONDecodeError:  # a line cut by the crash that made us resume
-            continue
-    path.write_text("".join(line + "\n" for line in keep))
-
-
-# ---- evaluation ----------------------------------------------------------------------------------
-@torch.no_grad()
-def evaluate(model, val: np.ndarray, spec: Spec, precision: Precision, device, rank: int, world: int) -> dict:
-    """Validation LM loss (aux losses excluded) over a fixed set of rows, in `topk` and, for
-    routed variants, `causal` routing; routing statistics averaged over the batches."""
-    target = unwrap(model)
-    n_rows = min(len(val), spec.training.eval_batches * spec.training.batch_size * world)
-    mine = np.arange(rank, n_rows, world)
-    B = spec.training.batch_size
-    modes = ["topk"] + (["causal"] if spec.training.eval_causal and target.config.variant != "standard" else [])
-    was_training, saved_mode = model.training, target.config.routing_mode
-    model.eval()
-    record: dict[str, Any] = {}
-    try:
-        for mode in modes:
-            target.config.routing_mode = mode
-            loss_sum = torch.zeros((), device=device)
-            count = torch.zeros((), device=device)
-            stat_sums: dict[int, dict[str, torch.Tensor]] = {}
-            for start in range(0, len(mine), B):
-                x = torch.from_numpy(np.asarray(val[mine[start:start + B]], dtype=np.int64)).to(device)
-                with precision.autocast():
-                    out = target(x, labels=x, return_logits=False)
-                n = x.shape[0]
-                loss_sum += out.lm_loss.float() * n
-                count += n
-                for i, s in out.routing_stats.items():
-                    acc = stat_sums.setdefault(i, {})
-                    for k, v in s.items():
-                        if k != "selected":
-                            acc[k] = acc.get(k, 0) + v.float() * n
-            if world > 1:
-                dist.all_reduce(loss_sum)
-                dist.all_reduce(count)
-                for s in stat_sums.values():
-                    for v in s.values():
-                        dist.all_reduce(v)
-            val_loss = (loss_sum / count.clamp_min(1)).item()
-            routing = flat_stats({i: {k: v / count.clamp_min(1) for k, v in s.items()} for i, s in stat_sums.items()})
-            suffix = "" if mode == "topk" else "_causal"
-            record[f"val_loss{suffix}"] = val_loss
-            record[f"val_ppl{suffix}"] = math.exp(min(val_loss, 50.0))
-            record[f"routing{suffix}"] = routing
-    finally:
-        target.config.routing_mode = saved_mode
-        model.train(was_training)
-    record["routing_mode"] = "topk"
-    return record
-
-
-# ---- the loop ------------------------------------------------------------------------------------
 def build_for_training(spec: Spec, vocab_size: int) -> models.DTLabForCausalLM:
     variant = spec.model.type
     overrides = spec.model.overrides_for(variant)
@@ -271,139 +135,241 @@ def total_steps(spec: Spec, n_rows: int, world: int) -> int:
     return max(1, spec.training.num_epochs * (n_rows // per_step))
 
 
-def train(config: dict[str, Any], hooks: Hooks | None = None) -> dict[str, Any]:
-    """Train one variant as `config["spec"]` says; returns the last evaluation record."""
-    hooks = hooks or Hooks()
+# ---- the state of a run --------------------------------------------------------------------------
+@dataclass
+class RunState:
+    """Everything one worker's run holds, built once by `setup`."""
+
+    spec: Spec
+    run_dir: Path
+    hooks: Hooks
+    rank: int
+    world: int
+    device: torch.device
+    precision: Precision
+    model: torch.nn.Module  # DDP-wrapped when world > 1
+    optimizer: torch.optim.Optimizer
+    scheduler: torch.optim.lr_scheduler.LRScheduler
+    scaler: torch.amp.GradScaler | None
+    batches: Batches
+    val: np.ndarray
+    total_steps: int
+    info: dict[str, Any] = field(default_factory=dict)  # the run's facts: run.json's "training"
+    metrics: JsonlWriter | None = None  # rank 0 only
+    step: int = 0
+    best_val: float = math.inf
+    last_eval: dict[str, Any] = field(default_factory=dict)
+
+    @property
+    def target(self) -> models.DTLabForCausalLM:
+        return unwrap(self.model)
+
+    def write(self, record: dict[str, Any]) -> None:
+        """Append a record to metrics.jsonl and export it (rank 0 only)."""
+        if self.metrics is not None:
+            self.metrics.write(record)
+            self.hooks.export({**record, "variant": self.info["variant"], "run": self.info["run"]})
+
+
+def _optimizer(spec: Spec, model, device: torch.device, precision: Precision, steps: int):
+    tcfg = spec.training
+    optimizer = torch.optim.AdamW(param_groups(model, tcfg.optimizer.weight_decay), lr=tcfg.optimizer.lr,
+                                  betas=tuple(tcfg.optimizer.betas), eps=tcfg.optimizer.eps,
+                                  fused=device.type == "cuda")
+    scheduler = torch.optim.lr_scheduler.LambdaLR(
+        optimizer, lr_lambda(tcfg.scheduler.warmup_steps, steps, tcfg.scheduler.min_lr_ratio))
+    scaler = torch.amp.GradScaler(device.type) if precision.grad_scaler else None
+    return optimizer, scheduler, scaler
+
+
+def run_info(state: RunState, seq_len: int) -> dict[str, Any]:
+    """The facts of the run that `run.json` keeps (and the report reads)."""
+    config, tcfg = state.target.config, state.spec.training
+    return {"variant": config.variant, "capacity": config.capacity, "routing_modes": list(config.routing_modes),
+            "device": str(state.device), "precision": state.precision.name, "world_size": state.world,
+            "total_steps": state.total_steps, "seq_len": seq_len,
+            "tokens_per_step": tcfg.batch_size * tcfg.grad_accum_steps * state.world * seq_len,
+            "parameters": sum(p.numel() for p in state.target.parameters()),
+            "flops_per_token": models.flops_per_token(config, seq_len),
+            "flop_ratio_vs_dense": models.flop_ratio_vs_dense(config, seq_len), "run": state.run_dir.name,
+            "model_config": {k: v for k, v in config.to_dict().items() if isinstance(v, (int, float, str, bool))}}
+
+
+def setup(config: dict[str, Any], hooks: Hooks) -> RunState:
+    """Build the run's state once: model (DDP when distributed), optimizer, data, and the
+    counters of the last checkpoint when resuming."""
     spec = Spec.model_validate(config["spec"])
-    run_dir = Path(config["run_dir"])
     world = dist.get_world_size() if dist.is_initialized() else 1
     rank = dist.get_rank() if dist.is_initialized() else 0
     device = hooks.device(spec.resources.device)
     precision = detect_precision(device.type, spec.resources.precision)
     data = load_prepared(config["data_dir"])
-    tcfg = spec.training
     torch.manual_seed(spec.seed)
     model = build_for_training(spec, data.vocab_size).to(device).train()
     if world > 1:
         from torch.nn.parallel import DistributedDataParallel as DDP
 
         model = DDP(model, device_ids=[device.index] if device.type == "cuda" else None)
-    optimizer = torch.optim.AdamW(param_groups(model, tcfg.optimizer.weight_decay), lr=tcfg.optimizer.lr,
-                                  betas=tuple(tcfg.optimizer.betas), eps=tcfg.optimizer.eps,
-                                  fused=device.type == "cuda")
     steps = total_steps(spec, len(data.train), world)
-    scheduler = torch.optim.lr_scheduler.LambdaLR(
-        optimizer, lr_lambda(tcfg.scheduler.warmup_steps, steps, tcfg.scheduler.min_lr_ratio))
-    scaler = torch.amp.GradScaler(device.type) if precision.grad_scaler else None
-    batches = Batches(data.train, tcfg.batch_size, rank, world, spec.seed)
-    metrics_path = run_dir / "metrics.jsonl"
-    step, best_val, last_eval = 0, float("inf"), {}
-    if config.get("resume") and (run_dir / "checkpoints" / LAST).is_dir():
-        state = load_checkpoint(run_dir / "checkpoints" / LAST, model, optimizer, scheduler, scaler)
-        step, best_val, last_eval = state["step"], state["best_val"], state.get("last_eval", {})
-        if rank == 0:
-            truncate_metrics(metrics_path, step)
-            hooks.log(f"resumed from {run_dir / 'checkpoints' / LAST} at step {step}")
-    target = unwrap(model)
-    tokens_per_step = tcfg.batch_size * tcfg.grad_accum_steps * world * data.train.shape[1]
-    info = {"variant": target.config.variant, "device": str(device), "precision": precision.name, "world_size": world,
-            "total_steps": steps, "tokens_per_step": tokens_per_step,
-            "parameters": sum(p.numel() for p in target.parameters()),
-            "flops_per_token": models.flops_per_token(target.config, data.train.shape[1]),
-            "flop_ratio_vs_dense": models.flop_ratio_vs_dense(target.config, data.train.shape[1]),
-            "seq_len": int(data.train.shape[1]), "run": run_dir.name,
-            "model_config": {k: v for k, v in target.config.to_dict().items()
-                             if isinstance(v, (int, float, str, bool))}}
-    metrics_file = None
+    state = RunState(spec, Path(config["run_dir"]), hooks, rank, world, device, precision, model,
+                     *_optimizer(spec, model, device, precision, steps),
+                     Batches(data.train, spec.training.batch_size, rank, world, spec.seed), data.val, steps)
+    state.info = run_info(state, int(data.train.shape[1]))
+    if config.get("resume") and checkpoint.last_checkpoint(state.run_dir).is_dir():
+        resume(state)
     if rank == 0:
-        run_json = run_dir / "run.json"
-        run = json.loads(run_json.read_text()) if run_json.is_file() else {}
-        run_json.write_text(json.dumps({**run, "training": info}, indent=1))
-        metrics_file = metrics_path.open("a")
-        hooks.log(f"training {info['variant']} on {device} ({precision.name}), {world} worker(s), "
-                  f"{steps} steps of {tokens_per_step:,} tokens")
+        start_records(state)
+    return state
 
-    def write(record: dict[str, Any]) -> None:
-        if metrics_file is not None:
-            metrics_file.write(json.dumps(record) + "\n")
-            metrics_file.flush()
 
-    def do_eval() -> dict[str, Any]:
-        nonlocal best_val, last_eval
-        record = {"kind": "eval", "step": step, "tokens_seen": step * tokens_per_step,
-                  "train_flops": step * tokens_per_step * info["flops_per_token"], "done": step >= steps,
-                  **evaluate(model, data.val, spec, precision, device, rank, world)}
-        write(record)
-        if rank == 0:
-            hooks.export({**record, "variant": info["variant"], "run": info["run"]})
-        improved = record["val_loss"] < best_val
-        best_val = min(best_val, record["val_loss"])
-        last_eval = record
-        ckpt = None
-        if tcfg.checkpoint and rank == 0:
-            ckpt = save_checkpoint(run_dir, model, optimizer, scheduler, scaler,
-                                   {"step": step, "best_val": best_val, "last_eval": record, "info": info}, improved)
-        if rank == 0:
-            causal = f", causal {record['val_loss_causal']:.4f}" if "val_loss_causal" in record else ""
-            hooks.log(f"eval step {step}: val_loss {record['val_loss']:.4f} (ppl {record['val_ppl']:.1f}){causal}")
-        hooks.report({k: v for k, v in record.items() if not isinstance(v, dict)}, ckpt)
-        return record
+def resume(state: RunState) -> None:
+    """Restore the last checkpoint; records past it are dropped (they are logged again, identically)."""
+    path = checkpoint.last_checkpoint(state.run_dir)
+    saved = checkpoint.load(path, state.model, state.optimizer, state.scheduler, state.scaler)
+    state.step, state.best_val, state.last_eval = saved["step"], saved["best_val"], saved.get("last_eval", {})
+    if state.rank == 0:
+        rewrite_jsonl(state.run_dir / METRICS, lambda r: r.get("step", 0) <= state.step)
+        state.hooks.log(f"resumed from {path} at step {state.step}")
 
+
+def start_records(state: RunState) -> None:
+    run_json = state.run_dir / "run.json"
+    run = json.loads(run_json.read_text()) if run_json.is_file() else {}
+    run_json.write_text(json.dumps({**run, "training": state.info}, indent=1))
+    state.metrics = JsonlWriter(state.run_dir / METRICS)
+    info = state.info
+    state.hooks.log(f"training {info['variant']} on {state.device} ({state.precision.name}), {state.world} "
+                    f"worker(s), {state.total_steps} steps of {info['tokens_per_step']:,} tokens")
+
+
+# ---- one step, its record, an evaluation ---------------------------------------------------------
+@dataclass
+class StepResult:
+    losses: dict[str, torch.Tensor]  # mean over the step's micro-batches, detached, on the device
+    grad_norm: torch.Tensor
+    lr: float  # the learning rate this step used
+    routing: dict[int, dict[str, torch.Tensor]]  # statistics of the last micro-batch
+
+
+def train_step(state: RunState) -> StepResult:
+    """One optimizer step over `grad_accum_steps` micro-batches (DDP syncs on the last only)."""
+    tcfg, model, scaler = state.spec.training, state.model, state.scaler
+    state.target.set_schedule_step(state.step)
+    losses: dict[str, torch.Tensor] = {}
+    for m in range(tcfg.grad_accum_steps):
+        x = state.batches.get(state.step * tcfg.grad_accum_steps + m).to(state.device, non_blocking=True)
+        last_micro = m == tcfg.grad_accum_steps - 1
+        with model.no_sync() if state.world > 1 and not last_micro else contextlib.nullcontext():
+            with state.precision.autocast():
+                out = model(x, labels=x, return_logits=False)
+            loss = out.loss / tcfg.grad_accum_steps
+            (scaler.scale(loss) if scaler else loss).backward()
+        for name, value in [("loss", out.loss), ("lm_loss", out.lm_loss), *out.aux_losses.items()]:
+            losses[name] = losses.get(name, 0) + value.detach().float() / tcfg.grad_accum_steps
+    if scaler:
+        scaler.unscale_(state.optimizer)
+    grad_norm = torch.nn.utils.clip_grad_norm_(model.parameters(), tcfg.grad_clip)
+    if scaler:
+        scaler.step(state.optimizer)
+        scaler.update()
+    else:
+        state.optimizer.step()
+    state.optimizer.zero_grad(set_to_none=True)
+    lr = state.scheduler.get_last_lr()[0]
+    state.scheduler.step()
+    state.step += 1
+    return StepResult(losses, grad_norm, lr, out.routing_stats)
+
+
+class Meter:
+    """Training losses summed since the last record, and the training time they took."""
+
+    def __init__(self) -> None:
+        self.sums: dict[str, torch.Tensor] = {}
+        self.steps, self.start = 0, time.perf_counter()
+
+    def add(self, result: StepResult) -> None:
+        for name, value in result.losses.items():
+            self.sums[name] = self.sums.get(name, 0) + value
+        self.steps += 1
+
+    def exclude(self, seconds: float) -> None:
+        """Time spent on something else (evaluation): tokens/s counts training time only."""
+        self.start += seconds
+
+
+def log_step(state: RunState, meter: Meter, last: StepResult) -> None:
+    """The training record of this step: mean losses since the last one (the logging sync point)."""
+    names = sorted(meter.sums)
+    stacked = torch.stack([meter.sums[n] / meter.steps for n in names])
+    if state.world > 1:
+        dist.all_reduce(stacked)
+        stacked = stacked / state.world
+    values = stacked.cpu().tolist()
+    synchronize(state.device.type)
+    elapsed = time.perf_counter() - meter.start
+    tokens = state.info["tokens_per_step"]
+    record = {"kind": "train", "step": state.step, **dict(zip(names, values, strict=True)),
+              "lr": last.lr,
+              "grad_norm": float(last.grad_norm), "tokens_per_s": meter.steps * tokens / elapsed,
+              "tokens_seen": state.step * tokens, **memory_stats(state.device),
+              "routing": flat_stats({i: {k: v for k, v in s.items() if v.ndim == 0} for i, s in last.routing.items()})}
+    state.write(record)
+    if state.rank == 0:
+        state.hooks.log(f"step {state.step}/{state.total_steps} | loss {record['loss']:.4f} | "
+                        f"lm {record['lm_loss']:.4f} | lr {record['lr']:.2e} | {record['tokens_per_s']:,.0f} tok/s")
+
+
+def evaluate_and_save(state: RunState) -> dict[str, Any]:
+    """An evaluation record, the checkpoints (`best` when the loss improved), a report to the runner."""
+    tokens = state.info["tokens_per_step"]
+    record = {"kind": "eval", "step": state.step, "tokens_seen": state.step * tokens,
+              "train_flops": state.step * tokens * state.info["flops_per_token"],
+              "done": state.step >= state.total_steps,
+              **evaluate(state.model, state.val, state.spec, state.precision, state.device, state.rank, state.world)}
+    state.write(record)
+    improved = record["val_loss"] < state.best_val
+    state.best_val, state.last_eval = min(state.best_val, record["val_loss"]), record
+    path = None
+    if state.spec.training.checkpoint and state.rank == 0:
+        counters = {"step": state.step, "best_val": state.best_val, "last_eval": record, "info": state.info}
+        path = checkpoint.save(state.run_dir, state.model, state.optimizer, state.scheduler, state.scaler,
+                               counters, improved)
+    if state.rank == 0:
+        causal = f", causal {record['val_loss_causal']:.4f}" if "val_loss_causal" in record else ""
+        state.hooks.log(f"eval step {state.step}: val_loss {record['val_loss']:.4f} "
+                        f"(ppl {record['val_ppl']:.1f}){causal}")
+    state.hooks.report(scalars(record), path)
+    return record
+
+
+def scalars(record: dict[str, Any]) -> dict[str, Any]:
+    return {k: v for k, v in record.items() if not isinstance(v, dict)}
+
+
+# ---- the loop -------------------------------------------------------------------------------------
+def train(config: dict[str, Any], hooks: Hooks | None = None) -> dict[str, Any]:
+    """Train one variant as `config["spec"]` says; returns the last evaluation record."""
+    state = setup(config, hooks or Hooks())
+    tcfg = state.spec.training
     try:
-        if step == 0 and tcfg.eval_at_start:
-            do_eval()
-        elif step >= steps and last_eval:  # resumed with nothing left: say where it ended, once
-            hooks.report({k: v for k, v in last_eval.items() if not isinstance(v, dict)}, None)
-        sums: dict[str, torch.Tensor] = {}
-        t_log, steps_since = time.perf_counter(), 0
-        while step < steps:
-            hooks.on_step(step)
-            target.set_schedule_step(step)
-            for m in range(tcfg.grad_accum_steps):
-                x = batches.get(step * tcfg.grad_accum_steps + m).to(device, non_blocking=True)
-                last_micro = m == tcfg.grad_accum_steps - 1
-                sync_ctx = model.no_sync() if world > 1 and not last_micro else contextlib.nullcontext()
-                with sync_ctx:
-                    with precision.autocast():
-                        out = model(x, labels=x, return_logits=False)
-                    loss = out.loss / tcfg.grad_accum_steps
-                    (scaler.scale(loss) if scaler else loss).backward()
-                for name, value in [("loss", out.loss), ("lm_loss", out.lm_loss), *out.aux_losses.items()]:
-                    sums[name] = sums.get(name, 0) + value.detach().float() / tcfg.grad_accum_steps
-            if scaler:
-                scaler.unscale_(optimizer)
-            grad_norm = torch.nn.utils.clip_grad_norm_(model.parameters(), tcfg.grad_clip)
-            if scaler:
-                scaler.step(optimizer)
-                scaler.update()
-            else:
-                optimizer.step()
-            optimizer.zero_grad(set_to_none=True)
-            lr = scheduler.get_last_lr()[0]
-            scheduler.step()
-            step += 1
-            steps_since += 1
-            if step % tcfg.log_every == 0 or step == steps:  # the logging sync point
-                names = sorted(sums)
-                values = _all_reduce_mean(torch.stack([sums[n] / steps_since for n in names]), world).cpu().tolist()
-                synchronize(device.type)
-                elapsed = time.perf_counter() - t_log
-                record = {"kind": "train", "step": step, **dict(zip(names, values, strict=True)), "lr": lr,
-                          "grad_norm": float(grad_norm), "tokens_per_s": steps_since * tokens_per_step / elapsed,
-                          "tokens_seen": step * tokens_per_step, **memory_stats(device),
-                          "routing": flat_stats({i: {k: v for k, v in s.items() if k != "selected_by_pos"}
-                                                 for i, s in out.routing_stats.items()})}
-                write(record)
-                if rank == 0:
-                    hooks.export({**record, "variant": info["variant"], "run": info["run"]})
-                    hooks.log(f"step {step}/{steps} | loss {record['loss']:.4f} | lm {record['lm_loss']:.4f} | "
-                              f"lr {lr:.2e} | {record['tokens_per_s']:,.0f} tok/s")
-                sums, t_log, steps_since = {}, time.perf_counter(), 0
-            if step % tcfg.eval_every == 0 or step == steps:
-                t_eval = time.perf_counter()
-                do_eval()
-                t_log += time.perf_counter() - t_eval  # tokens/s counts training time only
+        if state.step == 0 and tcfg.eval_at_start:
+            evaluate_and_save(state)
+        elif state.step >= state.total_steps and state.last_eval:  # resumed with nothing left: say so once
+            state.hooks.report(scalars(state.last_eval), None)
+        meter = Meter()
+        while state.step < state.total_steps:
+            state.hooks.on_step(state.step)
+            result = train_step(state)
+            meter.add(result)
+            if state.step % tcfg.log_every == 0 or state.step == state.total_steps:
+                log_step(state, meter, result)
+                meter = Meter()
+            if state.step % tcfg.eval_every == 0 or state.step == state.total_steps:
+                started = time.perf_counter()
+                evaluate_and_save(state)
+                meter.exclude(time.perf_counter() - started)
     finally:
-        if metrics_file is not None:
-            metrics_file.close()
-    return last_eval
+        if state.metrics is not None:
+            state.metrics.close()
+    return state.last_eval

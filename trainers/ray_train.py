@@ -35,7 +35,7 @@ class RayHooks(Hooks):
         sys.stdout.flush()
 
     def export(self, record: dict[str, Any]) -> None:
-        from dashboards.metrics import export_record
+        from dtlab.dashboards.metrics import export_record
 
         export_record(record)
 

@@ -17,9 +17,10 @@ from pathlib import Path
 from typing import Any
 
 from .data import Prepared, prepare_data
+from .records import METRICS
 from .spec import Spec, SpecError, dump_spec
 
-RUN_MARKERS = ("metrics.jsonl", "spec.yaml", "run.json", "checkpoints")
+RUN_MARKERS = (METRICS, "spec.yaml", "run.json", "checkpoints")
 
 
 def git_commit() -> dict[str, Any]:
@@ -41,12 +42,12 @@ def holds_run(path: Path) -> bool:
 def model_shape(spec: Spec) -> dict[str, Any]:
     """vocab_size and max_position_embeddings the model will have."""
     if spec.training.from_scratch:
-        from models.config import make_config
+        from dtlab.models.config import make_config
 
         cfg = make_config(spec.model.type, spec.model.size, **spec.model.overrides_for(spec.model.type))
         explicit = "vocab_size" in spec.model.overrides()
         return {"vocab_size": cfg.vocab_size if explicit else None, "max_positions": cfg.max_position_embeddings}
-    from models.loading import checkpoint_shape, resolve_checkpoint
+    from dtlab.models.loading import checkpoint_shape, resolve_checkpoint
 
     try:
         shape = checkpoint_shape(resolve_checkpoint(spec.model.pretrained))

@@ -10,19 +10,28 @@ and the routing knobs (`mod_capacity`, `dtf_capacity`, `beta_ce_init`, ...) unde
 
 from __future__ import annotations
 
-import difflib
+import math
 from pathlib import Path
 from typing import Any, Literal
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_serializer, model_validator
+
+from dtlab.models.config import CONFIG_CLASSES, config_class, did_you_mean
+
+# Keys of the `model` section that are not model config fields.
+MODEL_KEYS = ("type", "size", "pretrained")
 
 
 class SpecError(ValueError):
     """A spec that cannot run; the message names the file and the key."""
 
 
-VARIANT_NAMES = ("standard", "mod", "dtf")
+def model_section_for(model: dict[str, Any], variant: str) -> dict[str, Any]:
+    """The `model` section as one variant sees it: its type, size and checkpoint, and only the
+    config keys that variant has (another variant's routing knobs do not apply to it)."""
+    fields = config_class(variant).field_names()
+    return {**{k: v for k, v in model.items() if k in MODEL_KEYS or k in fields}, "type": variant}
 
 
 class Strict(BaseModel):
@@ -46,10 +55,8 @@ class ModelSpec(BaseModel):
         return dict(self.model_extra or {})
 
     def overrides_for(self, variant: str) -> dict[str, Any]:
-        from models.config import config_class
-
-        fields = config_class(variant).field_names()
-        return {k: v for k, v in self.overrides().items() if k in fields}
+        """The config overrides that apply to `variant`."""
+        return {k: v for k, v in model_section_for(self.overrides(), variant).items() if k not in MODEL_KEYS}
 
 
 class DataSpec(Strict):
@@ -117,16 +124,64 @@ class AshaSpec(Strict):
     max_t: int | None = Field(None, ge=1)  # default: the number of evaluations + 1, so finished trials end normally
 
 
+DISTRIBUTIONS = ("choice", "uniform", "loguniform", "int")
+
+
+class Distribution(Strict):
+    """One search dimension, written `{choice: [...]}`, `{uniform: [lo, hi]}`,
+    `{loguniform: [lo, hi]}` or `{int: [lo, hi]}` (and dumped the same way)."""
+
+    kind: Literal["choice", "uniform", "loguniform", "int"]
+    args: list[Any]
+
+    @model_validator(mode="before")
+    @classmethod
+    def _one_key(cls, raw: Any) -> Any:
+        if isinstance(raw, Distribution):
+            return raw
+        if not isinstance(raw, dict) or len(raw) != 1 or next(iter(raw)) not in DISTRIBUTIONS:
+            raise ValueError("expected one of {choice: [...]}, {uniform: [lo, hi]}, {loguniform: [lo, hi]}, "
+                             f"{{int: [lo, hi]}}; got {raw!r}")
+        kind, args = next(iter(raw.items()))
+        return {"kind": kind, "args": args}
+
+    @model_validator(mode="after")
+    def _check_range(self) -> Distribution:
+        kind, args = self.kind, self.args
+        if kind == "choice":
+            if not args:
+                raise ValueError(f"choice needs a non-empty list of values, got {args!r}")
+            return self
+        if len(args) != 2 or not all(isinstance(a, (int, float)) and not isinstance(a, bool) and math.isfinite(a)
+                                     for a in args):
+            raise ValueError(f"{kind} needs [lo, hi] finite numbers, got {args!r}")
+        lo, hi = args
+        if kind == "int" and (int(lo) != lo or int(hi) != hi or lo > hi):
+            raise ValueError(f"empty range [{lo}, {hi}]: expected integers, lo <= hi")
+        if kind != "int" and lo >= hi:
+            raise ValueError(f"empty range [{lo}, {hi}]: expected lo < hi")
+        if kind == "loguniform" and lo <= 0:
+            raise ValueError(f"loguniform needs lo > 0, got {lo}")
+        return self
+
+    @model_serializer
+    def _as_written(self) -> dict[str, Any]:
+        return {self.kind: list(self.args)}
+
+    def corners(self) -> list[Any]:
+        """Every value a check must try: each choice, or both ends of a range."""
+        return list(self.args) if self.kind == "choice" else [int(a) if self.kind == "int" else a for a in self.args]
+
+
 class SweepSpec(Strict):
-    """Ray Tune + Optuna over any spec key. `search_space` maps a dotted key to one of
-    {choice: [...]}, {uniform: [lo, hi]}, {loguniform: [lo, hi]}, {int: [lo, hi]}."""
+    """Ray Tune + Optuna over any spec key: `search_space` maps a dotted key to a `Distribution`."""
 
     metric: str = "val_loss"
     mode: Literal["min", "max"] = "min"
     objectives: list[Objective] | None = None  # multi-objective, e.g. val_loss and train_flops (Pareto front)
     num_samples: int = Field(4, ge=1)  # configurations Optuna proposes (each runs once per seed)
     max_concurrent: int | None = Field(None, ge=1)  # default: as many trials as the cluster fits
-    search_space: dict[str, dict[str, Any]] = Field(default_factory=dict)
+    search_space: dict[str, Distribution] = Field(default_factory=dict)
     asha: AshaSpec = AshaSpec()
     driver_cpus: float = Field(0.1, gt=0.0)  # the per-trial driver that builds the TorchTrainer
     dashboard_host: str = "127.0.0.1"
@@ -149,11 +204,11 @@ class Spec(Strict):
 
     @model_validator(mode="after")
     def _check_model_keys(self) -> Spec:
-        from models.config import CONFIG_CLASSES, PRESETS
+        from dtlab.models.config import PRESETS, make_config
 
         if self.model.size not in PRESETS:
             raise ValueError(f"model.size={self.model.size!r}: expected one of {list(PRESETS)}"
-                             f"{_did_you_mean(self.model.size, PRESETS)}")
+                             f"{did_you_mean(self.model.size, PRESETS)}")
         variants = set(self.variants or []) | {self.model.type}
         known = {k for v in variants for k in CONFIG_CLASSES[v].field_names()}
         every = {k for c in CONFIG_CLASSES.values() for k in c.field_names()}
@@ -161,10 +216,8 @@ class Spec(Strict):
             if key not in known:
                 owners = [v for v, c in CONFIG_CLASSES.items() if key in c.field_names()]
                 hint = (f": it belongs to {owners}, not to the variants here ({sorted(variants)})" if owners
-                        else _did_you_mean(key, every | set(ModelSpec.model_fields)))
+                        else did_you_mean(key, every | set(ModelSpec.model_fields)))
                 raise ValueError(f"model.{key}: unknown key{hint}")
-        from models.config import make_config
-
         for variant in sorted(variants):  # values are checked now, not when a worker builds the model
             try:
                 make_config(variant, self.model.size, **self.model.overrides_for(variant))
@@ -181,10 +234,15 @@ class Spec(Strict):
     def seed_list(self) -> list[int]:
         return list(self.seeds or [self.seed])
 
-
-def _did_you_mean(name: str, choices) -> str:
-    close = difflib.get_close_matches(str(name), [str(c) for c in choices], n=1)
-    return f" (did you mean {close[0]!r}?)" if close else ""
+    def for_run(self, variant: str, seed: int, params: dict[str, Any] | None = None, source: str = "") -> Spec:
+        """The spec of one run: one variant, one seed, no sweep; `params` (dotted keys) applied,
+        model keys only where the variant has them."""
+        raw = self.model_dump(mode="json", exclude={"sweep"})
+        raw.update(seed=seed, variants=None, seeds=None)
+        for key, value in (params or {}).items():
+            set_key(raw, key.split("."), value, f"sweep.search_space.{key}")
+        raw["model"] = model_section_for(raw["model"], variant)
+        return spec_from_dict(raw, source or f"{self.name} ({variant}, seed {seed})")
 
 
 def _section_keys(model: type[BaseModel], path: list[str]) -> list[str]:
@@ -197,8 +255,6 @@ def _section_keys(model: type[BaseModel], path: list[str]) -> list[str]:
         model = ann
     keys = list(model.model_fields)
     if model is ModelSpec:
-        from models.config import CONFIG_CLASSES
-
         keys += [k for c in CONFIG_CLASSES.values() for k in c.field_names()]
     return keys
 
@@ -209,10 +265,11 @@ def _format_error(err: ValidationError, source: str) -> str:
         loc = [str(p) for p in e["loc"]]
         key = ".".join(loc) or "(top level)"
         if e["type"] == "extra_forbidden":
-            hint = _did_you_mean(loc[-1], _section_keys(Spec, loc[:-1]))
+            hint = did_you_mean(loc[-1], _section_keys(Spec, loc[:-1]))
             lines.append(f"{source}: unknown key {key}{hint}")
         elif e["type"] == "value_error":
-            lines.append(f"{source}: {str(e['msg']).removeprefix('Value error, ')}")
+            where = f"{key}: " if loc else ""
+            lines.append(f"{source}: {where}{str(e['msg']).removeprefix('Value error, ')}")
         else:
             lines.append(f"{source}: {key}: {e['msg']} (got {e.get('input')!r})")
     return "\n".join(lines)
@@ -231,18 +288,23 @@ def parse_override(text: str) -> tuple[list[str], Any]:
     return key.split("."), value
 
 
+def set_key(raw: dict[str, Any], path: list[str], value: Any, what: str) -> None:
+    """raw[a][b][c] = value for the path [a, b, c], making sections on the way."""
+    node = raw
+    for part in path[:-1]:
+        child = node.get(part)
+        if child is None:
+            child = node[part] = {}
+        if not isinstance(child, dict):
+            raise SpecError(f"{what}: {part} is not a section")
+        node = child
+    node[path[-1]] = value
+
+
 def apply_overrides(raw: dict[str, Any], overrides: list[str]) -> dict[str, Any]:
     for text in overrides:
         path, value = parse_override(text)
-        node = raw
-        for part in path[:-1]:
-            child = node.get(part)
-            if child is None:
-                child = node[part] = {}
-            if not isinstance(child, dict):
-                raise SpecError(f"override {text!r}: {part} is not a section")
-            node = child
-        node[path[-1]] = value
+        set_key(raw, path, value, f"override {text!r}")
     return raw
 
 

@@ -15,15 +15,17 @@ import math
 import os
 import pickle
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import yaml
 
-from .spec import Spec, SpecError, _did_you_mean, dump_spec, spec_from_dict
+from dtlab.models.config import CONFIG_CLASSES, did_you_mean
 
-KINDS = ("choice", "uniform", "loguniform", "int")
+from .records import METRICS, read_jsonl
+from .spec import MODEL_KEYS, Distribution, Spec, SpecError, dump_spec
+
 TUNE_DIR, EXPERIMENT = "tune", "sweep"
 
 
@@ -31,132 +33,69 @@ TUNE_DIR, EXPERIMENT = "tune", "sweep"
 @dataclass
 class Dimension:
     key: str  # dotted spec key
-    kind: str
-    args: list[Any]
+    dist: Distribution
     variants: list[str] | None = None  # a model key applies only to these variants
-
-    def corners(self) -> list[Any]:
-        if self.kind == "choice":
-            return list(self.args)
-        lo, hi = self.args
-        return [lo, hi] if self.kind != "int" else [int(lo), int(hi)]
 
 
 @dataclass
 class Plan:
     spec: Spec
-    base: dict[str, Any]  # the spec without its sweep section, as a dict
     dims: list[Dimension]
     variants: list[str]
     variant_is_searched: bool
     seeds: list[int]
     max_t: int
-    extra: dict[str, Any] = field(default_factory=dict)
 
 
-def _set(raw: dict[str, Any], key: str, value: Any) -> None:
-    node = raw
+def trial_spec(spec: Spec, params: dict[str, Any], seed: int | None) -> Spec:
+    """The spec of one trial: the sweep's spec with the suggested values (model keys only where
+    the trial's variant has them) and the replicate seed."""
+    variant = params.get("model.type", spec.model.type)
+    return spec.for_run(variant, spec.seed if seed is None else seed, params, source="trial")
+
+
+def _dimension_variants(key: str, variants: list[str], source: str) -> list[str] | None:
+    """For a model config key: the swept variants that have it (refused when none does)."""
     parts = key.split(".")
-    for part in parts[:-1]:
-        node = node.setdefault(part, {})
-        if not isinstance(node, dict):
-            raise SpecError(f"sweep.search_space.{key}: {part} is not a section")
-    node[parts[-1]] = value
-
-
-def trial_spec(base: dict[str, Any], params: dict[str, Any], seed: int | None) -> Spec:
-    """The spec of one trial: the base with the suggested values (model keys only where the
-    trial's variant has them) and the replicate seed."""
-    import copy
-
-    from models.config import config_class
-
-    raw = copy.deepcopy(base)
-    variant = params.get("model.type", raw.get("model", {}).get("type", "standard"))
-    _set(raw, "model.type", variant)
-    raw.pop("variants", None)
-    fields = config_class(variant).field_names()
-    for key in list(raw.get("model", {})):  # fixed routing knobs of other variants do not apply here
-        if key not in ("type", "size", "pretrained") and key not in fields:
-            del raw["model"][key]
-    for key, value in params.items():
-        if key.startswith("model.") and key.count(".") == 1 and key != "model.type" and \
-                key.split(".")[1] not in fields and key.split(".")[1] not in ("size", "pretrained"):
-            continue
-        _set(raw, key, value)
-    if seed is not None:
-        raw["seed"] = seed
-    return spec_from_dict(raw, "trial")
+    if parts[0] == "sweep":
+        raise SpecError(f"{source}: sweep.search_space.{key}: the sweep section itself cannot be searched")
+    if parts[0] != "model" or len(parts) != 2 or parts[1] in MODEL_KEYS:
+        return None
+    have = [v for v in variants if parts[1] in CONFIG_CLASSES[v].field_names()]
+    if not have:
+        owners = [v for v, c in CONFIG_CLASSES.items() if parts[1] in c.field_names()]
+        every = {k for c in CONFIG_CLASSES.values() for k in c.field_names()}
+        hint = f" (it belongs to {owners})" if owners else did_you_mean(parts[1], every)
+        raise SpecError(f"{source}: sweep.search_space.{key}: none of the swept variants {variants} has "
+                        f"this key{hint}")
+    return have
 
 
 def plan_sweep(spec: Spec, source: str = "spec") -> Plan:
-    """Check the sweep section completely, before Ray starts."""
-    from models.config import CONFIG_CLASSES
-
+    """Check the sweep section completely, before Ray starts (its shape is checked by the spec)."""
     if spec.sweep is None:
         raise SpecError(f"{source}: no sweep section; `dtlab sweep` needs one (see experiments/sweep_smoke.yaml)")
-    sw = spec.sweep
-    base = spec.model_dump(mode="json", exclude={"sweep"})
-    dims: list[Dimension] = []
-    for key, dist in sw.search_space.items():
-        where = f"{source}: sweep.search_space.{key}"
-        if not isinstance(dist, dict) or len(dist) != 1 or next(iter(dist)) not in KINDS:
-            raise SpecError(f"{where}: expected one of {{choice: [...]}}, {{uniform: [lo, hi]}}, "
-                            f"{{loguniform: [lo, hi]}}, {{int: [lo, hi]}}; got {dist!r}")
-        kind, args = next(iter(dist.items()))
-        if kind == "choice":
-            if not isinstance(args, list) or not args:
-                raise SpecError(f"{where}: choice needs a non-empty list of values, got {args!r}")
-        else:
-            if not (isinstance(args, list) and len(args) == 2 and all(isinstance(a, (int, float)) and
-                                                                        not isinstance(a, bool) for a in args)):
-                raise SpecError(f"{where}: {kind} needs [lo, hi] numbers, got {args!r}")
-            lo, hi = args
-            if (kind == "int" and (lo > hi or int(lo) != lo or int(hi) != hi)) or (kind != "int" and lo >= hi):
-                raise SpecError(f"{where}: empty range [{lo}, {hi}]: expected lo < hi"
-                                + (" (integers, lo <= hi)" if kind == "int" else ""))
-            if kind == "loguniform" and lo <= 0:
-                raise SpecError(f"{where}: loguniform needs lo > 0, got {lo}")
-        dims.append(Dimension(key, kind, list(args)))
-    type_dim = next((d for d in dims if d.key == "model.type"), None)
-    if type_dim is not None:
-        bad = [v for v in type_dim.args if v not in CONFIG_CLASSES]
-        if bad or type_dim.kind != "choice":
-            raise SpecError(f"{source}: sweep.search_space.model.type: expected a choice among "
-                            f"{sorted(CONFIG_CLASSES)}, got {type_dim.kind} {type_dim.args!r}")
-        variants = list(dict.fromkeys(type_dim.args))
-    else:
-        variants = spec.variant_list()
-    for dim in dims:
-        parts = dim.key.split(".")
-        if parts[0] == "model" and len(parts) == 2 and parts[1] not in ("type", "size", "pretrained"):
-            have = [v for v in variants if parts[1] in CONFIG_CLASSES[v].field_names()]
-            if not have:
-                owners = [v for v, c in CONFIG_CLASSES.items() if parts[1] in c.field_names()]
-                every = {k for c in CONFIG_CLASSES.values() for k in c.field_names()}
-                hint = f" (it belongs to {owners})" if owners else _did_you_mean(parts[1], every)
-                raise SpecError(f"{source}: sweep.search_space.{dim.key}: none of the swept variants {variants} has "
-                                f"this key{hint}")
-            dim.variants = have
-        elif parts[0] == "sweep":
-            raise SpecError(f"{source}: sweep.search_space.{dim.key}: the sweep section itself cannot be searched")
-    # every corner of every dimension must make a valid spec, for each variant it applies to
-    for dim in dims:
-        if dim.key == "model.type":
-            continue
-        for variant in dim.variants or variants:
-            for value in dim.corners():
+    space = spec.sweep.search_space
+    type_dist = space.get("model.type")
+    if type_dist is not None and (type_dist.kind != "choice" or set(type_dist.args) - set(CONFIG_CLASSES)):
+        raise SpecError(f"{source}: sweep.search_space.model.type: expected a choice among "
+                        f"{sorted(CONFIG_CLASSES)}, got {type_dist.kind} {type_dist.args!r}")
+    variants = list(dict.fromkeys(type_dist.args)) if type_dist is not None else spec.variant_list()
+    dims = [Dimension(key, dist, _dimension_variants(key, variants, source)) for key, dist in space.items()]
+    for dim in dims:  # every corner of every dimension makes a valid spec, for each variant it applies to
+        for variant in (dim.variants or variants) if dim.key != "model.type" else []:
+            for value in dim.dist.corners():
                 try:
-                    trial_spec(base, {"model.type": variant, dim.key: value}, None)
+                    trial_spec(spec, {"model.type": variant, dim.key: value}, None)
                 except SpecError as err:
-                    msg = str(err).removeprefix("trial: ")
+                    msg = str(err).replace("trial: ", "")
                     raise SpecError(f"{source}: sweep.search_space.{dim.key}={value!r}: {msg}") from None
     n_evals = _evaluations(spec)
-    max_t = sw.asha.max_t or n_evals + 1
-    if sw.asha.enabled and max_t <= n_evals:
+    max_t = spec.sweep.asha.max_t or n_evals + 1
+    if spec.sweep.asha.enabled and max_t <= n_evals:
         raise SpecError(f"{source}: sweep.asha.max_t={max_t} must exceed the number of evaluations ({n_evals}) so "
                         "that trials that finish end normally")
-    return Plan(spec, base, dims, variants, type_dim is not None, spec.seed_list(), max_t)
+    return Plan(spec, dims, variants, type_dist is not None, spec.seed_list(), max_t)
 
 
 def _evaluations(spec: Spec) -> int:
@@ -178,12 +117,13 @@ class DefineByRun:
         for d in self.dims:
             if d.key == "model.type" or (d.variants and variant not in d.variants):
                 continue
-            if d.kind == "choice":
-                trial.suggest_categorical(d.key, d.args)
-            elif d.kind == "int":
-                trial.suggest_int(d.key, int(d.args[0]), int(d.args[1]))
+            kind, args = d.dist.kind, d.dist.args
+            if kind == "choice":
+                trial.suggest_categorical(d.key, args)
+            elif kind == "int":
+                trial.suggest_int(d.key, int(args[0]), int(args[1]))
             else:
-                trial.suggest_float(d.key, float(d.args[0]), float(d.args[1]), log=d.kind == "loguniform")
+                trial.suggest_float(d.key, float(args[0]), float(args[1]), log=kind == "loguniform")
         return None
 
 
@@ -271,15 +211,16 @@ def sweep_trial(config: dict[str, Any]) -> None:
     from ray.train.torch import TorchTrainer
     from ray.tune.integration.ray_train import TuneReportCallback
 
+    from .checkpoint import last_checkpoint
     from .data import prepare_data
     from .ray_train import ray_worker, scaling
     from .runner import check_fit, holds_run, prepare_run_dir, write_run_files
 
     trial_id = ray.tune.get_context().get_trial_id()
     params = {k: v for k, v in config.items() if "." in k}
-    spec = trial_spec(config["base"], params, config.get("seed"))
+    spec = trial_spec(Spec.model_validate(config["spec"]), params, config.get("seed"))
     run_dir = Path(config["sweep_dir"]) / "trials" / trial_id
-    resume = holds_run(run_dir) and (run_dir / "checkpoints" / "last").is_dir()
+    resume = holds_run(run_dir) and last_checkpoint(run_dir).is_dir()
     data = prepare_data(spec.data)
     check_fit(spec, data, spec.resources.num_workers)
     if not resume:
@@ -345,7 +286,7 @@ def run_sweep(spec: Spec, out: str | Path, resume: bool = False, force: bool = F
     if resume and not (holds_run(out) and tune_path.is_dir()):
         raise SpecError(f"--resume: {out} holds no sweep to continue")
     for variant in plan.variants:  # data and model fit, once, before any trial
-        one = trial_spec(plan.base, {"model.type": variant}, None)
+        one = trial_spec(spec, {"model.type": variant}, None)
         check_fit(one, prepare_data(one.data), spec.resources.num_workers)
     prepare_run_dir(out, resume, force, log)
     if not resume:
@@ -353,7 +294,8 @@ def run_sweep(spec: Spec, out: str | Path, resume: bool = False, force: bool = F
         (out / "sweep.json").write_text(json.dumps(
             {"created": time.strftime("%Y-%m-%dT%H:%M:%S%z"), "variants": plan.variants,
              "seeds": plan.seeds, "max_t": plan.max_t,
-             "search_space": {d.key: {d.kind: d.args, "variants": d.variants} for d in plan.dims}}, indent=1))
+             "search_space": {d.key: {d.dist.kind: d.dist.args, "variants": d.variants} for d in plan.dims}},
+            indent=1))
 
     import ray
     from ray import tune
@@ -389,7 +331,7 @@ def run_sweep(spec: Spec, out: str | Path, resume: bool = False, force: bool = F
     else:
         tuner = tune.Tuner(
             trainable,
-            param_space={"base": plan.base, "sweep_dir": str(out.resolve())},
+            param_space={"spec": spec.model_dump(mode="json"), "sweep_dir": str(out.resolve())},
             tune_config=tune.TuneConfig(search_alg=make_searcher(plan), scheduler=scheduler,
                                         num_samples=spec.sweep.num_samples * len(plan.seeds),
                                         max_concurrent_trials=concurrent),
@@ -414,17 +356,10 @@ def summarize(out: Path) -> dict[str, Any]:
     """Every trial's final record and parameters, read from the trials' own files."""
     trials = []
     for run in sorted((out / "trials").glob("*")):
-        params_file, metrics = run / "params.json", run / "metrics.jsonl"
+        params_file, metrics = run / "params.json", run / METRICS
         if not params_file.is_file() or not metrics.is_file():
             continue
-        evals = []
-        for line in metrics.read_text().splitlines():
-            try:
-                rec = json.loads(line)
-            except json.JSONDecodeError:
-                continue
-            if rec.get("kind") == "eval":
-                evals.append(rec)
+        evals = read_jsonl(metrics).of_kind("eval")
         info = json.loads(params_file.read_text())
         last = evals[-1] if evals else {}
         trials.append({"trial_id": info["trial_id"], "params": info["params"], "seed": info["seed"],

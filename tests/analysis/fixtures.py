@@ -20,12 +20,11 @@ def make_run(root: Path, name: str, variant: str, seed: int = 0, final: float = 
     flop_ratio = {"standard": 1.0, "mod": 0.6, "dtf": 0.62}[variant]
     (run / "run.json").write_text(json.dumps({
         "name": "fx", "variant": variant, "seed": seed, "commit": "abc123def4567", "dirty": False,
-        "training": {"variant": variant, "device": "cpu", "precision": "fp32", "world_size": 1, "total_steps": steps,
+        "training": {"variant": variant, "capacity": None if variant == "standard" else 0.125, "device": "cpu",
+                     "precision": "fp32", "world_size": 1, "total_steps": steps,
                      "tokens_per_step": 64, "parameters": 1000, "flops_per_token": 1e6 * flop_ratio,
                      "flop_ratio_vs_dense": flop_ratio, "seq_len": 16,
-                     "model_config": {"num_hidden_layers": layers, "hidden_size": 64,
-                                      **({"mod_capacity": 0.125} if variant == "mod" else {}),
-                                      **({"dtf_capacity": 0.125} if variant == "dtf" else {})}}}))
+                     "model_config": {"num_hidden_layers": layers, "hidden_size": 64}}}))
     if params is not None:
         (run / "params.json").write_text(json.dumps({"trial_id": name, "params": params, "seed": seed}))
     lines = []

@@ -4,8 +4,8 @@ import subprocess
 import sys
 from pathlib import Path
 
-from analysis.loaders import load
-from analysis.tables import final_loss, importances, label_runs, speed
+from dtlab.analysis.loaders import load
+from dtlab.analysis.tables import final_loss, importances, label_runs, speed
 from tests.analysis.fixtures import make_run
 
 ROOT = Path(__file__).resolve().parents[2]
@@ -22,7 +22,23 @@ def test_loads_runs_steps_evals_and_routing(tmp_path):
     assert set(rs.routing["mode"]) == {"topk", "causal"}
     assert len(rs.positions) == 2 * 2 * 3 * 16  # 2 routed runs x 2 layers x 3 evals x 16 positions
     row = rs.runs.set_index("variant").loc["mod"]
-    assert row["val_loss"] == 5.2 and row["done"] and row["device"] == "cpu" and row["routing_modes"] == "causal,topk"
+    assert row["done"] and row["device"] == "cpu" and row["routing_modes"] == "causal,topk"
+
+
+def test_headline_loss_of_a_routed_model_is_its_causal_loss(tmp_path):
+    """The top-k loss looks ahead within the row: it is shown, labelled training-mode, never the headline."""
+    make_run(tmp_path, "standard-seed0", "standard", final=5.0)
+    make_run(tmp_path, "mod-seed0", "mod", final=5.2)  # the fixture's causal loss is 0.01 above top-k
+    rs = load([tmp_path])
+    runs = rs.runs.set_index("variant")
+    assert runs.loc["mod", "val_loss"] == 5.21 and runs.loc["mod", "val_loss_topk"] == 5.2
+    assert runs.loc["mod", "headline_mode"] == "causal"
+    assert runs.loc["standard", "val_loss"] == 5.0 and runs.loc["standard", "headline_mode"] == "topk"
+    last = rs.evals[rs.evals["run_id"] == "mod-seed0"].sort_values("step").iloc[-1]
+    assert last["val_loss"] == 5.21 and last["val_loss_topk"] == 5.2
+    table = final_loss(label_runs(rs.runs)).set_index("label")
+    assert table.loc["mod c=0.125", "val_loss_mean"] == 5.21 and table.loc["mod c=0.125", "routing"] == "causal"
+    assert table.loc["mod c=0.125", "val_loss_topk_mean (training mode)"] == 5.2
 
 
 def test_final_loss_interval_over_seeds(tmp_path):
@@ -31,9 +47,25 @@ def test_final_loss_interval_over_seeds(tmp_path):
     make_run(tmp_path, "standard-seed0", "standard")
     table = final_loss(label_runs(load([tmp_path]).runs)).set_index("label")
     mod = table.loc["mod c=0.125"]
-    assert mod["runs"] == 3 and abs(mod["val_loss_mean"] - 5.2) < 1e-9 and abs(mod["val_loss_std"] - 0.2) < 1e-9
+    assert mod["runs"] == 3 and abs(mod["val_loss_mean"] - 5.21) < 1e-9 and abs(mod["val_loss_std"] - 0.2) < 1e-9
     assert abs((mod["ci95_high"] - mod["val_loss_mean"]) - 4.303 * 0.2 / 3 ** 0.5) < 1e-6  # t(2 dof)
     assert table.loc["standard"]["ci95_high"] != table.loc["standard"]["ci95_high"]  # one seed: no interval
+    assert mod["seeds"] == 3 and mod["seed_ids"] == "0,1,2"
+    assert table.loc["standard"]["seeds"] == 1 and table.loc["standard"]["seed_ids"] == "0"  # one seed, not "0"
+
+
+def test_differences_within_the_seed_spread_are_not_established(tmp_path):
+    for seed in range(3):
+        make_run(tmp_path, f"standard-seed{seed}", "standard", seed=seed, final=5.0 + 0.1 * seed)  # sd 0.1
+        make_run(tmp_path, f"mod-seed{seed}", "mod", seed=seed, final=5.05 + 0.1 * seed)  # 0.06 above: within
+        make_run(tmp_path, f"dtf-seed{seed}", "dtf", seed=seed, final=5.5 + 0.1 * seed)  # 0.51 above: beyond
+    make_run(tmp_path, "control", "standard", layers=2, final=6.0)  # one seed
+    table = final_loss(label_runs(load([tmp_path]).runs)).set_index("label")
+    assert table.loc["standard", "difference"] == "reference"
+    assert table.loc["mod c=0.125", "difference"].startswith("not established (|0.060| within the seed spread")
+    assert table.loc["dtf c=0.125", "difference"].startswith("beyond the seed spread")
+    assert table.loc["dense control (2 layers)", "difference"] == "not established (single seed)"
+    assert abs(table.loc["dtf c=0.125", "vs_standard"] - 0.51) < 1e-9
 
 
 def test_dense_control_and_speed(tmp_path):
@@ -79,7 +111,7 @@ def test_sweep_trials_and_importance(tmp_path):
 
 
 def test_analysis_imports_neither_torch_nor_ray():
-    code = ("import sys, analysis.loaders, analysis.tables, analysis.figures, analysis.report;"
+    code = ("import sys, dtlab.analysis.loaders, dtlab.analysis.tables, dtlab.analysis.figures, dtlab.analysis.report;"
             "print('torch' in sys.modules, 'ray' in sys.modules)")
     out = subprocess.run([sys.executable, "-c", code], cwd=ROOT, capture_output=True, text=True, check=True)
     assert out.stdout.split() == ["False", "False"]

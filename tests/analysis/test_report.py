@@ -10,9 +10,9 @@ from pathlib import Path
 
 import pytest
 
-from analysis.report import ReportError, write_report
+from dtlab.analysis.report import ReportError, write_report
+from dtlab.trainers.cli import main
 from tests.analysis.fixtures import make_run
-from trainers.cli import main
 
 ROOT = Path(__file__).resolve().parents[2]
 ARTIFACTS = ROOT / "test-artifacts"
@@ -41,6 +41,8 @@ def test_report_files_and_tables(tmp_path):
     tables = {p.stem for p in report.tables_dir.glob("*.csv")}
     assert {"final_loss", "speed", "best_configs", "runs"} <= tables
     md = report.markdown.read_text()
+    lead = "Validation losses of routed models (MoD, DTF) are in causal routing"
+    assert lead in md.splitlines()[4] and page.index(lead) < page.index("<section>")  # said first
     assert "| dense control (2 layers) |" in md and "dtlab bench (cpu, debug)" in md
     assert "abc123def4" in md  # the commit of each run
     # written again in place (it is ours), but never over a file that is not

@@ -2,7 +2,7 @@
 
 import torch
 
-import models
+from dtlab import models
 
 VARIANTS = ("standard", "mod", "dtf")
 # (variant, routing mode) pairs where the mode means something.

@@ -3,8 +3,8 @@
 import pytest
 import torch
 
-import models
-from models.config import PRESETS
+from dtlab import models
+from dtlab.models.config import PRESETS
 
 
 def test_registry_and_presets():

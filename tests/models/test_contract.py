@@ -4,8 +4,9 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from models.layers import Rope, RotaryEmbedding
-from models.routing import Context, capacity_k, membership, routed_update, topk_sorted
+from dtlab.models.flops import capacity_k
+from dtlab.models.layers import Rope, RotaryEmbedding
+from dtlab.models.routing import Context, membership, routed_update, topk_sorted
 from tests.models.helpers import VARIANT_MODES, VARIANTS, build, max_diff, routed_layers, tokens
 
 
@@ -98,9 +99,9 @@ def test_padding_ranks_below_real_tokens(variant):
     mask[0, 10:] = 0  # 10 real tokens < k: all of them selected
     mask[1, :12] = 0  # 20 real tokens >= k: no padding selected
     with torch.no_grad():
-        stats = model(x, attention_mask=mask).routing_stats
+        masks = model(x, attention_mask=mask).routing_masks
     for i in routed_layers(model):
-        sel = stats[i]["selected"]
+        sel = masks[i]
         assert sel[0, :10].all(), f"layer {i}: a real token lost its slot to padding"
         assert not sel[1, :12].any(), f"layer {i}: padding selected while real tokens were left out"
 
@@ -140,11 +141,11 @@ def test_unselected_tokens_pass_unchanged(variant, mode, padded):
         mask = torch.ones(2, 32, dtype=torch.long)
         mask[0, :5] = 0
     with torch.no_grad():
-        stats = model(x, attention_mask=mask).routing_stats
+        masks = model(x, attention_mask=mask).routing_masks
     for h in hooks:
         h.remove()
     for i, (x_in, x_out) in seen.items():
-        sel = stats[i]["selected"]
+        sel = masks[i]
         assert (~sel).any() and sel.any()
         assert torch.equal(x_in[~sel], x_out[~sel]), f"layer {i}: an unselected token changed"
         assert not torch.equal(x_in[sel], x_out[sel]), f"layer {i}: selected tokens were not updated"
@@ -156,10 +157,10 @@ def test_unselected_tokens_pass_unchanged(variant, mode, padded):
 def test_exactly_k_selected(variant, capacity, T):
     model = build(variant, **({"mod_capacity": capacity} if variant == "mod" else {"dtf_capacity": capacity}))
     with torch.no_grad():
-        stats = model(tokens(3, T)).routing_stats
+        masks = model(tokens(3, T)).routing_masks
     k = max(1, int(capacity * T + 1e-9))
     for i in routed_layers(model):
-        counts = stats[i]["selected"].sum(1)
+        counts = masks[i].sum(1)
         assert (counts == k).all(), f"layer {i}: selected per row {counts.tolist()}, expected {k}"
 
 
@@ -290,12 +291,12 @@ def test_routing_mode_changes_on_a_built_model():
     model = build("mod", "topk")
     x = tokens(2, 32)
     with torch.no_grad():
-        topk = model(x).routing_stats[1]
+        topk = model(x)
         model.config.routing_mode = "causal"
-        causal = model(x).routing_stats[1]
-    assert torch.equal(topk["selected"].sum(1), torch.tensor([16, 16]))
-    assert torch.allclose(causal["selected_frac"], causal["causal_frac"])
-    assert not torch.equal(causal["selected"], topk["selected"])
+        causal = model(x)
+    assert torch.equal(topk.routing_masks[1].sum(1), torch.tensor([16, 16]))
+    assert torch.allclose(causal.routing_stats[1]["selected_frac"], causal.routing_stats[1]["causal_frac"])
+    assert not torch.equal(causal.routing_masks[1], topk.routing_masks[1])
 
 
 def test_dtf_threshold_tracks_the_capacity_quantile():

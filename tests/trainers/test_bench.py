@@ -4,9 +4,9 @@ import json
 
 import pytest
 
-from trainers.bench import estimate_memory_gib, format_table, run_bench
-from trainers.cli import main
-from trainers.device import detect_precision
+from dtlab.trainers.bench import estimate_memory_gib, format_table, run_bench
+from dtlab.trainers.cli import main
+from dtlab.trainers.device import detect_precision
 
 KEYS = {"variant", "capacity", "step_s", "tokens_per_s", "flops_per_token", "flop_ratio_vs_dense",
         "step_ratio_vs_dense", "mfu", "peak_mem_gib", "forward_s"}
@@ -47,7 +47,7 @@ def test_bench_refuses_a_preset_that_does_not_fit(capsys):
 
 
 def test_memory_estimate_grows_with_the_shape():
-    import models
+    from dtlab import models
 
     p = detect_precision("cpu")
     small = estimate_memory_gib(models.make_config("standard", "debug"), 8, 256, p)

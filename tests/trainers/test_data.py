@@ -5,8 +5,8 @@ import json
 import numpy as np
 import pytest
 
-from trainers.data import EOT, builtin_documents, load_documents, prepare_data, train_bpe
-from trainers.spec import DataSpec, SpecError
+from dtlab.trainers.data import EOT, builtin_documents, load_documents, prepare_data, train_bpe
+from dtlab.trainers.spec import DataSpec, SpecError
 
 
 def test_builtin_corpus_is_real_text_of_a_few_megabytes():
@@ -36,7 +36,7 @@ def test_split_is_by_document_and_disjoint():
     prep = prepare_data(spec)
     assert prep.meta["split"].startswith("by document")
     docs, _ = load_documents(spec)
-    from trainers.data import _is_val
+    from dtlab.trainers.data import _is_val
 
     val_docs = [d for d in docs if _is_val(d, spec.val_fraction)]
     assert 0 < len(val_docs) < len(docs)

@@ -11,8 +11,8 @@ import json
 import numpy as np
 import pytest
 
+from dtlab.trainers.loop import Hooks, train
 from tests.trainers.conftest import tiny_spec
-from trainers.loop import Hooks, train
 
 # Training lm_loss at steps 2, 4, ..., 12 and validation losses at steps 4, 8, 12, measured
 # on torch 2.13.0, CPU, fp32.

@@ -6,12 +6,12 @@ from pathlib import Path
 import pytest
 import torch
 
-import models
+from dtlab import models
+from dtlab.trainers.cli import main
+from dtlab.trainers.loop import Hooks, lr_lambda, param_groups
+from dtlab.trainers.runner import run_training
+from dtlab.trainers.spec import SpecError, spec_from_dict
 from tests.trainers.conftest import tiny_spec
-from trainers.cli import main
-from trainers.loop import Hooks, lr_lambda, param_groups
-from trainers.runner import run_training
-from trainers.spec import SpecError, spec_from_dict
 
 
 def records(run_dir, kind):
@@ -121,8 +121,8 @@ def test_model_that_does_not_fit_the_data_is_refused_before_any_work(tmp_path):
 def test_transfer_from_a_local_qwen2_checkpoint(tmp_path):
     from transformers import PreTrainedTokenizerFast, Qwen2Config, Qwen2ForCausalLM
 
-    from trainers.data import EOT, prepare_data
-    from trainers.spec import DataSpec
+    from dtlab.trainers.data import EOT, prepare_data
+    from dtlab.trainers.spec import DataSpec
 
     prep = prepare_data(DataSpec(vocab_size=512, block_size=64, max_bytes=300_000))
     PreTrainedTokenizerFast(tokenizer_file=prep.meta["tokenizer_file"], eos_token=EOT).save_pretrained(tmp_path / "ck")
@@ -211,7 +211,7 @@ def test_gradient_accumulation_matches_one_big_batch(tmp_path):
 
 
 def test_dtlab_run_trains_every_variant_then_reports(tmp_path):
-    from trainers.experiment import run_experiment
+    from dtlab.trainers.experiment import run_experiment
 
     spec = spec_from_dict(tiny_spec(variants=["standard", "mod", "dtf"], training={"max_steps": 4, "eval_every": 2}))
     result = run_experiment(spec, tmp_path / "exp", use_ray=False, log=lambda s: None)

@@ -1,16 +1,15 @@
 """Ray Train: the same loop inside a TorchTrainer, one and two CPU workers, and the CLI target."""
 
 import json
-import os
 import subprocess
 import sys
 from pathlib import Path
 
 import pytest
 
+from dtlab.trainers.runner import run_training
+from dtlab.trainers.spec import spec_from_dict
 from tests.trainers.conftest import tiny_spec
-from trainers.runner import run_training
-from trainers.spec import spec_from_dict
 
 ROOT = Path(__file__).resolve().parents[2]
 pytestmark = pytest.mark.slow
@@ -45,10 +44,9 @@ def test_two_cpu_workers(tmp_path, ray_session):
 def test_quick_spec_target_from_the_command_line(tmp_path, variant):
     """The issue's check, verbatim: val_loss falls by more than 0.3 nats, first to last evaluation."""
     out = tmp_path / "run"
-    env = {**os.environ, "PYTHONPATH": str(ROOT)}
-    proc = subprocess.run([sys.executable, "-m", "trainers.cli", "train", "experiments/quick.yaml",
+    proc = subprocess.run([sys.executable, "-m", "dtlab.trainers.cli", "train", "experiments/quick.yaml",
                            f"model.type={variant}", "training.max_steps=120", "--out", str(out)],
-                          cwd=ROOT, env=env, capture_output=True, text=True, timeout=600)
+                          cwd=ROOT, capture_output=True, text=True, timeout=600)
     assert proc.returncode == 0, proc.stderr[-3000:]
     records = evals(out)
     assert records[0]["val_loss"] - records[-1]["val_loss"] > 0.3, [r["val_loss"] for r in records]

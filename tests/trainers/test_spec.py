@@ -4,7 +4,7 @@ from pathlib import Path
 
 import pytest
 
-from trainers.spec import SpecError, dump_spec, load_spec, spec_from_dict
+from dtlab.trainers.spec import SpecError, dump_spec, load_spec, spec_from_dict
 
 ROOT = Path(__file__).resolve().parents[2]
 

@@ -1,7 +1,6 @@
 """Sweeps: the plan is checked before Ray starts; end to end with ASHA; SIGINT then --resume."""
 
 import json
-import os
 import signal
 import subprocess
 import sys
@@ -10,9 +9,9 @@ from pathlib import Path
 
 import pytest
 
+from dtlab.trainers.spec import SpecError, load_spec, spec_from_dict
+from dtlab.trainers.sweep import Replicates, check_gpus, plan_sweep, trial_spec
 from tests.trainers.conftest import tiny_spec
-from trainers.spec import SpecError, load_spec, spec_from_dict
-from trainers.sweep import Replicates, check_gpus, plan_sweep, trial_spec
 
 ROOT = Path(__file__).resolve().parents[2]
 
@@ -33,7 +32,7 @@ def test_smoke_spec_plan():
 
 
 def test_searcher_takes_a_fixed_variant_list_in_turn_with_conditional_keys():
-    from trainers.sweep import make_searcher
+    from dtlab.trainers.sweep import make_searcher
 
     searcher = make_searcher(plan_sweep(load_spec(ROOT / "experiments/sweep_smoke.yaml")))
     configs = [searcher.suggest(f"t{i}") for i in range(4)]
@@ -49,7 +48,7 @@ def test_trial_spec_applies_routing_keys_only_where_they_belong():
     plan = plan_sweep(load_spec(ROOT / "experiments/sweep_smoke.yaml"))
     params = {"model.type": "dtf", "model.mod_capacity": 0.3, "model.dtf_capacity": 0.25,
               "training.optimizer.lr": 1e-3}
-    spec = trial_spec(plan.base, params, seed=7)
+    spec = trial_spec(plan.spec, params, seed=7)
     assert spec.model.type == "dtf" and spec.seed == 7 and spec.training.optimizer.lr == 1e-3
     assert spec.model.overrides() == {"dtf_capacity": 0.25}
 
@@ -86,7 +85,7 @@ def test_more_gpus_per_trial_than_the_cluster_has():
 
 
 def test_cli_refuses_bad_sweep_before_ray(tmp_path, capsys):
-    from trainers.cli import main
+    from dtlab.trainers.cli import main
 
     bad = tmp_path / "bad.yaml"
     bad.write_text((ROOT / "experiments/sweep_smoke.yaml").read_text().replace("[0.1, 0.5]}", "[0.5, 0.1]}"))
@@ -130,9 +129,8 @@ def _evals(path):
 @pytest.mark.slow
 def test_sweep_smoke_end_to_end_with_asha(tmp_path):
     out = tmp_path / "sweep"
-    env = {**os.environ, "PYTHONPATH": str(ROOT)}
-    proc = subprocess.run([sys.executable, "-m", "trainers.cli", "sweep", "experiments/sweep_smoke.yaml",
-                           "--out", str(out)], cwd=ROOT, env=env, capture_output=True, text=True, timeout=900)
+    proc = subprocess.run([sys.executable, "-m", "dtlab.trainers.cli", "sweep", "experiments/sweep_smoke.yaml",
+                           "--out", str(out)], cwd=ROOT, capture_output=True, text=True, timeout=900)
     assert proc.returncode == 0, proc.stderr[-3000:]
     assert "Ray dashboard: http://127.0.0.1:" in proc.stdout + proc.stderr
     runs = sorted(out.glob("trials/*/metrics.jsonl"))
@@ -152,10 +150,9 @@ def test_sweep_smoke_end_to_end_with_asha(tmp_path):
 @pytest.mark.slow
 def test_sigint_then_resume_loses_nothing(tmp_path):
     out = tmp_path / "sweep"
-    env = {**os.environ, "PYTHONPATH": str(ROOT)}
-    cmd = [sys.executable, "-m", "trainers.cli", "sweep", "experiments/sweep_smoke.yaml", "sweep.num_samples=4",
+    cmd = [sys.executable, "-m", "dtlab.trainers.cli", "sweep", "experiments/sweep_smoke.yaml", "sweep.num_samples=4",
            "sweep.asha.enabled=false", "--out", str(out)]
-    proc = subprocess.Popen(cmd, cwd=ROOT, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    proc = subprocess.Popen(cmd, cwd=ROOT, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     deadline = time.time() + 300
     while time.time() < deadline and not any(
             any(r.get("step") == 10 for r in _evals(p)) for p in out.glob("trials/*/metrics.jsonl")):
@@ -165,7 +162,7 @@ def test_sigint_then_resume_loses_nothing(tmp_path):
     before = {p.parent.name: p.read_text() for p in out.glob("trials/*/metrics.jsonl")}
     finished = {k for k, text in before.items() if '"done": true' in text}
     assert before, "no trial had started"
-    proc = subprocess.run(cmd + ["--resume"], cwd=ROOT, env=env, capture_output=True, text=True, timeout=900)
+    proc = subprocess.run(cmd + ["--resume"], cwd=ROOT, capture_output=True, text=True, timeout=900)
     assert proc.returncode == 0, proc.stderr[-3000:]
     after = {p.parent.name: p.read_text() for p in out.glob("trials/*/metrics.jsonl")}
     assert len(after) == 4 and set(before) <= set(after)

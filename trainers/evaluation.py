@@ -1,0 +1,96 @@
+"""Evaluation: validation LM loss on a fixed set of rows, in each routing mode the model declares.
+
+Variant-blind: the model's config says which routing modes mean something for it
+(`config.routing_modes`: `topk` for every model, `causal` too for routed ones), and its output
+carries the routing statistics; this module averages whatever statistics there are.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import math
+from typing import Any
+
+import numpy as np
+import torch
+import torch.distributed as dist
+
+from .checkpoint import unwrap
+from .device import Precision
+from .spec import Spec
+
+
+def flat_stats(stats: dict[int, dict[str, torch.Tensor]]) -> dict[str, dict[str, Any]]:
+    """Per-layer statistics as plain numbers (one host sync for all of them); [T] tensors become lists."""
+    tensors = [v.float().reshape(-1) for s in stats.values() for v in s.values()]
+    if not tensors:
+        return {}
+    values = torch.cat(tensors).cpu().tolist()
+    out, pos = {}, 0
+    for i, s in stats.items():
+        layer = {}
+        for k, v in s.items():
+            n = v.numel()
+            layer[k] = values[pos] if v.ndim == 0 else values[pos:pos + n]
+            pos += n
+        out[str(i)] = layer
+    return out
+
+
+@contextlib.contextmanager
+def routing_mode(model: torch.nn.Module, mode: str):
+    """Evaluation mode and `mode` routing for the duration; both restored afterwards."""
+    target = unwrap(model)
+    was_training, saved = model.training, target.config.routing_mode
+    model.eval()
+    target.config.routing_mode = mode
+    try:
+        yield target
+    finally:
+        target.config.routing_mode = saved
+        model.train(was_training)
+
+
+def _reduce(tensors: list[torch.Tensor], world: int) -> None:
+    for t in tensors if world > 1 else []:
+        dist.all_reduce(t)
+
+
+@torch.no_grad()
+def eval_pass(target, rows: np.ndarray, batch: int, precision: Precision, device, world: int):
+    """(mean LM loss over `rows` on all ranks, per-layer statistics averaged the same way)."""
+    loss_sum, count = torch.zeros((), device=device), torch.zeros((), device=device)
+    stat_sums: dict[int, dict[str, torch.Tensor]] = {}
+    for start in range(0, len(rows), batch):
+        x = torch.from_numpy(np.asarray(rows[start:start + batch], dtype=np.int64)).to(device)
+        with precision.autocast():
+            out = target(x, labels=x, return_logits=False)
+        n = x.shape[0]
+        loss_sum += out.lm_loss.float() * n
+        count += n
+        for i, s in out.routing_stats.items():
+            acc = stat_sums.setdefault(i, {})
+            for k, v in s.items():
+                acc[k] = acc.get(k, 0) + v.float() * n
+    _reduce([loss_sum, count, *(v for s in stat_sums.values() for v in s.values())], world)
+    n = count.clamp_min(1)
+    return (loss_sum / n).item(), flat_stats({i: {k: v / n for k, v in s.items()} for i, s in stat_sums.items()})
+
+
+def evaluate(model, val: np.ndarray, spec: Spec, precision: Precision, device, rank: int, world: int) -> dict:
+    """Validation LM loss (aux losses excluded) and routing statistics in `topk` routing and,
+    for models that route, `causal` routing (keys suffixed `_causal`)."""
+    tcfg = spec.training
+    n_rows = min(len(val), tcfg.eval_batches * tcfg.batch_size * world)
+    mine = val[np.arange(rank, n_rows, world)]
+    modes = unwrap(model).config.routing_modes
+    record: dict[str, Any] = {}
+    for mode in modes if tcfg.eval_causal else modes[:1]:
+        with routing_mode(model, mode) as target:
+            val_loss, routing = eval_pass(target, mine, tcfg.batch_size, precision, device, world)
+        suffix = "" if mode == "topk" else f"_{mode}"
+        record[f"val_loss{suffix}"] = val_loss
+        record[f"val_ppl{suffix}"] = math.exp(min(val_loss, 50.0))
+        record[f"routing{suffix}"] = routing
+    record["routing_mode"] = "topk"
+    return record

@@ -1,0 +1,87 @@
+"""The records a run writes, read and written in one place: `metrics.jsonl` and its kin.
+
+Pure Python (no torch, no pandas): the training loop, `dtlab run`, sweeps and `analysis` all
+read run directories through these functions.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+METRICS = "metrics.jsonl"
+
+
+@dataclass
+class Jsonl:
+    """The records of a JSON-lines file, and the (1-based) lines that did not parse."""
+
+    records: list[dict[str, Any]] = field(default_factory=list)
+    bad_lines: list[int] = field(default_factory=list)
+    n_lines: int = 0
+
+    @property
+    def cut_at_end(self) -> bool:
+        """Only the last line is bad: a writer that crashed in the middle of it."""
+        return self.bad_lines == [self.n_lines]
+
+    def of_kind(self, kind: str) -> list[dict[str, Any]]:
+        return [r for r in self.records if r.get("kind", "train") == kind]
+
+
+def read_jsonl(path: str | os.PathLike) -> Jsonl:
+    """Every line that is a JSON object with a `step`; lines that are not are counted, not raised."""
+    out = Jsonl()
+    path = Path(path)
+    if not path.is_file():
+        return out
+    lines = path.read_text(errors="replace").splitlines()
+    out.n_lines = len(lines)
+    for i, line in enumerate(lines, 1):
+        if not line.strip():
+            continue
+        try:
+            rec = json.loads(line)
+        except json.JSONDecodeError:
+            out.bad_lines.append(i)
+            continue
+        if isinstance(rec, dict) and "step" in rec:
+            out.records.append(rec)
+        else:
+            out.bad_lines.append(i)
+    return out
+
+
+def rewrite_jsonl(path: str | os.PathLike, keep: Callable[[dict[str, Any]], bool]) -> None:
+    """Keep only the records `keep` accepts (lines that do not parse go), replacing the file at once."""
+    path = Path(path)
+    if not path.is_file():
+        return
+    kept = [r for r in read_jsonl(path).records if keep(r)]
+    tmp = path.with_name(f".{path.name}.tmp")
+    tmp.write_text("".join(json.dumps(r) + "\n" for r in kept))
+    os.replace(tmp, path)
+
+
+def finished(run_dir: str | os.PathLike) -> bool:
+    """A run whose last evaluation says it reached its last step."""
+    evals = read_jsonl(Path(run_dir) / METRICS).of_kind("eval")
+    return bool(evals and evals[-1].get("done"))
+
+
+class JsonlWriter:
+    """Appends one record per line, flushed at once (a crash loses at most the line being written)."""
+
+    def __init__(self, path: str | os.PathLike) -> None:
+        self.file = Path(path).open("a")
+
+    def write(self, record: dict[str, Any]) -> None:
+        self.file.write(json.dumps(record) + "\n")
+        self.file.flush()
+
+    def close(self) -> None:
+        self.file.close()
