@@ -86,8 +86,8 @@ def build_sections(rs: RunSet, space: dict) -> tuple[list[Section], dict[str, pd
                              figures.stat_over_training(rs.routing, runs, ["s_ce", "s_cu"],
                                                         "DTF: S_CE and S_CU (mean over layers)", ("dtf",),
                                                         per_layer=False),
-                             figures.stat_over_training(rs.routing, runs, ["beta_ce", "beta_cu"],
-                                                        "DTF: beta temperatures", ("dtf",)),
+                             figures.stat_over_training(rs.routing, runs, ["temp_ce", "temp_cu"],
+                                                        "DTF: temperatures (softplus(beta), or scheduled)", ("dtf",)),
                          ) if x is not None] or ["no routing statistics in the training records"]))
     else:
         s.append(Section("Routing", "", ["no routed (MoD or DTF) runs in these directories"]))

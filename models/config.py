@@ -70,6 +70,21 @@ def _check_capacity(name: str, value: float) -> None:
         raise ValueError(f"{name}={value!r}: capacity must be a number in (0, 1]")
 
 
+def check_rope(rope_scaling: Any, rope_parameters: Any, kwargs: dict[str, Any]) -> None:
+    """Only the default RoPE is implemented: a scaled one (linear, dynamic, yarn, ...) is refused,
+    never dropped. Qwen2.5 checkpoints carry `rope_scaling: null`; transformers 5 writes
+    `rope_parameters: {rope_type: default, rope_theta: ...}`, whose theta is taken."""
+    for name, value in (("rope_scaling", rope_scaling), ("rope_parameters", rope_parameters)):
+        if value is None:
+            continue
+        kind = value.get("rope_type", value.get("type", "default")) if isinstance(value, dict) else value
+        if kind != "default":
+            raise ValueError(f"{name}={value!r}: only the default rotary embedding is supported "
+                             "(no RoPE scaling); expected null or rope_type 'default'")
+    if isinstance(rope_parameters, dict) and "rope_theta" in rope_parameters:
+        kwargs.setdefault("rope_theta", rope_parameters["rope_theta"])
+
+
 class DTLabConfig(PretrainedConfig):
     """Standard (Qwen2.5) decoder; the base of the routed variants' configs."""
 
@@ -80,7 +95,7 @@ class DTLabConfig(PretrainedConfig):
     capacity_key: ClassVar[str | None] = None
 
     def __init__(self, **kwargs: Any) -> None:
-        kwargs.pop("rope_scaling", None)  # Qwen2.5 checkpoints carry `rope_scaling: null`
+        check_rope(kwargs.pop("rope_scaling", None), kwargs.pop("rope_parameters", None), kwargs)
         own = {**SHAPE_DEFAULTS, **COMMON_DEFAULTS, **self.VARIANT_DEFAULTS}
         for key, default in own.items():
             setattr(self, key, kwargs.pop(key, default))
@@ -189,11 +204,12 @@ class DTFConfig(DTLabConfig):
         prior_ffn_intermediate_size_factor=0.0625,
         prior_loss_weight=0.05,
         ma_window=100,
-        # Alternative to learnable temperatures: a schedule of the raw betas over training steps.
+        # Alternative to learnable temperatures: a schedule of the temperatures themselves (the
+        # factors of CE and CU; learnable mode uses softplus(beta)). Defaults: softplus of the inits.
         beta_mode="learnable",
         beta_schedule="linear",
-        beta_ce_start=-0.5, beta_ce_end=-0.5,
-        beta_cu_start=-0.8, beta_cu_end=-0.8,
+        beta_ce_start=0.474077, beta_ce_end=0.474077,
+        beta_cu_start=0.371101, beta_cu_end=0.371101,
         beta_schedule_steps=1000,
         # EMA momentum of the per-layer causal threshold (the (1 - c) quantile of G).
         dtf_threshold_momentum=0.99,
@@ -230,6 +246,11 @@ class DTFConfig(DTLabConfig):
             raise ValueError(f"beta_mode={self.beta_mode!r}: expected one of {BETA_MODES}")
         if self.beta_schedule not in BETA_SCHEDULES:
             raise ValueError(f"beta_schedule={self.beta_schedule!r}: expected one of {BETA_SCHEDULES}")
+        for key in ("beta_ce_start", "beta_ce_end", "beta_cu_start", "beta_cu_end"):
+            value = getattr(self, key)
+            if not isinstance(value, (int, float)) or isinstance(value, bool) or not 0 < value < math.inf:
+                raise ValueError(f"{key}={value!r}: a scheduled temperature multiplies CE or CU; expected a "
+                                 "finite number > 0 (learnable mode's equivalent is softplus(beta))")
         if not isinstance(self.beta_schedule_steps, int) or self.beta_schedule_steps < 1:
             raise ValueError(f"beta_schedule_steps={self.beta_schedule_steps!r}: expected a positive integer")
         if not 0.0 <= self.dtf_threshold_momentum < 1.0:

@@ -12,6 +12,7 @@ from __future__ import annotations
 import math
 
 import torch
+import torch.distributed as dist
 import torch.nn.functional as F
 from torch import nn
 
@@ -31,17 +32,19 @@ class DTFDecisionLayer(DecoderBlock):
         self.prior = MLP(config.hidden_size, config.prior_intermediate_size)
 
     def forward(self, x_BTD: torch.Tensor, ctx: Context, carry: tuple | None) -> LayerOutput:
-        # differs from standard: also predicts its own output with a small prior network.
+        # differs from standard: also predicts its own update with a small prior network.
         h_post = self.block(x_BTD, ctx.rope, ctx.dense_mask)
-        # The prior is a side network on the detached input: the prior loss trains the prior
-        # alone. Through H the loss would pull the residual stream towards stop_grad(H_post)
-        # = H + update(H), a chase that grows the stream without bound (measured: D_st 0.9 ->
-        # 1.8e6 in 300 steps of the quick experiment; with this detach it stays below 1).
+        # F reads the detached input and the prior loss compares stop_grad(H) + F with
+        # stop_grad(H_post), so that loss trains the prior alone: through H it would pull the
+        # residual stream towards its own moving target (measured: D_st 0.9 -> 1.8e6 in 300 steps
+        # of the quick experiment). The router's prior keeps H attached, H_prior = H + F, so D_ch
+        # = mean((update(H) - F)^2): its gradient reaches H through the block's update only.
         h_in = x_BTD.detach()
-        h_prior = h_in + self.prior(self.prior_norm(h_in))
-        err_BT = (h_prior.float() - h_post.detach().float()).pow(2).mean(-1)
+        f_BTD = self.prior(self.prior_norm(h_in))
+        err_BT = ((h_in + f_BTD).float() - h_post.detach().float()).pow(2).mean(-1)
         prior_loss = masked_mean(err_BT, ctx.key_mask_BT)
-        return LayerOutput(h_post, (x_BTD, h_prior), {"dtf_prior": prior_loss}, {"prior_loss": prior_loss.detach()})
+        return LayerOutput(h_post, (x_BTD, x_BTD + f_BTD), {"dtf_prior": prior_loss},
+                           {"prior_loss": prior_loss.detach()})
 
 
 class DTFRouter(nn.Module):
@@ -70,27 +73,33 @@ class DTFRouter(nn.Module):
             init.constant_(self.threshold, 0.5)
             init.zeros_(self.threshold_updates)
 
-    def betas(self, step: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    def temperatures(self, step: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """The temperatures t_ce, t_cu that multiply CE and CU: softplus of the learnable betas, or
+        the scheduled values themselves (a 0.1 -> 100 schedule runs 0.1 -> 100)."""
         c = self.config
         if c.beta_mode == "learnable":
-            return self.beta_ce, self.beta_cu
+            return F.softplus(self.beta_ce), F.softplus(self.beta_cu)
         p = (step.float() / c.beta_schedule_steps).clamp(0.0, 1.0)
         if c.beta_schedule == "cosine":
             p = 0.5 * (1.0 - torch.cos(math.pi * p))
-        beta_ce = c.beta_ce_start + (c.beta_ce_end - c.beta_ce_start) * p
-        return beta_ce, c.beta_cu_start + (c.beta_cu_end - c.beta_cu_start) * p
+        t_ce = c.beta_ce_start + (c.beta_ce_end - c.beta_ce_start) * p
+        return t_ce, c.beta_cu_start + (c.beta_cu_end - c.beta_cu_start) * p
 
     @torch.no_grad()
     def update_threshold(self, gate_BT: torch.Tensor, idx_BK: torch.Tensor, key_mask_BT: torch.Tensor | None) -> None:
-        """EMA of the mean per-row k-th largest gate: the (1 - c) quantile of G."""
+        """EMA of the mean per-row k-th largest gate, the (1 - c) quantile of G, over every row of
+        every DDP rank; the first update takes the batch's value."""
         g_BK = gate_BT.gather(1, idx_BK)
         ok_BK = torch.ones_like(g_BK, dtype=torch.bool) if key_mask_BT is None else key_mask_BT.gather(1, idx_BK)
         row_min_B = g_BK.masked_fill(~ok_BK, float("inf")).amin(1)
         row_ok_B = ok_BK.any(1)
-        q = row_min_B.where(row_ok_B, 0.0).sum() / row_ok_B.sum().clamp_min(1)
+        sum_n = torch.stack([row_min_B.where(row_ok_B, 0.0).sum(), row_ok_B.sum().float()])
+        if dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1:
+            dist.all_reduce(sum_n)  # every rank keeps the same estimate
+        q = sum_n[0] / sum_n[1].clamp_min(1.0)
         m = self.config.dtf_threshold_momentum
         new = torch.where(self.threshold_updates > 0, m * self.threshold + (1 - m) * q, q)
-        self.threshold.copy_(torch.where(row_ok_B.any(), new, self.threshold))
+        self.threshold.copy_(torch.where(sum_n[1] > 0, new, self.threshold))
         self.threshold_updates.add_(1.0)
 
     def forward(self, h_BTD, h_post_BTD, h_prior_BTD, ctx: Context) -> dict[str, torch.Tensor]:
@@ -103,12 +112,12 @@ class DTFRouter(nn.Module):
             ce = d_st - (d_ch - torch.log(o_ce + 1e-10))  # expected change
             ma = causal_window_mean(d_st.detach(), self.config.ma_window, ctx.key_mask_BT)
             cu = d_st - self.m_cu * ma  # unexpected change
-            beta_ce, beta_cu = self.betas(ctx.step)
-            s_ce = torch.sigmoid(F.softplus(beta_ce) * ce)
-            s_cu = torch.sigmoid(F.softplus(beta_cu) * cu)
+            t_ce, t_cu = self.temperatures(ctx.step)
+            s_ce = torch.sigmoid(t_ce * ce)
+            s_cu = torch.sigmoid(t_cu * cu)
             gate = s_ce + s_cu - s_ce * s_cu  # probabilistic OR
         return dict(gate=gate, d_st=d_st, d_ch=d_ch, ce=ce, cu=cu, s_ce=s_ce, s_cu=s_cu,
-                    beta_ce=beta_ce, beta_cu=beta_cu, o_ce=o_ce, m_cu=self.m_cu)
+                    temp_ce=t_ce, temp_cu=t_cu, o_ce=o_ce, m_cu=self.m_cu)
 
 
 class DTFDynamicLayer(RoutedLayer):
@@ -128,7 +137,7 @@ class DTFDynamicLayer(RoutedLayer):
         stats = {name: masked_mean(parts[name].detach(), key_mask) for name in ("d_st", "d_ch", "ce", "cu",
                                                                                  "s_ce", "s_cu")}
         stats.update({name: torch.as_tensor(parts[name]).detach().float()
-                      for name in ("beta_ce", "beta_cu", "o_ce", "m_cu")})
+                      for name in ("temp_ce", "temp_cu", "o_ce", "m_cu")})
         stats["threshold"] = self.router.threshold.detach().clone()
         causal_BT = g_BT >= self.router.threshold  # the threshold as it stood before this pass
         logit_BT = torch.logit(g_BT.detach().clamp(1e-6, 1 - 1e-6))

@@ -77,6 +77,14 @@ def dense_equivalent(config, num_hidden_layers: int | None = None) -> SimpleName
     return SimpleNamespace(**shape, layer_kinds=["dense"] * shape["num_hidden_layers"], capacity=None)
 
 
+def matched_dense_depth(config, target_flops_per_token: float, seq_len: int) -> int:
+    """The depth (1..L) of a Standard model of `config`'s shape whose training FLOPs per token are
+    closest to `target_flops_per_token`: a compute-matched dense control."""
+    depths = range(1, config.num_hidden_layers + 1)
+    return min(depths, key=lambda n: abs(flops_per_token(dense_equivalent(config, n), seq_len)
+                                         - target_flops_per_token))
+
+
 def flop_ratio_vs_dense(config, seq_len: int) -> float:
     return flops_per_token(config, seq_len) / flops_per_token(dense_equivalent(config), seq_len)
 

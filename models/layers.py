@@ -51,14 +51,23 @@ class Rope(NamedTuple):
 
 
 class RotaryEmbedding(nn.Module):
+    """RoPE frequencies, kept in fp32 whatever the model is cast to: `model.to(torch.bfloat16)`
+    would otherwise round them (angles off by whole radians at long positions)."""
+
     def __init__(self, head_dim: int, theta: float) -> None:
         super().__init__()
         self.head_dim, self.theta = head_dim, theta
         self.register_buffer("inv_freq", self.compute_inv_freq(), persistent=False)
 
-    def compute_inv_freq(self) -> torch.Tensor:
+    def compute_inv_freq(self, device: torch.device | None = None) -> torch.Tensor:
         d = self.head_dim
-        return 1.0 / (self.theta ** (torch.arange(0, d, 2, dtype=torch.float) / d))
+        return 1.0 / (self.theta ** (torch.arange(0, d, 2, dtype=torch.float, device=device) / d))
+
+    def _apply(self, fn, recurse: bool = True):
+        super()._apply(fn, recurse)
+        if self.inv_freq.dtype != torch.float32:  # recomputed, not cast back: the rounding is lost
+            self.inv_freq = self.compute_inv_freq(self.inv_freq.device)
+        return self
 
     def forward(self, position_ids_BT: torch.Tensor, dtype: torch.dtype) -> Rope:
         freqs = position_ids_BT[..., None].float() * self.inv_freq.float()

@@ -17,7 +17,7 @@ from typing import Any
 
 import torch
 
-from .config import SHAPE_DEFAULTS, DTLabConfig, check_override_keys, config_class
+from .config import CONFIG_CLASSES, SHAPE_DEFAULTS, DTLabConfig, check_override_keys, check_rope, config_class
 
 # Parameters a pretrained Qwen2 cannot have: they start fresh.
 FRESH_KEY = re.compile(r"^model\.layers\.\d+\.(router|predictor|prior|prior_norm)\.")
@@ -45,19 +45,34 @@ def resolve_checkpoint(name_or_path: str | os.PathLike) -> Path:
                          f"fetched from the Hugging Face hub ({type(err).__name__}: {err})") from err
 
 
-def checkpoint_shape(path: Path) -> dict[str, Any]:
-    """The shape fields of a Qwen2 `config.json`, in dtlab's names."""
+# model_type in config.json -> dtlab variant ("qwen2" is a dense Qwen2/Qwen2.5).
+CHECKPOINT_VARIANTS = {"qwen2": "standard", **{c.model_type: v for v, c in CONFIG_CLASSES.items()}}
+
+
+def read_config(path: Path) -> dict[str, Any]:
     cfg_file = path / "config.json"
     if not cfg_file.is_file():
         raise ValueError(f"{path}: no config.json, expected a Qwen2/Qwen2.5 checkpoint directory")
-    raw = json.loads(cfg_file.read_text())
-    if raw.get("model_type") not in ("qwen2", "dtlab_standard", "dtlab_mod", "dtlab_dtf"):
-        raise ValueError(f"{cfg_file}: model_type={raw.get('model_type')!r}, expected 'qwen2'")
+    try:
+        raw = json.loads(cfg_file.read_text())
+    except (json.JSONDecodeError, UnicodeDecodeError) as err:
+        raise ValueError(f"{cfg_file}: not valid JSON ({err})") from None
+    if not isinstance(raw, dict) or raw.get("model_type") not in CHECKPOINT_VARIANTS:
+        got = raw.get("model_type") if isinstance(raw, dict) else raw
+        raise ValueError(f"{cfg_file}: model_type={got!r}, expected one of {sorted(CHECKPOINT_VARIANTS)}")
+    return raw
+
+
+def checkpoint_shape(path: Path) -> dict[str, Any]:
+    """The shape fields of a Qwen2 (or dtlab) `config.json`, in dtlab's names."""
+    raw, cfg_file = read_config(path), path / "config.json"
     if raw.get("use_sliding_window"):
         raise ValueError(f"{cfg_file}: use_sliding_window=true is not supported (Qwen2.5 checkpoints do not use it)")
     shape = {key: raw[key] for key in SHAPE_DEFAULTS if key in raw}
-    if "rope_theta" not in raw and isinstance(raw.get("rope_parameters"), dict):
-        shape["rope_theta"] = raw["rope_parameters"].get("rope_theta", SHAPE_DEFAULTS["rope_theta"])
+    try:
+        check_rope(raw.get("rope_scaling"), raw.get("rope_parameters"), shape)
+    except ValueError as err:
+        raise ValueError(f"{cfg_file}: {err}") from None
     missing = [k for k in ("hidden_size", "num_hidden_layers", "num_attention_heads", "vocab_size") if k not in shape]
     if missing:
         raise ValueError(f"{cfg_file}: missing {missing}")
@@ -87,6 +102,13 @@ def load_into(model: torch.nn.Module, state: dict[str, torch.Tensor], source: st
     """Copy `state` into `model` by key, accounting for every key on both sides."""
     own = model.state_dict()
     tied = bool(getattr(model.config, "tie_word_embeddings", False))
+    head, embed = state.get("lm_head.weight"), state.get("model.embed_tokens.weight")
+    if tied and head is not None and embed is not None:
+        if head.shape != embed.shape or not torch.equal(head, embed):
+            raise ValueError(f"cannot load {source}: its config ties the LM head to the embedding, but its "
+                             "lm_head.weight differs from model.embed_tokens.weight; load it untied "
+                             "(tie_word_embeddings=False) to keep both")
+        state = {k: v for k, v in state.items() if k != "lm_head.weight"}  # one tensor, loaded once
     unexpected, mismatched, loaded = [], [], set()
     for key, tensor in state.items():
         if IGNORED_KEY.search(key):
@@ -115,19 +137,37 @@ def load_into(model: torch.nn.Module, state: dict[str, torch.Tensor], source: st
         model.tie_weights()
 
 
+def checkpoint_config(variant: str, path: Path, overrides: dict[str, Any]) -> DTLabConfig:
+    """The config of a `variant` model loaded from `path`: its shape from the checkpoint; a saved
+    dtlab model of the same variant also keeps its routing settings; explicit overrides win."""
+    raw = read_config(path)
+    saved_as = CHECKPOINT_VARIANTS[raw["model_type"]]
+    if saved_as not in ("standard", variant):
+        raise ValueError(f"{path} holds a {saved_as!r} model: it cannot load as {variant!r} (its routers "
+                         f"differ); load it as {saved_as!r}, or transfer from a dense (standard/Qwen2) checkpoint")
+    shape = checkpoint_shape(path)
+    untie = shape.get("tie_word_embeddings", True) and overrides.get("tie_word_embeddings") is False
+    clash = {k: (v, shape[k]) for k, v in overrides.items() if k in shape and shape[k] != v
+             and not (k == "tie_word_embeddings" and untie)}
+    if clash:
+        raise ValueError(f"overrides do not fit the checkpoint {path}: "
+                         + ", ".join(f"{k}={v!r} (checkpoint has {c!r})" for k, (v, c) in clash.items()))
+    cls = config_class(variant)
+    kept = {k: raw[k] for k in cls.field_names() if k in raw and k not in SHAPE_DEFAULTS} if saved_as == variant else {}
+    return cls(**{**kept, **shape, **overrides})
+
+
 def build_pretrained(variant: str, pretrained: str | os.PathLike, overrides: dict[str, Any]):
-    """A `variant` model whose shape comes from the checkpoint and whose weights are loaded from it."""
+    """A `variant` model whose shape (and, for a dtlab checkpoint of that variant, routing settings)
+    comes from the checkpoint and whose weights are loaded from it."""
     from .modeling import VARIANTS
 
     path = resolve_checkpoint(pretrained)
     check_override_keys(variant, overrides)
-    shape = checkpoint_shape(path)
-    clash = {k: (v, shape[k]) for k, v in overrides.items() if k in shape and shape[k] != v}
-    if clash:
-        raise ValueError(f"overrides do not fit the checkpoint {path}: "
-                         + ", ".join(f"{k}={v!r} (checkpoint has {c!r})" for k, (v, c) in clash.items()))
-    config: DTLabConfig = config_class(variant)(**{**shape, **overrides})
-    model = VARIANTS[variant](config)
-    load_into(model, read_state_dict(path), str(path))
+    model = VARIANTS[variant](checkpoint_config(variant, path, overrides))
+    state = read_state_dict(path)
+    if overrides.get("tie_word_embeddings") is False and "lm_head.weight" not in state:  # untied from a tied one
+        state = {**state, "lm_head.weight": state["model.embed_tokens.weight"].clone()}
+    load_into(model, state, str(path))
     model.config.name_or_path = str(pretrained)
     return model

@@ -36,12 +36,14 @@ def cache_root(spec: DataSpec) -> Path:
 def builtin_documents(max_bytes: int) -> list[str]:
     """Real English and technical text every Python installation carries: the documentation
     topics of `pydoc_data` (the language reference behind `help()`), then standard-library
-    sources, sorted by path, up to `max_bytes`."""
+    sources, sorted by path, up to `max_bytes`. Paragraphs that an earlier document already had
+    are dropped: the topics repeat whole passages, which would put validation text in training."""
     docs: list[str] = []
+    seen: set[str] = set()
     try:
         from pydoc_data.topics import topics
 
-        docs.extend(topics[k] for k in sorted(topics))
+        docs.extend(_new_paragraphs(topics[k], seen) for k in sorted(topics))
     except ImportError:  # some distributions package the docs separately
         pass
     root = Path(sysconfig.get_paths()["stdlib"])
@@ -52,12 +54,25 @@ def builtin_documents(max_bytes: int) -> list[str]:
         if {"site-packages", "dist-packages"} & set(path.parts):
             continue
         try:
-            text = path.read_text(encoding="utf-8")
+            text = _new_paragraphs(path.read_text(encoding="utf-8"), seen)
         except (UnicodeDecodeError, OSError):
             continue
         docs.append(text)
         size += len(text)
-    return docs
+    return [d for d in docs if d.strip()]
+
+
+def _new_paragraphs(text: str, seen: set[str], min_chars: int = 80) -> str:
+    """`text` without the paragraphs (of `min_chars` or more) already in `seen`, which it extends."""
+    keep = []
+    for para in text.split("\n\n"):
+        key = para.strip()
+        if len(key) >= min_chars:
+            if key in seen:
+                continue
+            seen.add(key)
+        keep.append(para)
+    return "\n\n".join(keep)
 
 
 def _local_files(source: str) -> list[Path]:
@@ -79,8 +94,16 @@ def _looks_local(source: str) -> bool:
         Path(source).suffix.lower() in LOCAL_BUILDERS
 
 
-def load_documents(spec: DataSpec) -> tuple[list[str], str]:
-    """(documents, a description of where they came from), cut to `max_bytes` of text."""
+@dataclass
+class Corpus:
+    docs: list[str]
+    where: str  # where the documents came from, in words
+    one_text: bool = False  # a single running text (one local text file): split it into contiguous spans
+
+
+def load_documents(spec: DataSpec) -> Corpus:
+    """The documents of `spec.source`, cut to `max_bytes` of text."""
+    one_text = False
     if spec.source == "builtin":
         docs, where = builtin_documents(spec.max_bytes), "builtin: pydoc_data topics + stdlib sources"
     else:
@@ -89,8 +112,15 @@ def load_documents(spec: DataSpec) -> tuple[list[str], str]:
         if _looks_local(spec.source):
             files = _local_files(spec.source)
             builder = LOCAL_BUILDERS[files[0].suffix.lower()]
-            where = f"local {builder}: {', '.join(map(str, files))}"
-            load = lambda: datasets.load_dataset(builder, data_files=[str(f) for f in files], split="train")
+            options = {"sample_by": spec.sample_by} if builder == "text" else {}
+            if spec.sample_by != "document" and builder != "text":
+                raise SpecError(f"data.sample_by={spec.sample_by!r} applies to text files; {spec.source!r} holds "
+                                f"{builder} files, whose rows are the documents")
+            where = f"local {builder}: {', '.join(map(str, files))}" + (
+                f" (a {spec.sample_by} per document)" if builder == "text" else "")
+            one_text = builder == "text" and len(files) == 1
+            load = lambda: datasets.load_dataset(builder, data_files=[str(f) for f in files], split="train",
+                                                 **options)
         else:
             where = f"hub: {spec.source}" + (f" ({spec.name})" if spec.name else "") + f", split {spec.split}"
             load = lambda: datasets.load_dataset(spec.source, spec.name, split=spec.split)
@@ -116,7 +146,7 @@ def load_documents(spec: DataSpec) -> tuple[list[str], str]:
         budget -= len(out[-1])
     if not any(d.strip() for d in out):
         raise SpecError(f"data.source={spec.source!r}: the corpus is empty (no text in {where})")
-    return out, where
+    return Corpus(out, where, one_text)
 
 
 # ---- tokenizers ----------------------------------------------------------------------------------
@@ -224,36 +254,50 @@ class Prepared:
         return int(self.meta["vocab_size"])
 
 
+def split_and_pack(tok: Tokenizer, corpus: Corpus, spec: DataSpec) -> tuple[np.ndarray, np.ndarray, str]:
+    """(train rows, validation rows, how they were split). By document (a hash of its text, so the
+    split does not depend on order); a single running text, or too few documents to split that way,
+    by position: the last `val_fraction` of the token stream is the validation span."""
+    docs = corpus.docs
+    if not corpus.one_text:
+        val_docs = [d for d in docs if _is_val(d, spec.val_fraction)]
+        train_docs = [d for d in docs if not _is_val(d, spec.val_fraction)]
+        train, val = pack(_stream(tok, train_docs), spec.block_size), pack(_stream(tok, val_docs), spec.block_size)
+        if len(train) >= 2 and len(val) >= 1:
+            return train, val, "by document (sha256 of the text)"
+    stream = _stream(tok, docs)
+    n_val = max(spec.block_size, int(len(stream) * spec.val_fraction))
+    why = "one running text" if corpus.one_text else "too few documents to split by document"
+    return (pack(stream[:-n_val], spec.block_size), pack(stream[-n_val:], spec.block_size),
+            f"by position (the last tokens of the stream are validation): {why}")
+
+
 def prepare_data(spec: DataSpec) -> Prepared:
     """Load, tokenize, split and pack; cached by everything that determines the result."""
-    docs, where = load_documents(spec)
-    fingerprint = _fingerprint(docs)
-    key_src = json.dumps({"fp": fingerprint, "tok": spec.tokenizer, "vocab": spec.vocab_size,
-                          "block": spec.block_size, "val": spec.val_fraction, "v": 1}, sort_keys=True)
+    corpus = load_documents(spec)
+    fingerprint = _fingerprint(corpus.docs)
+    key_src = json.dumps({"fp": fingerprint, "tok": spec.tokenizer, "vocab": spec.vocab_size, "one": corpus.one_text,
+                          "block": spec.block_size, "val": spec.val_fraction, "v": 2}, sort_keys=True)
     key = hashlib.sha256(key_src.encode()).hexdigest()[:20]
     folder = cache_root(spec) / "data" / key
     if (folder / "meta.json").is_file():
         return load_prepared(folder)
-    tok, tok_file = tokenizer_for(spec, docs, fingerprint)
+    tok, tok_file = tokenizer_for(spec, corpus.docs, fingerprint)
     if tok.vocab_size >= 2**31:
         raise SpecError(f"data.tokenizer: vocabulary of {tok.vocab_size} does not fit int32 token ids")
-    val_docs = [d for d in docs if _is_val(d, spec.val_fraction)]
-    train_docs = [d for d in docs if not _is_val(d, spec.val_fraction)]
-    train, val = pack(_stream(tok, train_docs), spec.block_size), pack(_stream(tok, val_docs), spec.block_size)
-    split = "by document (sha256 of the text)"
-    if len(train) < 2 or len(val) < 1:  # too few documents to split by document: split the stream
-        stream = _stream(tok, docs)
-        n_val = max(spec.block_size, int(len(stream) * spec.val_fraction))
-        train, val = pack(stream[:-n_val], spec.block_size), pack(stream[-n_val:], spec.block_size)
-        split = "by position (the last tokens of the stream), too few documents to split by document"
+    train, val, split = split_and_pack(tok, corpus, spec)
     if len(train) < 1 or len(val) < 1:
         raise SpecError(f"data.source={spec.source!r}: the corpus is too small for data.block_size="
-                        f"{spec.block_size} ({sum(map(len, docs))} characters)")
-    meta = {"source": where, "documents": len(docs), "characters": sum(map(len, docs)), "fingerprint": fingerprint,
-            "tokenizer": tok.name, "tokenizer_file": str(tok_file) if tok_file else None,
+                        f"{spec.block_size} ({sum(map(len, corpus.docs))} characters)")
+    meta = {"source": corpus.where, "documents": len(corpus.docs), "characters": sum(map(len, corpus.docs)),
+            "fingerprint": fingerprint, "tokenizer": tok.name, "tokenizer_file": str(tok_file) if tok_file else None,
             "vocab_size": tok.vocab_size, "eot_id": tok.eot_id,
             "block_size": spec.block_size, "train_rows": len(train), "val_rows": len(val),
             "train_tokens": int(train.size), "val_tokens": int(val.size), "split": split}
+    return _store(folder, key, train, val, meta)
+
+
+def _store(folder: Path, key: str, train: np.ndarray, val: np.ndarray, meta: dict[str, Any]) -> Prepared:
     folder.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(dir=folder.parent, prefix=f".{key}-"))
     np.save(tmp / "train.npy", train)

@@ -343,6 +343,15 @@ def evaluate_and_save(state: RunState) -> dict[str, Any]:
     return record
 
 
+@torch.no_grad()
+def prime(state: RunState) -> None:
+    """Before the step-0 evaluation of a fresh run: one training-mode pass without gradients over
+    the first training batch, so that what the model estimates from training batches (DTF's causal
+    threshold) holds a training batch's value, not its initial placeholder. No weight changes."""
+    with state.precision.autocast():
+        state.target(state.batches.get(0).to(state.device), return_logits=False)
+
+
 def scalars(record: dict[str, Any]) -> dict[str, Any]:
     return {k: v for k, v in record.items() if not isinstance(v, dict)}
 
@@ -354,6 +363,7 @@ def train(config: dict[str, Any], hooks: Hooks | None = None) -> dict[str, Any]:
     tcfg = state.spec.training
     try:
         if state.step == 0 and tcfg.eval_at_start:
+            prime(state)
             evaluate_and_save(state)
         elif state.step >= state.total_steps and state.last_eval:  # resumed with nothing left: say so once
             state.hooks.report(scalars(state.last_eval), None)

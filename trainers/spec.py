@@ -21,6 +21,13 @@ from dtlab.models.config import CONFIG_CLASSES, config_class, did_you_mean
 
 # Keys of the `model` section that are not model config fields.
 MODEL_KEYS = ("type", "size", "pretrained")
+ROUTED = ("mod", "dtf")
+DENSE_CONTROL = "dense_control"  # in `variants`: Standard, shallower, at the routed variants' FLOPs
+
+
+def base_variant(name: str) -> str:
+    """The model variant an entry of `variants` trains (`dense_control` is a Standard model)."""
+    return "standard" if name == DENSE_CONTROL else name
 
 
 class SpecError(ValueError):
@@ -66,6 +73,9 @@ class DataSpec(Strict):
     name: str | None = None  # hub dataset config, e.g. "wikitext-2-raw-v1"
     split: str = "train"
     text_field: str = "text"
+    # What one document of a local text file is (datasets' text builder): the whole file, a paragraph
+    # (blank-line separated) or a line. Documents are joined by an end-of-text token.
+    sample_by: Literal["document", "paragraph", "line"] = "document"
     tokenizer: str | None = None  # hub name or local directory; None: a byte-level BPE trained here
     vocab_size: int = Field(4096, ge=260, le=1_000_000)  # of the locally trained tokenizer
     block_size: int = Field(256, ge=8)
@@ -195,7 +205,9 @@ class Spec(Strict):
     description: str = ""
     seed: int = 0
     seeds: list[int] | None = None  # replicates, for experiments and sweeps
-    variants: list[Literal["standard", "mod", "dtf"]] | None = None  # compared by `dtlab run`
+    # compared by `dtlab run`; `dense_control` is Standard at the depth whose training FLOPs per token
+    # match the routed variants' (a compute-matched dense baseline)
+    variants: list[Literal["standard", "mod", "dtf", "dense_control"]] | None = None
     model: ModelSpec = ModelSpec()
     data: DataSpec = DataSpec()
     training: TrainingSpec = TrainingSpec()
@@ -209,7 +221,7 @@ class Spec(Strict):
         if self.model.size not in PRESETS:
             raise ValueError(f"model.size={self.model.size!r}: expected one of {list(PRESETS)}"
                              f"{did_you_mean(self.model.size, PRESETS)}")
-        variants = set(self.variants or []) | {self.model.type}
+        variants = {base_variant(v) for v in self.variants or []} | {self.model.type}
         known = {k for v in variants for k in CONFIG_CLASSES[v].field_names()}
         every = {k for c in CONFIG_CLASSES.values() for k in c.field_names()}
         for key in self.model.overrides():
@@ -226,7 +238,27 @@ class Spec(Strict):
         if not self.training.from_scratch and not self.model.pretrained:
             raise ValueError("training.from_scratch=false (transfer) needs model.pretrained: a hub name such as "
                              "'Qwen/Qwen2.5-0.5B' or a local checkpoint directory")
+        if DENSE_CONTROL in (self.variants or []):
+            if not self.training.from_scratch:
+                raise ValueError("variants: dense_control trains a shallower Standard from scratch; it does not "
+                                 "apply to transfer (training.from_scratch=false)")
+            if not [v for v in self.variants if v in ROUTED]:
+                raise ValueError("variants: dense_control matches the training FLOPs of the routed variants; "
+                                 "list mod or dtf too")
         return self
+
+    def dense_control_depth(self) -> int:
+        """The Standard depth whose training FLOPs per token are closest to the mean of the routed
+        variants' (at the spec's shape, block size and vocabulary)."""
+        from dtlab.models.config import make_config
+        from dtlab.models.flops import flops_per_token, matched_dense_depth
+
+        vocab = {} if self.data.tokenizer or "vocab_size" in self.model.overrides() else \
+            {"vocab_size": self.data.vocab_size}
+        routed = [make_config(v, self.model.size, **{**vocab, **self.model.overrides_for(v)})
+                  for v in self.variant_list() if v in ROUTED]
+        target = sum(flops_per_token(c, self.data.block_size) for c in routed) / len(routed)
+        return matched_dense_depth(routed[0], target, self.data.block_size)
 
     def variant_list(self) -> list[str]:
         return list(self.variants or [self.model.type])
@@ -241,7 +273,9 @@ class Spec(Strict):
         raw.update(seed=seed, variants=None, seeds=None)
         for key, value in (params or {}).items():
             set_key(raw, key.split("."), value, f"sweep.search_space.{key}")
-        raw["model"] = model_section_for(raw["model"], variant)
+        raw["model"] = model_section_for(raw["model"], base_variant(variant))
+        if variant == DENSE_CONTROL:
+            raw["model"]["num_hidden_layers"] = self.dense_control_depth()
         return spec_from_dict(raw, source or f"{self.name} ({variant}, seed {seed})")
 
 

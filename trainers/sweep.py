@@ -24,7 +24,7 @@ import yaml
 from dtlab.models.config import CONFIG_CLASSES, did_you_mean
 
 from .records import METRICS, read_jsonl
-from .spec import MODEL_KEYS, Distribution, Spec, SpecError, dump_spec
+from .spec import DENSE_CONTROL, MODEL_KEYS, Distribution, Spec, SpecError, dump_spec
 
 TUNE_DIR, EXPERIMENT = "tune", "sweep"
 
@@ -81,6 +81,9 @@ def plan_sweep(spec: Spec, source: str = "spec") -> Plan:
         raise SpecError(f"{source}: sweep.search_space.model.type: expected a choice among "
                         f"{sorted(CONFIG_CLASSES)}, got {type_dist.kind} {type_dist.args!r}")
     variants = list(dict.fromkeys(type_dist.args)) if type_dist is not None else spec.variant_list()
+    if DENSE_CONTROL in variants:
+        raise SpecError(f"{source}: variants: dense_control is a fixed baseline for `dtlab run` experiments; a "
+                        "sweep searches routed variants (sweep num_hidden_layers for a dense one)")
     dims = [Dimension(key, dist, _dimension_variants(key, variants, source)) for key, dist in space.items()]
     for dim in dims:  # every corner of every dimension makes a valid spec, for each variant it applies to
         for variant in (dim.variants or variants) if dim.key != "model.type" else []:

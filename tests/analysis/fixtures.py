@@ -35,7 +35,7 @@ def make_run(root: Path, name: str, variant: str, seed: int = 0, final: float = 
             stats = {"selected_frac": 0.125, "gate_mean": 0.5 + step / 100, "gate_std": 0.1,
                      "router_logit_mean": 0.0, "router_logit_std": 1.0, "causal_agreement": 0.8 + step / 1000}
             if variant == "dtf":
-                stats.update(s_ce=0.5, s_cu=0.4, beta_ce=-0.5, beta_cu=-0.8, d_st=1.0, d_ch=0.5, o_ce=1.0, m_cu=1.1)
+                stats.update(s_ce=0.5, s_cu=0.4, temp_ce=0.47, temp_cu=0.37, d_st=1.0, d_ch=0.5, o_ce=1.0, m_cu=1.1)
             routing = {"1": stats, "3": stats}
         if step:
             lines.append({"kind": "train", "step": step, "loss": loss + 0.1, "lm_loss": loss, "lr": 1e-3,

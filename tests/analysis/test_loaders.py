@@ -18,7 +18,7 @@ def test_loads_runs_steps_evals_and_routing(tmp_path):
     rs = load([tmp_path])
     assert sorted(rs.runs["variant"]) == ["dtf", "mod", "standard"]
     assert len(rs.steps) == 6 and len(rs.evals) == 9 and not rs.problems
-    assert set(rs.routing["stat"]) >= {"selected_frac", "gate_mean", "s_ce", "beta_cu"}
+    assert set(rs.routing["stat"]) >= {"selected_frac", "gate_mean", "s_ce", "temp_cu"}
     assert set(rs.routing["mode"]) == {"topk", "causal"}
     assert len(rs.positions) == 2 * 2 * 3 * 16  # 2 routed runs x 2 layers x 3 evals x 16 positions
     row = rs.runs.set_index("variant").loc["mod"]

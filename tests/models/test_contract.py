@@ -1,9 +1,12 @@
 """The correctness contract of architectures.md section 5, item by item, for every variant."""
 
+import copy
+
 import pytest
 import torch
 import torch.nn.functional as F
 
+from dtlab import models
 from dtlab.models.flops import capacity_k
 from dtlab.models.layers import Rope, RotaryEmbedding
 from dtlab.models.routing import Context, membership, routed_update, topk_sorted
@@ -45,11 +48,29 @@ def test_causality_check_detects_topk_lookahead(variant):
     assert not torch.allclose(a, b, atol=1e-6, rtol=0)
 
 
+@pytest.mark.parametrize("variant", ["standard", "mod", "dtf"])
+def test_causality_in_training_mode(variant):
+    """In training mode DTF moves its causal threshold: a pass must route with the threshold from
+    before it (this batch's quantile depends on later tokens). Each pass starts from the same state;
+    momentum 0 makes the estimate this batch's quantile, so a lookahead would show at full size."""
+    model = build(variant, "causal", **({"dtf_threshold_momentum": 0.0} if variant == "dtf" else {})).train()
+    B, T, t = 3, 40, 17
+    x = tokens(B, T)
+    y = x.clone()
+    y[:, t + 1:] = tokens(B, T - t - 1, seed=5)
+    a, b = copy.deepcopy(model)(x), copy.deepcopy(model)(y)
+    assert torch.allclose(a.logits[:, : t + 1], b.logits[:, : t + 1], atol=1e-6, rtol=0), max_diff(
+        a.logits[:, : t + 1], b.logits[:, : t + 1])
+    for i in routed_layers(model):
+        assert 0.0 < a.routing_stats[i]["selected_frac"].item() < 1.0
+
+
 # ---- 3. No cross-sample leakage -----------------------------------------------------------
 @pytest.mark.parametrize("variant,mode", VARIANT_MODES)
 @pytest.mark.parametrize("padded", [False, True])
-def test_no_cross_sample_leakage(variant, mode, padded):
-    model = build(variant, mode)
+@pytest.mark.parametrize("training", [False, True], ids=["eval", "train"])
+def test_no_cross_sample_leakage(variant, mode, padded, training):
+    model = build(variant, mode).train(training)
     B, T = 3, 32
     x = tokens(B, T)
     y = x.clone()
@@ -59,8 +80,8 @@ def test_no_cross_sample_leakage(variant, mode, padded):
         mask = torch.ones(B, T, dtype=torch.long)
         mask[0, :6] = 0
         mask[2, 20:] = 0
-    with torch.no_grad():
-        a, b = model(x, attention_mask=mask), model(y, attention_mask=mask)
+    with torch.no_grad():  # each pass from the same state (training moves DTF's threshold)
+        a, b = copy.deepcopy(model)(x, attention_mask=mask), copy.deepcopy(model)(y, attention_mask=mask)
     assert not torch.allclose(a.logits[2], b.logits[2])
     assert torch.allclose(a.logits[:2], b.logits[:2], atol=1e-6, rtol=0), max_diff(a.logits[:2], b.logits[:2])
 
@@ -313,25 +334,109 @@ def test_dtf_threshold_tracks_the_capacity_quantile():
         assert 0.1 < frac < 0.45, f"layer {i}: causal routing realised capacity {frac:.3f}, target 0.25"
 
 
-def test_dtf_beta_schedule():
-    model = build("dtf", beta_mode="schedule", beta_schedule="cosine", beta_ce_start=-2.0, beta_ce_end=2.0,
-                  beta_cu_start=0.0, beta_cu_end=1.0, beta_schedule_steps=100)
+@pytest.mark.parametrize("schedule,mid", [("linear", 50.05), ("cosine", 50.05)])
+def test_dtf_beta_schedule_moves_the_temperature_itself(schedule, mid):
+    """A 0.1 -> 100 schedule runs the temperature (the factor of CE) from 0.1 to 100, not
+    softplus of it (0.744 -> 100)."""
+    model = build("dtf", beta_mode="schedule", beta_schedule=schedule, beta_ce_start=0.1, beta_ce_end=100.0,
+                  beta_cu_start=2.0, beta_cu_end=1.0, beta_schedule_steps=100)
     assert not any("beta" in n for n, _ in model.named_parameters())
     x = tokens(1, 16)
     seen = []
     for step in (0, 50, 100, 500):
         model.set_schedule_step(step)
         with torch.no_grad():
-            seen.append(model(x).routing_stats[1]["beta_ce"].item())
-    assert seen == pytest.approx([-2.0, 0.0, 2.0, 2.0], abs=1e-5)
+            stats = model(x).routing_stats[1]
+        seen.append((stats["temp_ce"].item(), stats["temp_cu"].item()))
+    assert [t for t, _ in seen] == pytest.approx([0.1, mid, 100.0, 100.0], rel=1e-5)
+    assert [t for _, t in seen] == pytest.approx([2.0, 1.5, 1.0, 1.0], rel=1e-5)
+    # and S_CE is the sigmoid of that temperature times CE
+    router, ctx = model.model.layers[1].router, _ctx(model, 8)
+    h, h_post, h_prior = torch.randn(3, 2, 8, model.config.hidden_size)
+    model.set_schedule_step(0)
+    parts = router(h, h_post, h_prior, ctx._replace(step=model.model.schedule_step))
+    assert torch.allclose(parts["s_ce"], torch.sigmoid(0.1 * parts["ce"]))
+    with pytest.raises(ValueError, match=r"beta_ce_start=-0.5: a scheduled temperature"):
+        models.make_config("dtf", beta_mode="schedule", beta_ce_start=-0.5)
+
+
+def test_dtf_learnable_temperature_is_softplus_of_beta():
+    model = build("dtf")
+    with torch.no_grad():
+        stats = model(tokens(1, 16)).routing_stats[1]
+    assert stats["temp_ce"].item() == pytest.approx(F.softplus(torch.tensor(-0.5)).item())
+    assert stats["temp_cu"].item() == pytest.approx(F.softplus(torch.tensor(-0.8)).item())
+
+
+def _ctx(model, T: int) -> Context:
+    rope = model.model.rotary_emb(torch.arange(T)[None], torch.float32)
+    return Context(rope, None, None, "topk", model.model.schedule_step, True)
+
+
+def test_dtf_change_surprise_gradient_reaches_h_through_the_update_only():
+    """With H attached in H_prior = H + F, D_ch = mean((update(H) - F)^2): its gradient with
+    respect to H is that of the update's, F held fixed (spec section 3)."""
+    torch.manual_seed(0)
+    model = build("dtf").train()
+    decision, router = model.model.layers[0], model.model.layers[1].router
+    ctx = _ctx(model, 12)
+    h = torch.randn(2, 12, model.config.hidden_size, requires_grad=True)
+    out = decision(h, ctx, None)
+    h_in, h_prior = out.carry
+    d_ch = router(h_in, out.x, h_prior, ctx)["d_ch"]
+    (grad,) = torch.autograd.grad(d_ch.sum(), h, retain_graph=True)
+    f = decision.prior(decision.prior_norm(h.detach())).detach()
+    update = decision.block(h, ctx.rope, None) - h
+    (want,) = torch.autograd.grad((update - f).pow(2).mean(-1).sum(), h)
+    assert torch.allclose(grad, want, atol=1e-6), max_diff(grad, want)
+    # the check can fail: with H detached in the prior (the old code) the identity does not cancel
+    (wrong,) = torch.autograd.grad((out.x - (h.detach() + f)).pow(2).mean(-1).sum(), h)
+    assert not torch.allclose(wrong, want, atol=1e-4)
 
 
 def test_dtf_prior_loss_trains_the_prior_alone():
-    """The prior is a side network: its loss must not pull the residual stream (which made the
-    stream grow without bound in training, see DTFDecisionLayer)."""
+    """The prior loss must not pull the residual stream (which made the stream grow without
+    bound in training, see DTFDecisionLayer): it reaches prior parameters only."""
     model = build("dtf").train()
     x = tokens(2, 32)
     model(x).aux_losses["dtf_prior"].backward()
     for name, p in model.named_parameters():
         touched = p.grad is not None and p.grad.abs().sum() > 0
         assert touched == (".prior" in name), f"{name}: prior-loss gradient {'present' if touched else 'missing'}"
+
+
+def _rows(rank: int) -> torch.Tensor:
+    return tokens(4, 32, seed=rank)
+
+
+def _threshold_worker(rank: int, world: int, init_file: str, out_dir: str) -> None:
+    import torch.distributed as dist
+
+    dist.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank, world_size=world)
+    try:
+        model = build("dtf").train()
+        with torch.no_grad():
+            model(_rows(rank))  # each rank its own rows
+        router = build("dtf").model.layers[1].router  # and gates made to differ: 0.2 on rank 0, 0.8 on rank 1
+        gate = torch.full((3, 10), 0.2 + 0.6 * rank)
+        router.update_threshold(gate, torch.arange(4).expand(3, 4), None)
+        torch.save([model.model.layers[1].router.threshold.clone(), router.threshold.clone()],
+                   f"{out_dir}/{rank}.pt")
+    finally:
+        dist.destroy_process_group()
+
+
+def test_dtf_threshold_is_averaged_across_ddp_ranks(tmp_path):
+    """Two gloo ranks with different rows end with the same threshold: the one a single process
+    gets from all their rows together."""
+    import torch.multiprocessing as mp
+
+    mp.spawn(_threshold_worker, args=(2, str(tmp_path / "init"), str(tmp_path)), nprocs=2, join=True)
+    (model0, crafted0), (model1, crafted1) = [torch.load(tmp_path / f"{r}.pt") for r in (0, 1)]
+    alone = build("dtf").train()
+    with torch.no_grad():
+        alone(torch.cat([_rows(0), _rows(1)]))
+    want = alone.model.layers[1].router.threshold
+    assert model0.item() == pytest.approx(model1.item(), abs=1e-7)
+    assert model0.item() == pytest.approx(want.item(), abs=1e-6)
+    assert crafted0.item() == pytest.approx(0.5) and crafted1.item() == pytest.approx(0.5)  # not 0.2 and 0.8

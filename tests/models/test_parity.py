@@ -135,7 +135,7 @@ def test_missing_checkpoint_directory_is_a_clear_error(tmp_path):
     with pytest.raises(ValueError, match="no such directory"):
         models.build_model("standard", pretrained="./no/such/dir")
     (tmp_path / "config.json").write_text(json.dumps({"model_type": "llama", "hidden_size": 8}))
-    with pytest.raises(ValueError, match="expected 'qwen2'"):
+    with pytest.raises(ValueError, match=r"model_type='llama', expected one of \[.*'qwen2'\]"):
         models.build_model("standard", pretrained=tmp_path)
 
 
@@ -163,3 +163,64 @@ def test_hub_name_that_cannot_be_fetched_is_a_clear_error(monkeypatch):
     monkeypatch.setenv("HF_HUB_OFFLINE", "1")
     with pytest.raises(ValueError, match=r"pretrained='Qwen/Qwen2.5-0.5B': not a local directory and could not be"):
         models.build_model("mod", pretrained="Qwen/Qwen2.5-0.5B")
+
+
+def test_saved_dtlab_checkpoint_keeps_its_variant_settings(tmp_path):
+    """A DTF saved at capacity 0.5 with scheduled temperatures reloads as it was saved, not at the
+    defaults; explicit overrides still win; another routed variant is refused."""
+    torch.manual_seed(0)
+    saved = models.build_model("dtf", dtf_capacity=0.5, beta_mode="schedule", beta_ce_start=0.2, beta_ce_end=5.0)
+    saved.model.layers[1].router.threshold.fill_(0.42)
+    saved.save_pretrained(tmp_path)
+    again = models.build_model("dtf", pretrained=tmp_path)
+    assert (again.config.dtf_capacity, again.config.beta_mode, again.config.beta_ce_end) == (0.5, "schedule", 5.0)
+    assert again.model.layers[1].router.threshold.item() == pytest.approx(0.42)
+    x = tokens(2, 16, vocab=saved.config.vocab_size)
+    with torch.no_grad():
+        assert torch.equal(saved.eval()(x).logits, again.eval()(x).logits)
+    assert models.build_model("dtf", pretrained=tmp_path, dtf_capacity=0.25).config.dtf_capacity == 0.25
+    with pytest.raises(ValueError, match=r"holds a 'dtf' model: it cannot load as 'mod'"):
+        models.build_model("mod", pretrained=tmp_path)
+    dense = tmp_path / "dense"
+    models.build_model("standard").save_pretrained(dense)
+    assert models.build_model("mod", pretrained=dense).config.mod_capacity == 0.125  # dense -> routed: transfer
+
+
+def test_tied_checkpoint_whose_head_differs_is_refused_or_untied_by_choice(tmp_path):
+    hf = hf_model(tie=True)
+    hf.save_pretrained(tmp_path)
+    state = load_file(tmp_path / "model.safetensors")
+    state["lm_head.weight"] = state["model.embed_tokens.weight"] + 1.0  # tied in config.json, not in the file
+    save_file(state, tmp_path / "model.safetensors")
+    with pytest.raises(ValueError, match=r"ties the LM head to the embedding, but its lm_head.weight differs"):
+        models.build_model("standard", pretrained=tmp_path)
+    untied = models.build_model("standard", pretrained=tmp_path, tie_word_embeddings=False)
+    assert torch.equal(untied.lm_head.weight, state["lm_head.weight"])
+    assert torch.equal(untied.model.embed_tokens.weight, state["model.embed_tokens.weight"])
+    # the same file with equal tensors loads tied
+    state["lm_head.weight"] = state["model.embed_tokens.weight"].clone()
+    save_file(state, tmp_path / "model.safetensors")
+    tied = models.build_model("standard", pretrained=tmp_path)
+    assert tied.lm_head.weight.data_ptr() == tied.model.embed_tokens.weight.data_ptr()
+
+
+def test_rope_scaling_is_refused_never_dropped(tmp_path):
+    with pytest.raises(ValueError, match=r"rope_scaling=.*only the default rotary embedding"):
+        models.MoDConfig(rope_scaling={"rope_type": "yarn", "factor": 4.0})  # as a config.json would say it
+    assert models.MoDConfig(rope_scaling=None).rope_theta == 1e6  # Qwen2.5's `null` is fine
+    hf_model(tie=True).save_pretrained(tmp_path)
+    cfg = json.loads((tmp_path / "config.json").read_text())
+    cfg["rope_parameters"] = {"rope_type": "linear", "factor": 2.0, "rope_theta": 1e6}
+    (tmp_path / "config.json").write_text(json.dumps(cfg))
+    with pytest.raises(ValueError, match=r"config.json: rope_parameters=.*only the default rotary embedding"):
+        models.build_model("mod", pretrained=tmp_path)
+
+
+def test_rope_frequencies_stay_fp32_when_the_model_is_cast():
+    model = models.build_model("standard").to(torch.bfloat16)
+    rope = model.model.rotary_emb
+    assert rope.inv_freq.dtype == torch.float32
+    assert torch.equal(rope.inv_freq, rope.compute_inv_freq())  # recomputed, not a bf16 value cast back
+    cos = rope(torch.arange(30000, 30001)[None], torch.float32).cos
+    assert torch.allclose(cos, models.build_model("standard").model.rotary_emb(torch.arange(30000, 30001)[None],
+                                                                               torch.float32).cos)

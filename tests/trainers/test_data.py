@@ -1,11 +1,12 @@
 """Data: the embedded corpus, local files, tokenizers, the split and packing."""
 
 import json
+import re
 
 import numpy as np
 import pytest
 
-from dtlab.trainers.data import EOT, builtin_documents, load_documents, prepare_data, train_bpe
+from dtlab.trainers.data import EOT, builtin_documents, prepare_data, train_bpe
 from dtlab.trainers.spec import DataSpec, SpecError
 
 
@@ -31,15 +32,64 @@ def test_prepare_builtin_packs_rows_and_splits_deterministically():
     assert np.array_equal(np.asarray(c.train).reshape(-1)[:640], np.asarray(a.train).reshape(-1)[:640])
 
 
-def test_split_is_by_document_and_disjoint():
-    spec = DataSpec(vocab_size=512, block_size=64, max_bytes=300_000)
+def _decode_rows(prep, rows) -> list[str]:
+    from tokenizers import Tokenizer
+
+    tok = Tokenizer.from_file(prep.meta["tokenizer_file"])
+    return [tok.decode(list(map(int, r)), skip_special_tokens=False) for r in np.asarray(rows)]
+
+
+def test_split_is_by_document_and_disjoint(tmp_path):
+    """Every document lies wholly in train or wholly in validation, and no validation row's text
+    occurs in the training rows (a corpus of unique documents, so any overlap is the split's)."""
+    rng = np.random.default_rng(0)
+    words = ["route", "token", "block", "depth", "gate", "prior", "surprise", "layer", "capacity", "mix"]
+    docs = [" ".join(f"{w}{i}" for w in rng.choice(words, 60)) for i in range(400)]  # every word names its doc
+    (tmp_path / "c.jsonl").write_text("".join(json.dumps({"text": d}) + "\n" for d in docs))
+    spec = DataSpec(source=str(tmp_path / "c.jsonl"), vocab_size=300, block_size=32, cache_dir=str(tmp_path / "c"))
     prep = prepare_data(spec)
     assert prep.meta["split"].startswith("by document")
-    docs, _ = load_documents(spec)
-    from dtlab.trainers.data import _is_val
+    train_text, val_rows = "".join(_decode_rows(prep, prep.train)), _decode_rows(prep, prep.val)
+    val_text = "".join(val_rows)
+    assert len(val_rows) > 0 and len(prep.train) > 5 * len(val_rows)
+    for row in val_rows:
+        assert row not in train_text, f"validation row found in training rows: {row[:80]!r}"
+    # packing drops the stream's remainder, which may cut its last word: that word is not counted
+    ids_train, ids_val = (set(re.findall(r"[a-z]+(\d+)", t.rsplit(" ", 1)[0])) for t in (train_text, val_text))
+    assert not ids_train & ids_val, f"documents in both splits: {sorted(ids_train & ids_val)[:5]}"
+    assert 0 < len(ids_val) < 0.15 * len(docs) and len(ids_train) > 0.8 * len(docs)  # val_fraction 0.05
 
-    val_docs = [d for d in docs if _is_val(d, spec.val_fraction)]
-    assert 0 < len(val_docs) < len(docs)
+
+def test_builtin_corpus_drops_repeated_passages():
+    """The pydoc topics repeat whole paragraphs; kept, they would put validation text in training."""
+    docs = builtin_documents(600_000)
+    paragraphs = [p.strip() for d in docs for p in d.split("\n\n") if len(p.strip()) >= 80]
+    assert len(paragraphs) == len(set(paragraphs))
+
+
+def test_one_text_file_splits_into_contiguous_spans(tmp_path):
+    """A local .txt is one running text by default (datasets' sample_by=document): no end-of-text
+    token per line, and validation is the end of the text, not random lines out of context."""
+    lines = [f"Line {i}: the router sends token {i % 7} through block {i % 5} of the model." for i in range(400)]
+    path = tmp_path / "book.txt"
+    path.write_text("\n".join(lines) + "\n")
+    prep = prepare_data(DataSpec(source=str(path), vocab_size=300, block_size=32, cache_dir=str(tmp_path / "c")))
+    assert prep.meta["documents"] == 1 and "one running text" in prep.meta["split"]
+    assert "a document per document" in prep.meta["source"]
+    val = "".join(_decode_rows(prep, prep.val))
+    text = path.read_text()
+    assert val in text + EOT and text.index(val[:60]) > 0.85 * len(text)  # the end of the book
+    assert int((np.asarray(prep.train) == prep.meta["eot_id"]).sum()) == 0  # lines were not made documents
+    # sample_by=line on several files: each line is a document, split by document
+    (tmp_path / "more").mkdir()
+    for part in range(2):
+        (tmp_path / "more" / f"p{part}.txt").write_text("\n".join(lines[part::2]))
+    by_line = prepare_data(DataSpec(source=str(tmp_path / "more"), sample_by="line", vocab_size=300,
+                                    block_size=32, cache_dir=str(tmp_path / "c")))
+    assert by_line.meta["documents"] == 400 and by_line.meta["split"].startswith("by document")
+    with pytest.raises(SpecError, match=r"data.sample_by='line' applies to text files"):
+        (tmp_path / "d.jsonl").write_text(json.dumps({"text": "x " * 50}) + "\n")
+        prepare_data(DataSpec(source=str(tmp_path / "d.jsonl"), sample_by="line", cache_dir=str(tmp_path / "c")))
 
 
 def test_tokenizer_round_trips_and_is_cached(tmp_path):

@@ -65,3 +65,31 @@ def test_bad_files_and_overrides(tmp_path):
         load_spec(ROOT / "experiments/quick.yaml", ["training.max_steps"])
     with pytest.raises(SpecError, match=r"quick.yaml: unknown key training.max_step \(did you mean 'max_steps'"):
         load_spec(ROOT / "experiments/quick.yaml", ["training.max_step=3"])
+
+
+def test_dense_control_is_standard_at_the_routed_variants_flops():
+    from dtlab.models.config import make_config
+    from dtlab.models.flops import dense_equivalent, flops_per_token
+
+    spec = load_spec(ROOT / "experiments/quick.yaml")
+    assert "dense_control" in spec.variant_list()  # the quick experiment carries its control
+    control = spec.for_run("dense_control", 0)
+    assert control.model.type == "standard" and control.model.overrides() == {"num_hidden_layers": 2}
+    # 2 layers is the depth whose training FLOPs per token are closest to MoD's and DTF's mean
+    T, V = spec.data.block_size, spec.data.vocab_size
+    target = sum(flops_per_token(make_config(v, "debug", vocab_size=V), T) for v in ("mod", "dtf")) / 2
+    dense = make_config("standard", "debug", vocab_size=V)
+    gaps = {n: abs(flops_per_token(dense_equivalent(dense, n), T) - target) for n in range(1, 5)}
+    assert min(gaps, key=gaps.get) == 2
+    assert load_spec(ROOT / "experiments/study_cpu.yaml").for_run("dense_control", 1).model.overrides() == {
+        "num_hidden_layers": 6}
+
+
+@pytest.mark.parametrize("raw,match", [
+    ({"variants": ["standard", "dense_control"]}, r"dense_control matches the training FLOPs of the routed"),
+    ({"variants": ["mod", "dense_control"], "training": {"from_scratch": False}, "model": {"pretrained": "x"}},
+     r"dense_control trains a shallower Standard from scratch"),
+])
+def test_dense_control_needs_a_routed_variant_and_a_fresh_start(raw, match):
+    with pytest.raises(SpecError, match=match):
+        spec_from_dict(raw, "my.yaml")
