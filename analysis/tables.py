@@ -36,6 +36,22 @@ def label_runs(runs: pd.DataFrame) -> pd.DataFrame:
         return v
 
     runs["label"] = runs.apply(label, axis=1)
+    return full_depth_flop_ratio(runs)
+
+
+def full_depth_flop_ratio(runs: pd.DataFrame) -> pd.DataFrame:
+    """`flop_ratio_vs_dense` against the full-depth Standard runs of the set (same sequence length)
+    where there are any: a run records its ratio to a Standard of its OWN shape, which for a
+    shallower dense control is 1."""
+    if "flops_per_token" not in runs:
+        return runs
+    ref = runs[runs["label"] == "standard"].groupby("seq_len")["flops_per_token"].median()
+    if ref.empty:
+        return runs
+    runs = runs.copy()
+    base = runs["seq_len"].map(ref)
+    have = base.notna() & runs["flops_per_token"].notna()
+    runs.loc[have, "flop_ratio_vs_dense"] = runs.loc[have, "flops_per_token"].astype(float) / base[have]
     return runs
 
 

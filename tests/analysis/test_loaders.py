@@ -77,6 +77,11 @@ def test_dense_control_and_speed(tmp_path):
     table = speed(runs, load([tmp_path]).benches).set_index("label")
     assert abs(table.loc["mod c=0.125"]["time_ratio_vs_dense"] - 1000 / 1500) < 1e-9  # vs full-depth Standard
     assert table.loc["mod c=0.125"]["flop_ratio_vs_dense"] == 0.6
+    # the control records a ratio of 1 to its own (2-layer) shape; against full-depth Standard it is cheaper
+    (tmp_path / "control" / "run.json").write_text((tmp_path / "control" / "run.json").read_text().replace(
+        '"flops_per_token": 1000000.0', '"flops_per_token": 550000.0'))
+    runs = label_runs(load([tmp_path]).runs).set_index("label")
+    assert runs.loc["dense control (2 layers)", "flop_ratio_vs_dense"] == 0.55
 
 
 def test_truncated_metrics_missing_files_and_different_spec_versions(tmp_path):
