@@ -102,8 +102,12 @@ def _routing_rows(run_id: str, rec: dict[str, Any], rows: list, pos_rows: list) 
 
 
 def headline(rec: dict[str, Any]) -> dict[str, Any]:
-    """`val_loss` becomes the causal-routing loss where there is one; the top-k loss is kept as
-    `val_loss_topk`, and `headline_mode` says which is which."""
+    """`val_loss` is the causal-routing loss where there is one; the top-k loss is `val_loss_topk`,
+    and `headline_mode` says which `val_loss` is. Records written since the loop made that its own
+    format say so themselves; older ones (`val_loss` = top-k) are converted here."""
+    if "val_loss_topk" in rec:
+        rec["headline_mode"] = rec.get("routing_mode", "topk")
+        return rec
     causal = rec.get("val_loss_causal")
     rec["val_loss_topk"] = rec.get("val_loss")
     rec["headline_mode"] = "causal" if causal is not None else rec.get("routing_mode", "topk")
@@ -145,7 +149,9 @@ def load_run(path: Path, problems: list[str]) -> tuple[dict[str, Any], list[dict
         "parameters": training.get("parameters"), "flops_per_token": training.get("flops_per_token"),
         "flop_ratio_vs_dense": training.get("flop_ratio_vs_dense"), "seq_len": training.get("seq_len"),
         "num_hidden_layers": mc.get("num_hidden_layers"), "hidden_size": mc.get("hidden_size"),
-        "capacity": training.get("capacity"),
+        # runs recorded before run.json carried the capacity name it in their config only
+        "capacity": training.get("capacity", mc.get("mod_capacity", mc.get("dtf_capacity"))),
+        "vocab_size": mc.get("vocab_size"), "intermediate_size": mc.get("intermediate_size"),
         "commit": info.get("commit"), "dirty": info.get("dirty"), "total_steps": training.get("total_steps"),
         "final_step": last.get("step"), "val_loss": last.get("val_loss"), "val_loss_topk": last.get("val_loss_topk"),
         "headline_mode": last.get("headline_mode"), "val_ppl": last.get("val_ppl"),

@@ -30,6 +30,20 @@ HEADLINE = ("Validation losses of routed models (MoD, DTF) are in causal routing
             "training-mode figures.")
 
 
+def lead_sentence(runs: pd.DataFrame) -> str:
+    """What the headline losses are, said first; runs whose routed losses are top-k are named."""
+    if runs.empty or "variant" not in runs:
+        return ""
+    routed = runs[runs["variant"].isin(["mod", "dtf"])]
+    if routed.empty:
+        return "No routed models here: every loss is a dense model's validation loss."
+    topk = sorted(routed.loc[routed["headline_mode"] != "causal", "run_id"])
+    if not topk:
+        return HEADLINE
+    return (HEADLINE + f" Except {', '.join(topk[:8])}{' ...' if len(topk) > 8 else ''}: evaluated without causal "
+            "routing (training.eval_causal: false), their headline is the top-k loss.")
+
+
 class ReportError(ValueError):
     """The report cannot be written where asked (it would replace something not made by dtlab)."""
 
@@ -135,12 +149,12 @@ def write_report(paths: list[str | Path], out: str | Path | None = None, force: 
     n_runs = len(rs.runs)
     subtitle = (f"{n_runs} run(s) from {', '.join(map(str, paths))} · generated {time.strftime('%Y-%m-%d %H:%M')}")
     page, charts = render("dtlab comparison report", subtitle, sections, problems, plotly.offline.get_plotlyjs(),
-                          lead=HEADLINE)
+                          lead=lead_sentence(rs.runs))
     out.parent.mkdir(parents=True, exist_ok=True)
     out.write_text(page)
     tables_dir = out.with_name(out.stem + "_tables")
     tables_dir.mkdir(exist_ok=True)
-    md = [f"# dtlab comparison report\n\n{subtitle}\n\n{HEADLINE}\n"]
+    md = [f"# dtlab comparison report\n\n{subtitle}\n\n{lead_sentence(rs.runs)}\n"]
     if problems:
         md.append("## What is missing or odd\n\n" + "".join(f"- {p}\n" for p in problems))
     for name, df in frames.items():

@@ -16,19 +16,32 @@ def t95(n: int) -> float:
     return T95[n - 2] if 2 <= n <= 31 else 1.96
 
 
+SHAPE = ["hidden_size", "intermediate_size", "vocab_size", "seq_len"]  # what makes runs one model family
+
+
+def _shape_key(runs: pd.DataFrame) -> pd.Series:
+    """One key per model family: runs that differ only in depth and routing share it."""
+    cols = [c for c in SHAPE if c in runs]
+    if not cols:
+        return pd.Series("", index=runs.index)
+    return runs[cols].apply(lambda r: "|".join(map(str, r)), axis=1)
+
+
 def label_runs(runs: pd.DataFrame) -> pd.DataFrame:
     """Adds `label`: the variant, its capacity, and for Standard runs shallower than the deepest
-    run of the set, 'dense control (L layers)': a compute-matched dense baseline."""
+    run of their model family (same width, vocabulary and sequence length), 'dense control (L
+    layers)': a compute-matched dense baseline."""
     runs = runs.copy()
     if runs.empty:
         runs["label"] = []
         return runs
-    deepest = runs["num_hidden_layers"].max() if "num_hidden_layers" in runs else None
+    family = _shape_key(runs)
+    deepest = runs["num_hidden_layers"].groupby(family).transform("max") if "num_hidden_layers" in runs else None
 
     def label(r) -> str:
         v = r.get("variant") or "unknown"
-        layers = r.get("num_hidden_layers")
-        if v == "standard" and deepest and layers and not pd.isna(layers) and layers < deepest:
+        layers, top = r.get("num_hidden_layers"), None if deepest is None else deepest[r.name]
+        if v == "standard" and top and layers and not pd.isna(layers) and layers < top:
             return f"dense control ({int(layers)} layers)"
         cap = r.get("capacity")
         if v in ("mod", "dtf") and cap is not None and not pd.isna(cap) and not r.get("params"):
@@ -36,21 +49,20 @@ def label_runs(runs: pd.DataFrame) -> pd.DataFrame:
         return v
 
     runs["label"] = runs.apply(label, axis=1)
-    return full_depth_flop_ratio(runs)
+    return full_depth_flop_ratio(runs, family)
 
 
-def full_depth_flop_ratio(runs: pd.DataFrame) -> pd.DataFrame:
-    """`flop_ratio_vs_dense` against the full-depth Standard runs of the set (same sequence length)
-    where there are any: a run records its ratio to a Standard of its OWN shape, which for a
-    shallower dense control is 1."""
+def full_depth_flop_ratio(runs: pd.DataFrame, family: pd.Series) -> pd.DataFrame:
+    """`flop_ratio_vs_dense` against the full-depth Standard runs of the same model family where
+    there are any: a run records its ratio to a Standard of its OWN shape, which for a shallower
+    dense control is 1."""
     if "flops_per_token" not in runs:
         return runs
-    ref = runs[runs["label"] == "standard"].groupby("seq_len")["flops_per_token"].median()
-    if ref.empty:
-        return runs
-    runs = runs.copy()
-    base = runs["seq_len"].map(ref)
+    full = runs["label"] == "standard"
+    ref = runs.loc[full, "flops_per_token"].groupby(family[full]).median()
+    base = family.map(ref)
     have = base.notna() & runs["flops_per_token"].notna()
+    runs = runs.copy()
     runs.loc[have, "flop_ratio_vs_dense"] = runs.loc[have, "flops_per_token"].astype(float) / base[have]
     return runs
 
@@ -87,29 +99,37 @@ def _modes(g: pd.DataFrame) -> str:
     return ",".join(modes) or "?"
 
 
-def with_verdicts(table: pd.DataFrame, reference: str = "standard") -> pd.DataFrame:
-    """`vs_standard` (difference of mean losses) and `difference`: not established when either
-    side has a single seed or the difference is within the seed-to-seed spread (the larger of the
-    two standard deviations); otherwise 'beyond the seed spread'."""
-    if table.empty or reference not in set(table["label"]):
-        return table.assign(vs_standard=float("nan"), difference="")
-    ref = table.set_index("label").loc[reference]
-    diffs, verdicts = [], []
-    for _, r in table.iterrows():
-        diff = r["val_loss_mean"] - ref["val_loss_mean"]
-        spread = max(r["val_loss_std"], ref["val_loss_std"])
-        if r["label"] == reference:
-            verdict = "reference"
-        elif r["seeds"] < 2 or ref["seeds"] < 2 or r["configurations"] > 1:
-            verdict = "not established (single seed)" if min(r["seeds"], ref["seeds"]) < 2 else \
-                "not established (several configurations)"
-        elif abs(diff) <= spread:
-            verdict = f"not established (|{diff:.3f}| within the seed spread {spread:.3f})"
-        else:
-            verdict = f"beyond the seed spread ({spread:.3f}), {int(r['seeds'])} vs {int(ref['seeds'])} seeds"
-        diffs.append(diff)
-        verdicts.append(verdict)
-    return table.assign(vs_standard=diffs, difference=verdicts)
+def verdict(row: pd.Series, ref: pd.Series) -> str:
+    """Whether `row`'s difference from `ref` is established: not with a single seed on either side
+    (or several configurations), nor within the seed-to-seed spread (the larger standard deviation)."""
+    diff, spread = row["val_loss_mean"] - ref["val_loss_mean"], max(row["val_loss_std"], ref["val_loss_std"])
+    if min(row["seeds"], ref["seeds"]) < 2:
+        return "not established (single seed)"
+    if max(row["configurations"], ref["configurations"]) > 1:
+        return "not established (several configurations)"
+    if abs(diff) <= spread:
+        return f"not established (|{diff:.3f}| within the seed spread {spread:.3f})"
+    return f"beyond the seed spread ({spread:.3f}), {int(row['seeds'])} vs {int(ref['seeds'])} seeds"
+
+
+def with_verdicts(table: pd.DataFrame) -> pd.DataFrame:
+    """For each label, its difference of mean losses from Standard (`vs_standard`, `difference`)
+    and, where the set has one, from the compute-matched dense control (`vs_dense_control`,
+    `difference_vs_dense_control`), each with a `verdict`."""
+    out = table.copy()
+    labels = set(table["label"]) if not table.empty else set()
+    refs = [("standard", "vs_standard", "difference")]
+    controls = sorted(lab for lab in labels if lab.startswith("dense control"))
+    if controls:
+        refs.append((controls[0], "vs_dense_control", "difference_vs_dense_control"))
+    for ref_label, diff_col, verdict_col in refs:
+        if ref_label not in labels:
+            out[diff_col], out[verdict_col] = float("nan"), ""
+            continue
+        ref = table.set_index("label").loc[ref_label]
+        out[diff_col] = table["val_loss_mean"] - ref["val_loss_mean"]
+        out[verdict_col] = ["reference" if r["label"] == ref_label else verdict(r, ref) for _, r in table.iterrows()]
+    return out
 
 
 def speed(runs: pd.DataFrame, benches: pd.DataFrame) -> pd.DataFrame:

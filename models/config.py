@@ -194,6 +194,11 @@ class DTFConfig(DTLabConfig):
     capacity_key: ClassVar[str | None] = "dtf_capacity"
 
     def __init__(self, **kwargs: Any) -> None:  # explicit: transformers would generate one otherwise
+        saved = "transformers_version" in kwargs  # read from a config.json, not built here
+        if saved and kwargs.get("beta_mode") == "schedule" and "beta_schedule_values" not in kwargs:
+            raise ValueError("beta_mode='schedule' in a checkpoint saved before dtlab scheduled the temperatures "
+                             "themselves (its beta_*_start/end went through softplus): set beta_*_start/end to "
+                             "softplus of the saved values and beta_schedule_values='temperature' in its config.json")
         super().__init__(**kwargs)
     VARIANT_DEFAULTS: ClassVar[dict[str, Any]] = dict(
         dtf_capacity=0.125,
@@ -211,6 +216,7 @@ class DTFConfig(DTLabConfig):
         beta_ce_start=0.474077, beta_ce_end=0.474077,
         beta_cu_start=0.371101, beta_cu_end=0.371101,
         beta_schedule_steps=1000,
+        beta_schedule_values="temperature",  # what beta_*_start/end are (older checkpoints: raw betas)
         # EMA momentum of the per-layer causal threshold (the (1 - c) quantile of G).
         dtf_threshold_momentum=0.99,
     )
@@ -246,11 +252,14 @@ class DTFConfig(DTLabConfig):
             raise ValueError(f"beta_mode={self.beta_mode!r}: expected one of {BETA_MODES}")
         if self.beta_schedule not in BETA_SCHEDULES:
             raise ValueError(f"beta_schedule={self.beta_schedule!r}: expected one of {BETA_SCHEDULES}")
-        for key in ("beta_ce_start", "beta_ce_end", "beta_cu_start", "beta_cu_end"):
+        scheduled = ("beta_ce_start", "beta_ce_end", "beta_cu_start", "beta_cu_end")
+        for key in scheduled if self.beta_mode == "schedule" else ():
             value = getattr(self, key)
             if not isinstance(value, (int, float)) or isinstance(value, bool) or not 0 < value < math.inf:
                 raise ValueError(f"{key}={value!r}: a scheduled temperature multiplies CE or CU; expected a "
                                  "finite number > 0 (learnable mode's equivalent is softplus(beta))")
+        if self.beta_schedule_values != "temperature":
+            raise ValueError(f"beta_schedule_values={self.beta_schedule_values!r}: expected 'temperature'")
         if not isinstance(self.beta_schedule_steps, int) or self.beta_schedule_steps < 1:
             raise ValueError(f"beta_schedule_steps={self.beta_schedule_steps!r}: expected a positive integer")
         if not 0.0 <= self.dtf_threshold_momentum < 1.0:

@@ -23,6 +23,8 @@ from .config import CONFIG_CLASSES, SHAPE_DEFAULTS, DTLabConfig, check_override_
 FRESH_KEY = re.compile(r"^model\.layers\.\d+\.(router|predictor|prior|prior_norm)\.")
 # Buffers some checkpoints carry that are recomputed, not loaded.
 IGNORED_KEY = re.compile(r"(^|\.)rotary_emb\.inv_freq$")
+# dtlab state a Qwen2 checkpoint has no place for: it starts fresh (the schedule at step 0).
+STATE_KEY = re.compile(r"^model\.schedule_step$")
 WEIGHT_FILES = ("model.safetensors", "model.safetensors.index.json", "pytorch_model.bin",
                 "pytorch_model.bin.index.json")
 
@@ -119,7 +121,7 @@ def load_into(model: torch.nn.Module, state: dict[str, torch.Tensor], source: st
             mismatched.append(f"{key}: checkpoint {tuple(tensor.shape)} vs model {tuple(own[key].shape)}")
         else:
             loaded.add(key)
-    missing = [k for k in own if k not in loaded and not FRESH_KEY.search(k)
+    missing = [k for k in own if k not in loaded and not FRESH_KEY.search(k) and not STATE_KEY.search(k)
                and not (tied and k == "lm_head.weight" and "model.embed_tokens.weight" in loaded)]
     problems = []
     if mismatched:

@@ -86,7 +86,8 @@ class DTLabModel(DTLabPreTrainedModel):
         self.layers = nn.ModuleList(LAYER_CLASSES[kind](config) for kind in config.layer_kinds)
         self.norm = RMSNorm(config.hidden_size, config.rms_norm_eps)
         self.rotary_emb = RotaryEmbedding(config.head_dim, config.rope_theta)
-        self.register_buffer("schedule_step", torch.tensor(0, dtype=torch.long), persistent=False)
+        # persistent: a reloaded model with scheduled DTF temperatures runs at the step it was saved at
+        self.register_buffer("schedule_step", torch.tensor(0, dtype=torch.long))
         self.post_init()
 
     def forward(self, input_ids, attention_mask=None, position_ids=None) -> BackboneOutput:

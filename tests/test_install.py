@@ -88,3 +88,13 @@ def test_wheel_holds_only_the_dtlab_package(tmp_path):
     for pkg in TOP:
         assert f"dtlab/{pkg}/__init__.py" in names
     assert "dtlab/dashboards/grafana_dtlab.json" in names
+
+
+def test_the_repository_explains_itself():
+    """A clone has its own docs: nothing tracked points at the design folder outside the repository."""
+    outside = "../" + "shared/"  # split, so this file does not match itself
+    tracked = subprocess.run(["git", "ls-files"], cwd=ROOT, capture_output=True, text=True, check=True).stdout.split()
+    hits = [f for f in tracked if (ROOT / f).is_file() and outside in (ROOT / f).read_text(errors="ignore")]
+    assert not hits, hits
+    for doc in ("architectures.md", "specs.md", "sweeps.md"):
+        assert (ROOT / "docs" / doc).is_file(), doc

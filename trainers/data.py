@@ -122,6 +122,9 @@ def load_documents(spec: DataSpec) -> Corpus:
             load = lambda: datasets.load_dataset(builder, data_files=[str(f) for f in files], split="train",
                                                  **options)
         else:
+            if spec.sample_by != "document":
+                raise SpecError(f"data.sample_by={spec.sample_by!r} applies to local text files; the rows of a hub "
+                                "dataset are its documents (data.contiguous: true joins them into one text)")
             where = f"hub: {spec.source}" + (f" ({spec.name})" if spec.name else "") + f", split {spec.split}"
             load = lambda: datasets.load_dataset(spec.source, spec.name, split=spec.split)
         try:
@@ -146,6 +149,9 @@ def load_documents(spec: DataSpec) -> Corpus:
         budget -= len(out[-1])
     if not any(d.strip() for d in out):
         raise SpecError(f"data.source={spec.source!r}: the corpus is empty (no text in {where})")
+    if spec.contiguous and not one_text:  # rows that are pieces of one text (WikiText's lines)
+        out = ["".join(d if d.endswith("\n") else d + "\n" for d in out)]
+        where, one_text = where + ", rows joined into one running text", True
     return Corpus(out, where, one_text)
 
 

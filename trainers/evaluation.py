@@ -78,8 +78,13 @@ def eval_pass(target, rows: np.ndarray, batch: int, precision: Precision, device
 
 
 def evaluate(model, val: np.ndarray, spec: Spec, precision: Precision, device, rank: int, world: int) -> dict:
-    """Validation LM loss (aux losses excluded) and routing statistics in `topk` routing and,
-    for models that route, `causal` routing (keys suffixed `_causal`)."""
+    """Validation LM loss (aux losses excluded) and routing statistics in each routing mode the
+    model declares: `val_loss_topk` and `routing` for top-k (training semantics: it looks ahead
+    within the row), `val_loss_causal` and `routing_causal` for causal routing (routed models).
+
+    `val_loss` (and `val_ppl`) is the headline, the one that selects the best checkpoint and that
+    sweeps optimise: the causal loss where there is one (what the model can do token by token),
+    else the top-k loss; `routing_mode` says which."""
     tcfg = spec.training
     n_rows = min(len(val), tcfg.eval_batches * tcfg.batch_size * world)
     mine = val[np.arange(rank, n_rows, world)]
@@ -88,9 +93,7 @@ def evaluate(model, val: np.ndarray, spec: Spec, precision: Precision, device, r
     for mode in modes if tcfg.eval_causal else modes[:1]:
         with routing_mode(model, mode) as target:
             val_loss, routing = eval_pass(target, mine, tcfg.batch_size, precision, device, world)
-        suffix = "" if mode == "topk" else f"_{mode}"
-        record[f"val_loss{suffix}"] = val_loss
-        record[f"val_ppl{suffix}"] = math.exp(min(val_loss, 50.0))
-        record[f"routing{suffix}"] = routing
-    record["routing_mode"] = "topk"
+        record.update({f"val_loss_{mode}": val_loss, f"val_ppl_{mode}": math.exp(min(val_loss, 50.0)),
+                       "routing" if mode == "topk" else f"routing_{mode}": routing})
+        record.update(val_loss=val_loss, val_ppl=record[f"val_ppl_{mode}"], routing_mode=mode)  # the last: causal
     return record

@@ -336,18 +336,19 @@ def evaluate_and_save(state: RunState) -> dict[str, Any]:
         path = checkpoint.save(state.run_dir, state.model, state.optimizer, state.scheduler, state.scaler,
                                counters, improved)
     if state.rank == 0:
-        causal = f", causal {record['val_loss_causal']:.4f}" if "val_loss_causal" in record else ""
-        state.hooks.log(f"eval step {state.step}: val_loss {record['val_loss']:.4f} "
-                        f"(ppl {record['val_ppl']:.1f}){causal}")
+        topk = f", top-k {record['val_loss_topk']:.4f}" if record["routing_mode"] != "topk" else ""
+        state.hooks.log(f"eval step {state.step}: val_loss {record['val_loss']:.4f} ({record['routing_mode']} "
+                        f"routing, ppl {record['val_ppl']:.1f}){topk}")
     state.hooks.report(scalars(record), path)
     return record
 
 
 @torch.no_grad()
 def prime(state: RunState) -> None:
-    """Before the step-0 evaluation of a fresh run: one training-mode pass without gradients over
-    the first training batch, so that what the model estimates from training batches (DTF's causal
-    threshold) holds a training batch's value, not its initial placeholder. No weight changes."""
+    """At the start of a fresh run: one training-mode pass without gradients over the first training
+    batch, so that what the model estimates from training batches (DTF's causal threshold) holds a
+    training batch's value, not its initial placeholder, before the step-0 evaluation or a first step
+    in causal routing. No weight changes."""
     with state.precision.autocast():
         state.target(state.batches.get(0).to(state.device), return_logits=False)
 
@@ -362,8 +363,9 @@ def train(config: dict[str, Any], hooks: Hooks | None = None) -> dict[str, Any]:
     state = setup(config, hooks or Hooks())
     tcfg = state.spec.training
     try:
-        if state.step == 0 and tcfg.eval_at_start:
+        if state.step == 0:
             prime(state)
+        if state.step == 0 and tcfg.eval_at_start:
             evaluate_and_save(state)
         elif state.step >= state.total_steps and state.last_eval:  # resumed with nothing left: say so once
             state.hooks.report(scalars(state.last_eval), None)

@@ -76,6 +76,9 @@ class DataSpec(Strict):
     # What one document of a local text file is (datasets' text builder): the whole file, a paragraph
     # (blank-line separated) or a line. Documents are joined by an end-of-text token.
     sample_by: Literal["document", "paragraph", "line"] = "document"
+    # The rows are pieces of one running text (WikiText's lines): join them (no end-of-text token between
+    # them) and split by position. A single local text file is one running text anyway.
+    contiguous: bool = False
     tokenizer: str | None = None  # hub name or local directory; None: a byte-level BPE trained here
     vocab_size: int = Field(4096, ge=260, le=1_000_000)  # of the locally trained tokenizer
     block_size: int = Field(256, ge=8)
@@ -249,12 +252,13 @@ class Spec(Strict):
 
     def dense_control_depth(self) -> int:
         """The Standard depth whose training FLOPs per token are closest to the mean of the routed
-        variants' (at the spec's shape, block size and vocabulary)."""
+        variants' (at the spec's shape and block size). The LM head costs every depth and variant the
+        same, so the vocabulary (the tokenizer's, known only once the data are prepared) does not move
+        the choice; the trained tokenizer's size stands in for it."""
         from dtlab.models.config import make_config
         from dtlab.models.flops import flops_per_token, matched_dense_depth
 
-        vocab = {} if self.data.tokenizer or "vocab_size" in self.model.overrides() else \
-            {"vocab_size": self.data.vocab_size}
+        vocab = {} if "vocab_size" in self.model.overrides() else {"vocab_size": self.data.vocab_size}
         routed = [make_config(v, self.model.size, **{**vocab, **self.model.overrides_for(v)})
                   for v in self.variant_list() if v in ROUTED]
         target = sum(flops_per_token(c, self.data.block_size) for c in routed) / len(routed)

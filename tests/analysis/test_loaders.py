@@ -66,6 +66,10 @@ def test_differences_within_the_seed_spread_are_not_established(tmp_path):
     assert table.loc["dtf c=0.125", "difference"].startswith("beyond the seed spread")
     assert table.loc["dense control (2 layers)", "difference"] == "not established (single seed)"
     assert abs(table.loc["dtf c=0.125", "vs_standard"] - 0.51) < 1e-9
+    # and against the compute-matched control, the comparison it exists for
+    assert table.loc["dense control (2 layers)", "difference_vs_dense_control"] == "reference"
+    assert table.loc["mod c=0.125", "difference_vs_dense_control"] == "not established (single seed)"
+    assert abs(table.loc["mod c=0.125", "vs_dense_control"] - (5.16 - 6.0)) < 1e-9
 
 
 def test_dense_control_and_speed(tmp_path):
@@ -82,6 +86,20 @@ def test_dense_control_and_speed(tmp_path):
         '"flops_per_token": 1000000.0', '"flops_per_token": 550000.0'))
     runs = label_runs(load([tmp_path]).runs).set_index("label")
     assert runs.loc["dense control (2 layers)", "flop_ratio_vs_dense"] == 0.55
+
+
+def test_runs_of_two_model_families_in_one_report(tmp_path):
+    """A debug experiment and a wider one side by side: each Standard is full depth in its own
+    family (not a 'dense control' of the other), and FLOP ratios are taken within the family."""
+    make_run(tmp_path / "a", "standard-seed0", "standard", layers=4)
+    make_run(tmp_path / "a", "mod-seed0", "mod", layers=4)
+    wide = make_run(tmp_path / "b", "standard-seed0", "standard", layers=10)
+    info = (wide / "run.json").read_text().replace('"hidden_size": 64', '"hidden_size": 384').replace(
+        '"flops_per_token": 1000000.0', '"flops_per_token": 9000000.0')
+    (wide / "run.json").write_text(info)
+    runs = label_runs(load([tmp_path]).runs)
+    assert sorted(runs["label"]) == ["mod c=0.125", "standard", "standard"]
+    assert runs.set_index("label").loc["mod c=0.125", "flop_ratio_vs_dense"] == 0.6
 
 
 def test_truncated_metrics_missing_files_and_different_spec_versions(tmp_path):

@@ -53,6 +53,19 @@ def test_report_files_and_tables(tmp_path):
     assert (tmp_path / "mine.html").read_text() == "<html>my notes</html>"
 
 
+def test_lead_sentence_says_when_a_routed_headline_is_top_k(tmp_path):
+    make_run(tmp_path / "e", "mod-seed0", "mod")
+    run = make_run(tmp_path / "e", "dtf-seed0", "dtf")
+    lines = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
+    for r in lines:  # as training.eval_causal: false writes them
+        r.pop("val_loss_causal", None), r.pop("routing_causal", None)
+    (run / "metrics.jsonl").write_text("".join(json.dumps(r) + "\n" for r in lines))
+    md = write_report([tmp_path / "e"]).markdown.read_text()
+    assert "are in causal routing" in md and "Except dtf-seed0: evaluated without causal routing" in md
+    make_run(tmp_path / "d", "standard-seed0", "standard")
+    assert "No routed models here" in write_report([tmp_path / "d"]).markdown.read_text()
+
+
 def test_report_says_what_is_missing(tmp_path):
     make_run(tmp_path / "exp", "mod-seed0", "mod", cut=True)
     report = write_report([tmp_path / "exp", tmp_path / "ghost"], tmp_path / "r.html")

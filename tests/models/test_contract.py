@@ -417,8 +417,8 @@ def _threshold_worker(rank: int, world: int, init_file: str, out_dir: str) -> No
         model = build("dtf").train()
         with torch.no_grad():
             model(_rows(rank))  # each rank its own rows
-        router = build("dtf").model.layers[1].router  # and gates made to differ: 0.2 on rank 0, 0.8 on rank 1
-        gate = torch.full((3, 10), 0.2 + 0.6 * rank)
+        router = build("dtf").model.layers[1].router  # and gates made to differ: 0.3 on rank 0, 0.9 on rank 1
+        gate = torch.full((3, 10), 0.3 + 0.6 * rank)
         router.update_threshold(gate, torch.arange(4).expand(3, 4), None)
         torch.save([model.model.layers[1].router.threshold.clone(), router.threshold.clone()],
                    f"{out_dir}/{rank}.pt")
@@ -439,4 +439,4 @@ def test_dtf_threshold_is_averaged_across_ddp_ranks(tmp_path):
     want = alone.model.layers[1].router.threshold
     assert model0.item() == pytest.approx(model1.item(), abs=1e-7)
     assert model0.item() == pytest.approx(want.item(), abs=1e-6)
-    assert crafted0.item() == pytest.approx(0.5) and crafted1.item() == pytest.approx(0.5)  # not 0.2 and 0.8
+    assert crafted0.item() == pytest.approx(0.6) and crafted1.item() == pytest.approx(0.6)  # not 0.3 and 0.9

@@ -58,7 +58,7 @@ def test_checkpoint_loads_into_every_variant(checkpoint, variant):
     for key, tensor in hf.state_dict().items():
         assert torch.equal(ours[key], tensor), f"{key} did not land"
     fresh = [k for k in ours if k not in hf.state_dict()]
-    assert all(".router." in k or ".prior" in k for k in fresh), fresh
+    assert all(".router." in k or ".prior" in k or k == "model.schedule_step" for k in fresh), fresh
     # layer mapping of the spec: MoD layer i <- i; DTF pair p: decision <- 2p, dynamic <- 2p+1
     kinds = model.config.layer_kinds
     expected = {"standard": ["dense"] * 4, "mod": ["dense", "mod"] * 2, "dtf": ["dtf_decision", "dtf_dynamic"] * 2}
@@ -169,12 +169,17 @@ def test_saved_dtlab_checkpoint_keeps_its_variant_settings(tmp_path):
     """A DTF saved at capacity 0.5 with scheduled temperatures reloads as it was saved, not at the
     defaults; explicit overrides still win; another routed variant is refused."""
     torch.manual_seed(0)
-    saved = models.build_model("dtf", dtf_capacity=0.5, beta_mode="schedule", beta_ce_start=0.2, beta_ce_end=5.0)
+    saved = models.build_model("dtf", dtf_capacity=0.5, beta_mode="schedule", beta_ce_start=0.2, beta_ce_end=5.0,
+                               beta_schedule_steps=1000)
     saved.model.layers[1].router.threshold.fill_(0.42)
+    saved.set_schedule_step(500)  # half-way: temperatures that differ from the start's
     saved.save_pretrained(tmp_path)
     again = models.build_model("dtf", pretrained=tmp_path)
     assert (again.config.dtf_capacity, again.config.beta_mode, again.config.beta_ce_end) == (0.5, "schedule", 5.0)
     assert again.model.layers[1].router.threshold.item() == pytest.approx(0.42)
+    assert int(again.model.schedule_step) == 500
+    auto = AutoModelForCausalLM.from_pretrained(tmp_path)
+    assert int(auto.model.schedule_step) == 500 and auto.config.dtf_capacity == 0.5
     x = tokens(2, 16, vocab=saved.config.vocab_size)
     with torch.no_grad():
         assert torch.equal(saved.eval()(x).logits, again.eval()(x).logits)
@@ -224,3 +229,20 @@ def test_rope_frequencies_stay_fp32_when_the_model_is_cast():
     cos = rope(torch.arange(30000, 30001)[None], torch.float32).cos
     assert torch.allclose(cos, models.build_model("standard").model.rotary_emb(torch.arange(30000, 30001)[None],
                                                                                torch.float32).cos)
+
+
+def test_dtf_checkpoints_saved_before_scheduled_temperatures(tmp_path):
+    """Their config.json has raw-beta schedule values (negative by default): learnable-mode ones load as
+    they are; a schedule-mode one, whose values meant something else, is refused with what to do."""
+    model = models.build_model("dtf")
+    model.save_pretrained(tmp_path)
+    cfg = json.loads((tmp_path / "config.json").read_text())
+    del cfg["beta_schedule_values"]
+    cfg.update(beta_ce_start=-0.5, beta_ce_end=-0.5, beta_cu_start=-0.8, beta_cu_end=-0.8)
+    (tmp_path / "config.json").write_text(json.dumps(cfg))
+    assert AutoModelForCausalLM.from_pretrained(tmp_path).config.beta_mode == "learnable"
+    assert models.build_model("dtf", pretrained=tmp_path).config.beta_ce_init == -0.5
+    cfg.update(beta_mode="schedule", beta_ce_start=0.1, beta_ce_end=3.0)
+    (tmp_path / "config.json").write_text(json.dumps(cfg))
+    with pytest.raises(ValueError, match=r"saved before dtlab scheduled the temperatures themselves"):
+        AutoModelForCausalLM.from_pretrained(tmp_path)

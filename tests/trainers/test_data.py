@@ -87,6 +87,12 @@ def test_one_text_file_splits_into_contiguous_spans(tmp_path):
     by_line = prepare_data(DataSpec(source=str(tmp_path / "more"), sample_by="line", vocab_size=300,
                                     block_size=32, cache_dir=str(tmp_path / "c")))
     assert by_line.meta["documents"] == 400 and by_line.meta["split"].startswith("by document")
+    # rows that are lines of one text (as WikiText's are): contiguous joins them, no end-of-text between
+    (tmp_path / "rows.jsonl").write_text("".join(json.dumps({"text": line + "\n"}) for line in lines))
+    joined = prepare_data(DataSpec(source=str(tmp_path / "rows.jsonl"), contiguous=True, vocab_size=300,
+                                   block_size=32, cache_dir=str(tmp_path / "c")))
+    assert joined.meta["documents"] == 1 and "one running text" in joined.meta["split"]
+    assert "".join(_decode_rows(joined, joined.val)) in text + EOT
     with pytest.raises(SpecError, match=r"data.sample_by='line' applies to text files"):
         (tmp_path / "d.jsonl").write_text(json.dumps({"text": "x " * 50}) + "\n")
         prepare_data(DataSpec(source=str(tmp_path / "d.jsonl"), sample_by="line", cache_dir=str(tmp_path / "c")))

@@ -15,14 +15,15 @@ from dtlab.trainers.loop import Hooks, train
 from tests.trainers.conftest import tiny_spec
 
 # Training lm_loss at steps 2, 4, ..., 12 and validation losses at steps 4, 8, 12, measured
-# on torch 2.13.0, CPU, fp32.
+# on torch 2.13.0, CPU, fp32. (The DTF prior's gradient fix, H attached in H_prior, moved none of
+# these by 1e-6 in 12 steps: its effect on the early loss is below this test's resolution.)
 GOLDEN = {
     "standard": {"lm_loss": [4.12698, 4.026077, 3.96485, 3.927322, 3.825481, 3.764526],
-                 "val_loss": [4.004948, 3.834426, 3.71852], "val_loss_causal": [None, None, None]},
+                 "val_loss_topk": [4.004948, 3.834426, 3.71852], "val_loss_causal": [None, None, None]},
     "mod": {"lm_loss": [4.154255, 4.00317, 3.921964, 3.756971, 3.671069, 3.614709],
-            "val_loss": [3.938524, 3.691762, 3.579189], "val_loss_causal": [3.951636, 3.716005, 3.603998]},
+            "val_loss_topk": [3.938524, 3.691762, 3.579189], "val_loss_causal": [3.951636, 3.716005, 3.603998]},
     "dtf": {"lm_loss": [4.164854, 4.003687, 3.927591, 3.784511, 3.736827, 3.665501],
-            "val_loss": [3.916041, 3.718613, 3.599385], "val_loss_causal": [3.944472, 3.760682, 3.654767]},
+            "val_loss_topk": [3.916041, 3.718613, 3.599385], "val_loss_causal": [3.944472, 3.760682, 3.654767]},
 }
 
 
@@ -61,7 +62,7 @@ def test_golden_losses(tmp_path, variant):
     train_steps = [r for r in lines if r["kind"] == "train"]
     evals = [r for r in lines if r["kind"] == "eval"]
     assert [r["step"] for r in train_steps] == [2, 4, 6, 8, 10, 12] and [r["step"] for r in evals] == [4, 8, 12]
-    got = {"lm_loss": [r["lm_loss"] for r in train_steps], "val_loss": [r["val_loss"] for r in evals],
+    got = {"lm_loss": [r["lm_loss"] for r in train_steps], "val_loss_topk": [r["val_loss_topk"] for r in evals],
            "val_loss_causal": [r.get("val_loss_causal") for r in evals]}
-    for key, want in GOLDEN[variant].items():
-        assert got[key] == pytest.approx(want, abs=5e-4), f"{variant} {key}: got {got[key]}"
+    for key, want in GOLDEN[variant].items():  # same torch, CPU, fp32: only summation order may differ
+        assert got[key] == pytest.approx(want, abs=5e-5), f"{variant} {key}: got {got[key]}"

@@ -83,6 +83,10 @@ def test_dense_control_is_standard_at_the_routed_variants_flops():
     assert min(gaps, key=gaps.get) == 2
     assert load_spec(ROOT / "experiments/study_cpu.yaml").for_run("dense_control", 1).model.overrides() == {
         "num_hidden_layers": 6}
+    # the LM head costs every depth the same: a Qwen-sized vocabulary does not move the choice
+    big = {v: make_config(v, "debug", vocab_size=151_936) for v in ("standard", "mod", "dtf")}
+    target = (flops_per_token(big["mod"], T) + flops_per_token(big["dtf"], T)) / 2
+    assert min(range(1, 5), key=lambda n: abs(flops_per_token(dense_equivalent(big["standard"], n), T) - target)) == 2
 
 
 @pytest.mark.parametrize("raw,match", [
@@ -93,3 +97,30 @@ def test_dense_control_is_standard_at_the_routed_variants_flops():
 def test_dense_control_needs_a_routed_variant_and_a_fresh_start(raw, match):
     with pytest.raises(SpecError, match=match):
         spec_from_dict(raw, "my.yaml")
+
+
+def test_docs_list_every_spec_key():
+    """docs/specs.md is the reference a user reads: every key the spec models accept is on it."""
+    from pydantic import BaseModel
+
+    from dtlab.models.config import CONFIG_CLASSES
+    from dtlab.trainers.spec import Distribution, Spec
+
+    doc = (ROOT / "docs" / "specs.md").read_text()
+
+    def keys(model: type[BaseModel], prefix: str = "") -> list[str]:
+        out = []
+        for name, field in model.model_fields.items():
+            ann = field.annotation
+            nested = [a for a in (getattr(ann, "__args__", None) or (ann,))
+                      if isinstance(a, type) and issubclass(a, BaseModel) and a is not Distribution]
+            grouped = [sub for sub in nested if sub.__name__ in ("OptimizerSpec", "SchedulerSpec", "AshaSpec")]
+            if not grouped:  # a group is listed as its dotted keys (optimizer.lr, ...)
+                out.append(prefix + name)
+            for sub in nested:
+                out += keys(sub, f"{name}." if sub in grouped else "")
+        return out
+
+    missing = [k for k in keys(Spec) if f"`{k}`" not in doc]
+    missing += [k for c in CONFIG_CLASSES.values() for k in c.field_names() if f"`{k}`" not in doc]
+    assert not missing, f"docs/specs.md does not list {sorted(set(missing))}"
