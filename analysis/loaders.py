@@ -68,10 +68,18 @@ def _read_json(path: Path, problems: list[str], what: str) -> dict[str, Any]:
         problems.append(f"{path.parent}: no {path.name} ({what} unknown)")
         return {}
     try:
-        return json.loads(path.read_text())
+        raw = json.loads(path.read_text(errors="replace"))
     except json.JSONDecodeError:
         problems.append(f"{path}: not valid JSON ({what} unknown)")
         return {}
+    if not isinstance(raw, dict):
+        problems.append(f"{path}: not a JSON object ({what} unknown)")
+        return {}
+    return raw
+
+
+def _dict(value: Any) -> dict[str, Any]:
+    return value if isinstance(value, dict) else {}
 
 
 def spec_fingerprint(spec: dict[str, Any]) -> str:
@@ -82,9 +90,9 @@ def spec_fingerprint(spec: dict[str, Any]) -> str:
     s = copy.deepcopy(spec or {})
     for key in ("name", "description", "seed", "seeds", "variants", "sweep"):
         s.pop(key, None)
-    s["model"] = {k: v for k, v in (s.get("model") or {}).items() if k in ("size", "pretrained")}
-    s["resources"] = {"num_workers": (s.get("resources") or {}).get("num_workers", 1)}
-    (s.get("training") or {}).get("optimizer", {}).pop("lr", None)
+    s["model"] = {k: v for k, v in _dict(s.get("model")).items() if k in ("size", "pretrained")}
+    s["resources"] = {"num_workers": _dict(s.get("resources")).get("num_workers", 1)}
+    _dict(_dict(s.get("training")).get("optimizer")).pop("lr", None)
     return hashlib.sha256(json.dumps(s, sort_keys=True).encode()).hexdigest()[:10]
 
 
@@ -125,11 +133,14 @@ def load_run(path: Path, problems: list[str]) -> tuple[dict[str, Any], list[dict
     spec = {}
     if (path / "spec.yaml").is_file():
         try:
-            spec = yaml.safe_load((path / "spec.yaml").read_text()) or {}
+            spec = yaml.safe_load((path / "spec.yaml").read_text(errors="replace")) or {}
         except yaml.YAMLError:
             problems.append(f"{path / 'spec.yaml'}: not valid YAML")
-    training = info.get("training") or {}
-    model_spec = spec.get("model") or {}
+        if not isinstance(spec, dict):
+            problems.append(f"{path / 'spec.yaml'}: not a mapping of spec sections")
+            spec = {}
+    training = _dict(info.get("training"))
+    model_spec = _dict(spec.get("model"))
     steps = [{"run_id": run_id, **{k: v for k, v in r.items() if not isinstance(v, (dict, list))}}
              for r in records if r.get("kind", "train") == "train"]
     evals = [headline({"run_id": run_id, **{k: v for k, v in r.items() if not isinstance(v, (dict, list))}})
@@ -141,7 +152,7 @@ def load_run(path: Path, problems: list[str]) -> tuple[dict[str, Any], list[dict
     variant = training.get("variant") or info.get("variant") or model_spec.get("type")
     if not evals:
         problems.append(f"{path}: no evaluation recorded (the run stopped before its first evaluation?)")
-    mc = training.get("model_config") or {}
+    mc = _dict(training.get("model_config"))
     row = {
         "run_id": run_id, "path": str(path), "name": spec.get("name") or info.get("name"), "variant": variant,
         "seed": info.get("seed", spec.get("seed")), "device": training.get("device"),

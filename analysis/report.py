@@ -3,6 +3,7 @@ Markdown tables. Every number in it is recomputed from the runs' own files."""
 
 from __future__ import annotations
 
+import html
 import json
 import time
 from dataclasses import dataclass
@@ -117,6 +118,11 @@ def build_sections(rs: RunSet, space: dict) -> tuple[list[Section], dict[str, pd
     return s, out
 
 
+def _md_text(text: str) -> str:
+    """Text from run directories, safe in Markdown: HTML-like strings are shown, never interpreted."""
+    return html.escape(text, quote=False)
+
+
 def _markdown(df: pd.DataFrame) -> str:
     if df.empty:
         return "_no data_\n"
@@ -124,42 +130,92 @@ def _markdown(df: pd.DataFrame) -> str:
     def cell(v):
         if isinstance(v, float):
             return "" if v != v else f"{v:.4g}"
-        return str(v).replace("|", "\\|")
+        return _md_text(str(v)).replace("|", "\\|")
 
     head = "| " + " | ".join(map(str, df.columns)) + " |\n|" + "---|" * len(df.columns) + "\n"
     return head + "".join("| " + " | ".join(cell(v) for v in row) + " |\n" for row in df.itertuples(index=False))
 
 
+def _sha256(path: Path) -> str:
+    import hashlib
+
+    return hashlib.sha256(path.read_bytes()).hexdigest()
+
+
+def _manifest_path(out: Path) -> Path:
+    return out.with_name(f".{out.stem}.dtlab-report.json")
+
+
+def _targets(out: Path) -> tuple[Path, Path]:
+    """(the Markdown file, the tables folder) that go with the HTML file `out`."""
+    return out.with_suffix(".md"), out.with_name(out.stem + "_tables")
+
+
+def check_report_targets(out: Path, tables: list[str] | None = None, force: bool = False) -> None:
+    """Refuse to replace anything dtlab did not write there: ownership is the manifest of the files
+    an earlier report wrote, with their hashes (a file changed since is the user's now), never the
+    file's contents. `tables`: the CSV names about to be written (None: whatever the folder holds)."""
+    if out.is_dir():
+        raise ReportError(f"--out {out}: is a directory; expected the path of an .html file")
+    if out.suffix.lower() not in (".html", ".htm"):
+        raise ReportError(f"--out {out}: expected a path ending in .html")
+    markdown, tables_dir = _targets(out)
+    if tables_dir.exists() and not tables_dir.is_dir():
+        raise ReportError(f"{tables_dir} is a file; the report's tables go in a folder of that name")
+    manifest = {}
+    if _manifest_path(out).is_file():
+        try:
+            manifest = json.loads(_manifest_path(out).read_text()).get("files", {})
+        except (json.JSONDecodeError, UnicodeDecodeError, AttributeError):
+            manifest = {}
+    names = tables if tables is not None else ([p.name for p in tables_dir.iterdir()] if tables_dir.is_dir() else [])
+    for path in [out, markdown, *(tables_dir / n if n.endswith(".csv") else tables_dir / f"{n}.csv" for n in names)]:
+        if force or not path.exists():
+            continue
+        key = str(path.relative_to(out.parent))
+        if path.is_dir() or manifest.get(key) != _sha256(path):
+            raise ReportError(f"{path} exists and was not written by dtlab report (or was changed since); "
+                              "choose another --out or pass --force to replace it")
+
+
 def write_report(paths: list[str | Path], out: str | Path | None = None, force: bool = False) -> Report:
+    """The report of every run under `paths`: `out` (HTML), its Markdown twin and CSV tables."""
     import plotly.offline
 
     paths = [Path(p) for p in paths]
     out = Path(out) if out else (paths[0] / "report.html" if len(paths) == 1 and paths[0].is_dir()
                                  else Path("report.html"))
-    if out.exists() and not force and GENERATOR not in out.read_text(errors="replace")[:2000]:
-        raise ReportError(f"{out} exists and was not written by dtlab report; choose another --out or pass --force")
+    check_report_targets(out, force=force)
     rs = load(paths)
-    problems = list(rs.problems)
     if rs.empty:
-        sections = [Section("No runs", "", [f"no runs found under {', '.join(map(str, paths))}: a run directory "
-                                            "holds metrics.jsonl (dtlab train, sweep or run writes one)"])]
-        frames: dict[str, pd.DataFrame] = {}
-    else:
-        sections, frames = build_sections(rs, _sweep_space(paths))
-    n_runs = len(rs.runs)
-    subtitle = (f"{n_runs} run(s) from {', '.join(map(str, paths))} · generated {time.strftime('%Y-%m-%d %H:%M')}")
+        why = "; ".join(rs.problems)
+        raise ReportError(f"no runs found under {', '.join(map(str, paths))}: a run directory holds metrics.jsonl "
+                          f"(dtlab train, sweep or run writes one){'; ' + why if why else ''}")
+    problems = list(rs.problems)
+    sections, frames = build_sections(rs, _sweep_space(paths))
+    check_report_targets(out, list(frames), force)
+    subtitle = f"{len(rs.runs)} run(s) from {', '.join(map(str, paths))} · generated {time.strftime('%Y-%m-%d %H:%M')}"
+    lead = lead_sentence(rs.runs)
     page, charts = render("dtlab comparison report", subtitle, sections, problems, plotly.offline.get_plotlyjs(),
-                          lead=lead_sentence(rs.runs))
+                          lead=lead)
+    markdown, tables_dir = _targets(out)
+    md = [f"# dtlab comparison report\n\n{_md_text(subtitle)}\n\n{_md_text(lead)}\n"]
+    if problems:
+        md.append("## What is missing or odd\n\n" + "".join(f"- {_md_text(p)}\n" for p in problems))
+    md += [f"## {name.replace('_', ' ')}\n\n{_markdown(df)}" for name, df in frames.items()]
+    written = _write_all(out, page, markdown, "\n".join(md), tables_dir, frames)
+    _manifest_path(out).write_text(json.dumps({"generator": GENERATOR, "files": written}, indent=1))
+    return Report(out, markdown, tables_dir, charts, problems)
+
+
+def _write_all(out: Path, page: str, markdown: Path, md: str, tables_dir: Path,
+               frames: dict[str, pd.DataFrame]) -> dict[str, str]:
+    """Write the files; returns their hashes by path relative to the report's folder."""
     out.parent.mkdir(parents=True, exist_ok=True)
     out.write_text(page)
-    tables_dir = out.with_name(out.stem + "_tables")
+    markdown.write_text(md)
     tables_dir.mkdir(exist_ok=True)
-    md = [f"# dtlab comparison report\n\n{subtitle}\n\n{lead_sentence(rs.runs)}\n"]
-    if problems:
-        md.append("## What is missing or odd\n\n" + "".join(f"- {p}\n" for p in problems))
     for name, df in frames.items():
         df.to_csv(tables_dir / f"{name}.csv", index=False)
-        md.append(f"## {name.replace('_', ' ')}\n\n{_markdown(df)}")
-    markdown = out.with_suffix(".md")
-    markdown.write_text("\n".join(md))
-    return Report(out, markdown, tables_dir, charts, problems)
+    files = [out, markdown, *(tables_dir / f"{name}.csv" for name in frames)]
+    return {str(p.relative_to(out.parent)): _sha256(p) for p in files}

@@ -96,7 +96,7 @@ class DTLabConfig(PretrainedConfig):
 
     def __init__(self, **kwargs: Any) -> None:
         check_rope(kwargs.pop("rope_scaling", None), kwargs.pop("rope_parameters", None), kwargs)
-        own = {**SHAPE_DEFAULTS, **COMMON_DEFAULTS, **self.VARIANT_DEFAULTS}
+        own = self.defaults()
         for key, default in own.items():
             setattr(self, key, kwargs.pop(key, default))
         tie = self.tie_word_embeddings
@@ -106,7 +106,7 @@ class DTLabConfig(PretrainedConfig):
 
     @classmethod
     def field_names(cls) -> tuple[str, ...]:
-        return tuple({**SHAPE_DEFAULTS, **COMMON_DEFAULTS, **cls.VARIANT_DEFAULTS})
+        return tuple(cls.defaults())
 
     @property
     def head_dim(self) -> int:
@@ -127,7 +127,28 @@ class DTLabConfig(PretrainedConfig):
         """The routing modes that mean something for this model: a dense model has one."""
         return ROUTING_MODES if self.capacity_key else ROUTING_MODES[:1]
 
+    @classmethod
+    def defaults(cls) -> dict[str, Any]:
+        return {**SHAPE_DEFAULTS, **COMMON_DEFAULTS, **cls.VARIANT_DEFAULTS}
+
+    def check_types(self) -> None:
+        """Each field has its default's type (an int where a float is expected is fine), and no
+        number is NaN or infinite: `mod_aux_loss_weight=abc` or `.nan` is refused by name."""
+        for key, default in self.defaults().items():
+            value = getattr(self, key)
+            if isinstance(default, bool):
+                ok = isinstance(value, bool)
+            elif isinstance(default, (int, float)):
+                ok = isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
+                ok = ok and (isinstance(value, int) or not isinstance(default, int))
+            else:
+                ok = isinstance(value, type(default))
+            if not ok:
+                kind = {bool: "true or false", int: "an integer", float: "a finite number", str: "a string"}
+                raise ValueError(f"{key}={value!r}: expected {kind.get(type(default), type(default).__name__)}")
+
     def check_fields(self) -> None:
+        self.check_types()
         for key in ("vocab_size", "hidden_size", "intermediate_size", "num_hidden_layers",
                     "num_attention_heads", "num_key_value_heads", "max_position_embeddings",
                     "loss_chunk_tokens"):

@@ -1,12 +1,21 @@
-"""Checkpoints of a run: `checkpoints/last` (resume) and `checkpoints/best` (lowest validation loss).
+"""Checkpoints of a run: `checkpoints/last` (resume) and `checkpoints/best` (lowest headline loss).
 
-Each holds the model as `save_pretrained` writes it (safetensors weights that reload with
-`AutoModelForCausalLM`) and `trainer_state.pt`: optimizer, schedule, grad scaler and the loop's
-counters. The resume path and the evaluation path both go through `save` and `load` here.
+A checkpoint is a directory `checkpoints/step-NNNNNNN/` holding the model as `save_pretrained`
+writes it (safetensors that reload with `AutoModelForCausalLM`) and the trainer's state without
+pickle: `optimizer.safetensors` (the optimizer's tensors) and `trainer_state.json` (optimizer
+hyperparameters, schedule, grad scaler, the loop's counters). It is written under a temporary name
+and renamed once complete; `last` and `best` are relative symlinks to such directories, replaced
+atomically (`os.replace`) afterwards. A crash at any moment leaves the old checkpoint or the new one,
+never neither. The resume path and the evaluation path both go through `save` and `load` here.
+
+A run directory is trusted input all the same: only checkpoints in this format, or older ones whose
+`trainer_state.pt` loads with `torch.load(weights_only=True)`, are read.
 """
 
 from __future__ import annotations
 
+import json
+import math
 import os
 import shutil
 from pathlib import Path
@@ -15,6 +24,12 @@ from typing import Any
 import torch
 
 LAST, BEST = "last", "best"
+FORMAT = 1
+FILES = ("model.safetensors", "optimizer.safetensors", "trainer_state.json")
+
+
+class CheckpointError(ValueError):
+    """A checkpoint that cannot be read safely or does not fit the run; the message names the file."""
 
 
 def unwrap(model: torch.nn.Module) -> torch.nn.Module:
@@ -26,50 +41,176 @@ def last_checkpoint(run_dir: Path) -> Path:
     return run_dir / "checkpoints" / LAST
 
 
+_FAULTS: dict[str, int] = {}
+
+
+def fault(point: str) -> None:
+    """Tests kill the process at a named point of the N-th save (DTLAB_FAULT=point:N, N = 1 when
+    left out) with SIGKILL: a real crash at a known place, not a race with a sleep."""
+    want = os.environ.get("DTLAB_FAULT", "")
+    name, _, nth = want.partition(":")
+    if name != point:
+        return
+    _FAULTS[point] = _FAULTS.get(point, 0) + 1
+    if _FAULTS[point] == int(nth or 1):
+        import signal
+
+        os.kill(os.getpid(), signal.SIGKILL)
+
+
+# ---- the optimizer's state as tensors + JSON ---------------------------------------------------------
+def _optimizer_split(state: dict[str, Any]) -> tuple[dict[str, torch.Tensor], dict[str, Any]]:
+    tensors, scalars = {}, {}
+    for idx, per_param in state["state"].items():
+        for name, value in per_param.items():
+            if isinstance(value, torch.Tensor):
+                tensors[f"state.{idx}.{name}"] = value.detach().cpu().contiguous()
+            else:
+                scalars[f"{idx}.{name}"] = value
+    return tensors, {"param_groups": state["param_groups"], "scalars": scalars}
+
+
+def _optimizer_join(tensors: dict[str, torch.Tensor], meta: dict[str, Any]) -> dict[str, Any]:
+    state: dict[int, dict[str, Any]] = {}
+    for key, value in tensors.items():
+        _, idx, name = key.split(".", 2)
+        state.setdefault(int(idx), {})[name] = value
+    for key, value in meta["scalars"].items():
+        idx, name = key.split(".", 1)
+        state.setdefault(int(idx), {})[name] = value
+    return {"state": state, "param_groups": meta["param_groups"]}
+
+
+def _finite(value: Any) -> Any:
+    """JSON has no infinity: an unset best loss is written as null."""
+    return None if isinstance(value, float) and not math.isfinite(value) else value
+
+
+# ---- save ------------------------------------------------------------------------------------------------
 def save(run_dir: Path, model, optimizer, scheduler, scaler, state: dict[str, Any], best: bool) -> Path:
-    """Write `last` (and copy it to `best` when `best`); returns the `last` directory."""
+    """Write the checkpoint of `state["step"]`, point `last` (and `best` when `best`) at it, drop the
+    ones neither points at; returns its directory."""
+    from safetensors.torch import save_file
     from transformers.utils import logging as hf_logging
 
     hf_logging.disable_progress_bar()
     ckpt = run_dir / "checkpoints"
     ckpt.mkdir(parents=True, exist_ok=True)
-    tmp = ckpt / f".{LAST}.tmp"
+    name = _free_name(ckpt, f"step-{state['step']:07d}")
+    tmp = ckpt / f".{name}.tmp"
     shutil.rmtree(tmp, ignore_errors=True)
     unwrap(model).save_pretrained(tmp)
-    torch.save({"optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict(),
-                "scaler": scaler.state_dict() if scaler is not None else None, **state}, tmp / "trainer_state.pt")
-    last, old = ckpt / LAST, ckpt / f".{LAST}.old"
-    shutil.rmtree(old, ignore_errors=True)
-    if last.exists():
-        os.replace(last, old)
-    os.replace(tmp, last)
-    shutil.rmtree(old, ignore_errors=True)
+    tensors, meta = _optimizer_split(optimizer.state_dict())
+    save_file(tensors, str(tmp / "optimizer.safetensors"))
+    trainer = {"format": FORMAT, "optimizer": meta, "scheduler": scheduler.state_dict(),
+               "scaler": scaler.state_dict() if scaler is not None else None,
+               **{k: _finite(v) for k, v in state.items()}}
+    (tmp / "trainer_state.json").write_text(json.dumps(trainer, indent=1))
+    os.replace(tmp, ckpt / name)
+    fault("checkpoint-written")
+    _point(ckpt, LAST, name)
+    fault("checkpoint-last")
     if best:
-        shutil.rmtree(ckpt / f".{BEST}.tmp", ignore_errors=True)
-        shutil.copytree(last, ckpt / f".{BEST}.tmp")
-        shutil.rmtree(ckpt / BEST, ignore_errors=True)
-        os.replace(ckpt / f".{BEST}.tmp", ckpt / BEST)
-    return last
+        _point(ckpt, BEST, name)
+    _prune(ckpt)
+    return ckpt / name
+
+
+def _free_name(ckpt: Path, name: str) -> str:
+    n, out = 1, name
+    while (ckpt / out).exists():
+        n, out = n + 1, f"{name}-{n}"
+    return out
+
+
+def _point(ckpt: Path, link: str, target: str) -> None:
+    """`ckpt/link` -> `target`, atomically. A run of an older dtlab has real directories there:
+    they become ordinary checkpoint directories first."""
+    path = ckpt / link
+    if path.is_dir() and not path.is_symlink():
+        legacy = _free_name(ckpt, f"legacy-{link}")
+        os.replace(path, ckpt / legacy)
+        os.symlink(legacy, path)
+    new = ckpt / f".{link}.new"
+    if new.is_symlink() or new.exists():
+        new.unlink()
+    os.symlink(target, new)
+    os.replace(new, path)
+
+
+def _prune(ckpt: Path) -> None:
+    keep = {os.readlink(ckpt / link) for link in (LAST, BEST) if (ckpt / link).is_symlink()}
+    for path in ckpt.iterdir():
+        stale_tmp = path.name.startswith(".") and path.name.endswith(".tmp")
+        if (path.is_dir() and not path.is_symlink() and path.name not in keep
+                and (path.name.startswith(("step-", "legacy-")) or stale_tmp)):
+            shutil.rmtree(path, ignore_errors=True)
+
+
+# ---- check and load -----------------------------------------------------------------------------------------
+def problem(path: Path) -> str | None:
+    """Why the checkpoint at `path` cannot be resumed from, or None (it looks complete)."""
+    if not path.exists():
+        return f"{path} does not exist" + (" (a broken link)" if path.is_symlink() else "")
+    legacy = (path / "trainer_state.pt").is_file() and not (path / "trainer_state.json").is_file()
+    needed = ("model.safetensors", "trainer_state.pt") if legacy else FILES
+    missing = [f for f in needed if not (path / f).is_file()]
+    if missing:
+        return f"{path} lacks {', '.join(missing)}"
+    for name in needed:
+        if name.endswith(".safetensors"):
+            try:
+                from safetensors import safe_open
+
+                with safe_open(str(path / name), "pt") as f:
+                    f.keys()
+            except Exception as err:  # a truncated or foreign file
+                return f"{path / name} is not readable ({type(err).__name__}: {err})"
+    if not legacy:
+        try:
+            json.loads((path / "trainer_state.json").read_text())
+        except (json.JSONDecodeError, UnicodeDecodeError) as err:
+            return f"{path / 'trainer_state.json'} is not valid JSON ({err})"
+    return None
 
 
 def load(path: Path, model, optimizer, scheduler, scaler) -> dict[str, Any]:
     """Restore model, optimizer, schedule and scaler from `path`; returns the loop's counters."""
     from safetensors.torch import load_file
 
+    why = problem(path)
+    if why:
+        raise CheckpointError(why)
     target = unwrap(model)
-    state = load_file(path / "model.safetensors", device=str(next(target.parameters()).device))
+    state = load_file(str(path / "model.safetensors"), device=str(next(target.parameters()).device))
     missing, unexpected = target.load_state_dict(state, strict=False)
     tied = target.config.tie_word_embeddings
     # the head of a tied model is the embedding; a run saved before the schedule step was kept sets it anyway
     missing = [k for k in missing if not (tied and k == "lm_head.weight") and k != "model.schedule_step"]
     if missing or unexpected:
-        raise ValueError(f"checkpoint {path} does not fit the model: missing {missing}, unexpected {unexpected}")
+        raise CheckpointError(f"{path} does not fit the model: missing {missing}, unexpected {unexpected}")
     if tied:
         target.tie_weights()
-    trainer = torch.load(path / "trainer_state.pt", map_location="cpu", weights_only=False)
+    trainer = _trainer_state(path)
     optimizer.load_state_dict(trainer.pop("optimizer"))
     scheduler.load_state_dict(trainer.pop("scheduler"))
     scaler_state = trainer.pop("scaler")
     if scaler is not None and scaler_state is not None:
         scaler.load_state_dict(scaler_state)
+    if trainer.get("best_val") is None:
+        trainer["best_val"] = math.inf
     return trainer
+
+
+def _trainer_state(path: Path) -> dict[str, Any]:
+    if (path / "trainer_state.json").is_file():
+        from safetensors.torch import load_file
+
+        trainer = json.loads((path / "trainer_state.json").read_text())
+        trainer["optimizer"] = _optimizer_join(load_file(str(path / "optimizer.safetensors")), trainer["optimizer"])
+        return trainer
+    try:  # a checkpoint of an older dtlab: only plain tensors and containers, never code
+        return torch.load(path / "trainer_state.pt", map_location="cpu", weights_only=True)
+    except Exception as err:
+        raise CheckpointError(f"{path / 'trainer_state.pt'} is not a plain checkpoint (it would run code or is "
+                              f"damaged: {type(err).__name__}); refusing to load it") from None

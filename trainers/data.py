@@ -86,6 +86,15 @@ def _local_files(source: str) -> list[Path]:
     kinds = {LOCAL_BUILDERS[p.suffix.lower()] for p in files}
     if len(kinds) > 1:
         raise SpecError(f"data.source={source!r}: mixes file kinds {sorted(kinds)}; use one kind per source")
+    for f in files if kinds != {"parquet"} else []:  # what `datasets` would fail on with a vague message
+        if f.stat().st_size == 0:
+            raise SpecError(f"data.source: {f} is empty")
+        try:
+            with f.open(encoding="utf-8") as handle:
+                while handle.read(1 << 20):
+                    pass
+        except UnicodeDecodeError as err:
+            raise SpecError(f"data.source: {f} is not UTF-8 text (byte {err.start}: {err.reason})") from None
     return files
 
 
@@ -109,6 +118,7 @@ def load_documents(spec: DataSpec) -> Corpus:
     else:
         import datasets
 
+        datasets.disable_progress_bars()  # a quiet terminal; errors are said in one line
         if _looks_local(spec.source):
             files = _local_files(spec.source)
             builder = LOCAL_BUILDERS[files[0].suffix.lower()]

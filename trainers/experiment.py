@@ -15,7 +15,7 @@ MARKER = "experiment.json"
 
 def run_experiment(spec: Spec, out: str | Path | None, resume: bool = False, force: bool = False,
                    use_ray: bool | None = None, source: str = "spec", log=print) -> dict[str, Any]:
-    from dtlab.analysis.report import write_report
+    from dtlab.analysis.report import check_report_targets, write_report
 
     from .data import prepare_data
     from .runner import check_fit, holds_run, prepare_run_dir
@@ -30,6 +30,12 @@ def run_experiment(spec: Spec, out: str | Path | None, resume: bool = False, for
         specs = {(v, s): spec.for_run(v, s) for v, s in plan}
         for sub in specs.values():  # every run's input is checked before the first one starts
             check_fit(sub, prepare_data(sub.data), sub.resources.num_workers)
+        if out.exists() and not out.is_dir():
+            raise SpecError(f"--out {out}: is a file, not an experiment directory")
+        if out.is_dir() and any(out.iterdir()) and not (out / MARKER).is_file():
+            raise SpecError(f"--out {out}: holds something that is not a dtlab experiment (a single run, or your "
+                            "own files); choose an empty or new directory (nothing there is overwritten)")
+        check_report_targets(out / "report.html")  # before training, not after it
         if out.exists() and (out / MARKER).is_file():
             if not (resume or force):
                 raise SpecError(f"{out} already holds an experiment: pass --resume to continue it or --force to "
@@ -51,6 +57,6 @@ def run_experiment(spec: Spec, out: str | Path | None, resume: bool = False, for
                 continue
             log(f"== {variant}, seed {seed} -> {run_dir}")
             run_training(sub, run_dir, resume=holds_run(run_dir), use_ray=use_ray, log=log)
-    report = write_report([out], out / "report.html", force=True)
+    report = write_report([out], out / "report.html")
     log(f"report: {report.html.resolve()}")
     return {"out": str(out), "report": str(report.html), "charts": report.charts, "problems": report.problems}

@@ -35,7 +35,7 @@ from .checkpoint import unwrap
 from .data import load_prepared
 from .device import Precision, detect_device, detect_precision, synchronize
 from .evaluation import evaluate, flat_stats
-from .records import METRICS, JsonlWriter, rewrite_jsonl
+from .records import METRICS, JsonlWriter, read_jsonl, rewrite_jsonl
 from .spec import Spec
 
 
@@ -159,6 +159,7 @@ class RunState:
     step: int = 0
     best_val: float = math.inf
     last_eval: dict[str, Any] = field(default_factory=dict)
+    resumed: bool = False  # from a checkpoint: its step's evaluation is already on record
 
     @property
     def target(self) -> models.DTLabForCausalLM:
@@ -223,13 +224,19 @@ def setup(config: dict[str, Any], hooks: Hooks) -> RunState:
 
 
 def resume(state: RunState) -> None:
-    """Restore the last checkpoint; records past it are dropped (they are logged again, identically)."""
+    """Restore the last checkpoint. Records past it are dropped (they are logged again, identically);
+    its own evaluation record is restored if a crash came between the checkpoint and the record."""
     path = checkpoint.last_checkpoint(state.run_dir)
     saved = checkpoint.load(path, state.model, state.optimizer, state.scheduler, state.scaler)
     state.step, state.best_val, state.last_eval = saved["step"], saved["best_val"], saved.get("last_eval", {})
+    state.resumed = True
     if state.rank == 0:
-        rewrite_jsonl(state.run_dir / METRICS, lambda r: r.get("step", 0) <= state.step)
-        state.hooks.log(f"resumed from {path} at step {state.step}")
+        metrics = state.run_dir / METRICS
+        rewrite_jsonl(metrics, lambda r: r.get("step", 0) <= state.step)
+        if state.last_eval and not any(r.get("kind") == "eval" and r["step"] == state.step
+                                       for r in read_jsonl(metrics).records):
+            rewrite_jsonl(metrics, lambda r: True, append=[state.last_eval])
+        state.hooks.log(f"resumed from {path.resolve().name} at step {state.step}")
 
 
 def start_records(state: RunState) -> None:
@@ -321,13 +328,14 @@ def log_step(state: RunState, meter: Meter, last: StepResult) -> None:
 
 
 def evaluate_and_save(state: RunState) -> dict[str, Any]:
-    """An evaluation record, the checkpoints (`best` when the loss improved), a report to the runner."""
+    """An evaluation, the checkpoints (`best` when the headline loss improved), then its record and
+    a report to the runner. The checkpoint holds the record too: a crash between the two loses
+    nothing (`resume` restores the record), and a record never outlives its checkpoint."""
     tokens = state.info["tokens_per_step"]
     record = {"kind": "eval", "step": state.step, "tokens_seen": state.step * tokens,
               "train_flops": state.step * tokens * state.info["flops_per_token"],
               "done": state.step >= state.total_steps,
               **evaluate(state.model, state.val, state.spec, state.precision, state.device, state.rank, state.world)}
-    state.write(record)
     improved = record["val_loss"] < state.best_val
     state.best_val, state.last_eval = min(state.best_val, record["val_loss"]), record
     path = None
@@ -335,6 +343,7 @@ def evaluate_and_save(state: RunState) -> dict[str, Any]:
         counters = {"step": state.step, "best_val": state.best_val, "last_eval": record, "info": state.info}
         path = checkpoint.save(state.run_dir, state.model, state.optimizer, state.scheduler, state.scaler,
                                counters, improved)
+    state.write(record)
     if state.rank == 0:
         topk = f", top-k {record['val_loss_topk']:.4f}" if record["routing_mode"] != "topk" else ""
         state.hooks.log(f"eval step {state.step}: val_loss {record['val_loss']:.4f} ({record['routing_mode']} "
@@ -363,10 +372,10 @@ def train(config: dict[str, Any], hooks: Hooks | None = None) -> dict[str, Any]:
     state = setup(config, hooks or Hooks())
     tcfg = state.spec.training
     try:
-        if state.step == 0:
+        if state.step == 0 and not state.resumed:
             prime(state)
-        if state.step == 0 and tcfg.eval_at_start:
-            evaluate_and_save(state)
+            if tcfg.eval_at_start:
+                evaluate_and_save(state)
         elif state.step >= state.total_steps and state.last_eval:  # resumed with nothing left: say so once
             state.hooks.report(scalars(state.last_eval), None)
         meter = Meter()

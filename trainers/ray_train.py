@@ -40,6 +40,18 @@ class RayHooks(Hooks):
         export_record(record)
 
 
+def init_ray(dashboard_host: str = "127.0.0.1"):
+    """Join the cluster at RAY_ADDRESS, or start a local one that listens on 127.0.0.1 only (its
+    GCS, raylet, workers and dashboard): a run on a laptop is no service to the network."""
+    import os
+
+    import ray
+
+    address = os.environ.get("RAY_ADDRESS")
+    local = {} if address else {"_node_ip_address": "127.0.0.1"}
+    return ray.init(address=address, include_dashboard=True, dashboard_host=dashboard_host, **local)
+
+
 def ray_worker(config: dict[str, Any]) -> None:
     train(config, RayHooks())
 
@@ -63,7 +75,7 @@ def train_with_ray(config: dict[str, Any], spec: Spec, log=print) -> dict[str, A
     from ray.train.torch import TorchTrainer
 
     if not ray.is_initialized():
-        ray.init(include_dashboard=True, dashboard_host="127.0.0.1")
+        init_ray()
     run_dir = Path(config["run_dir"])
     trainer = TorchTrainer(
         ray_worker,

@@ -56,12 +56,12 @@ def read_jsonl(path: str | os.PathLike) -> Jsonl:
     return out
 
 
-def rewrite_jsonl(path: str | os.PathLike, keep: Callable[[dict[str, Any]], bool]) -> None:
-    """Keep only the records `keep` accepts (lines that do not parse go), replacing the file at once."""
+def rewrite_jsonl(path: str | os.PathLike, keep: Callable[[dict[str, Any]], bool],
+                  append: list[dict[str, Any]] = ()) -> None:
+    """Keep only the records `keep` accepts (lines that do not parse go), then `append`, replacing the
+    file at once."""
     path = Path(path)
-    if not path.is_file():
-        return
-    kept = [r for r in read_jsonl(path).records if keep(r)]
+    kept = [r for r in read_jsonl(path).records if keep(r)] + list(append)
     tmp = path.with_name(f".{path.name}.tmp")
     tmp.write_text("".join(json.dumps(r) + "\n" for r in kept))
     os.replace(tmp, path)

@@ -8,6 +8,7 @@ work starts and before anything is written.
 from __future__ import annotations
 
 import json
+import os
 import platform
 import shutil
 import subprocess
@@ -56,8 +57,8 @@ def model_shape(spec: Spec) -> dict[str, Any]:
     return {"vocab_size": shape["vocab_size"], "max_positions": shape.get("max_position_embeddings", 32768)}
 
 
-def check_fit(spec: Spec, data: Prepared, world: int) -> None:
-    shape = model_shape(spec)
+def check_fit(spec: Spec, data: Prepared, world: int, shape: dict[str, Any] | None = None) -> None:
+    shape = shape or model_shape(spec)
     if not spec.training.from_scratch and not spec.data.tokenizer:
         raise SpecError("data.tokenizer: transfer from a pretrained checkpoint needs its tokenizer "
                         f"(for example data.tokenizer={spec.model.pretrained!r})")
@@ -73,21 +74,101 @@ def check_fit(spec: Spec, data: Prepared, world: int) -> None:
                         f"batch of training.batch_size={spec.training.batch_size} x {world} worker(s)")
 
 
-def prepare_run_dir(run_dir: Path, resume: bool, force: bool, log=print) -> None:
+def check_out(path: Path, what: str = "run") -> None:
+    """`--out` can become a directory of ours: not a file, not inside a file, somewhere writable."""
+    if path.exists() and not path.is_dir():
+        raise SpecError(f"--out {path}: is a file, not a {what} directory; choose another --out")
+    parent = next((p for p in [path, *path.parents] if p.exists()), Path("."))
+    if not parent.is_dir():
+        raise SpecError(f"--out {path}: {parent} is a file, not a directory")
+    if not os.access(parent, os.W_OK | os.X_OK):
+        raise SpecError(f"--out {path}: {parent} is not writable; choose another --out")
+
+
+def check_resume(run_dir: Path, spec: Spec) -> None:
+    """Before anything is written: the run in `run_dir` can continue where it stopped, with the same
+    model and data, from a readable checkpoint (else its records would be logged twice)."""
+    from .checkpoint import last_checkpoint, problem
+    from .records import read_jsonl
+
+    old = _read_mapping(run_dir / "spec.yaml")
+    new = spec.model_dump(mode="json")
+    changed = [f"{section}.{key}: {old.get(section, {}).get(key)!r} -> {new[section].get(key)!r}"
+               for section in ("model", "data") for key in sorted(set(old.get(section) or {}) | set(new[section]))
+               if (old.get(section) or {}).get(key) != new[section].get(key)]
+    if changed:
+        raise SpecError(f"--resume: {run_dir} was started with another model or data ({'; '.join(changed[:3])}); "
+                        "resume it with the spec it was started with, or --force to set it aside")
+    why = problem(last_checkpoint(run_dir))
+    if why and read_jsonl(run_dir / METRICS).records:
+        raise SpecError(f"--resume: cannot continue {run_dir}: {why}, so its records would be repeated; "
+                        "--force sets the run aside and starts afresh")
+
+
+def _read_mapping(path: Path) -> dict[str, Any]:
+    import yaml
+
+    try:
+        raw = yaml.safe_load(path.read_text(encoding="utf-8"))
+    except (OSError, UnicodeDecodeError, yaml.YAMLError) as err:
+        raise SpecError(f"--resume: {path} is not readable ({type(err).__name__}); the run cannot be checked") from None
+    if not isinstance(raw, dict):
+        raise SpecError(f"--resume: {path} is not a mapping of spec sections; the run cannot be checked")
+    return raw
+
+
+class RunFailed(RuntimeError):
+    """Training started and then failed (a worker died, the disk filled up): the message says how
+    to continue (`--resume`)."""
+
+
+def check_resources(spec: Spec, use_ray: bool) -> None:
+    """Workers, device and precision this machine can give, before anything is read or written (on
+    a Ray cluster, RAY_ADDRESS set, the cluster's devices are not this machine's: Ray decides)."""
+    res = spec.resources
+    if res.num_workers > 1 and not use_ray:
+        raise SpecError(f"resources.num_workers={res.num_workers} needs Ray (drop --no-ray, or "
+                        "resources.use_ray=true) or a single worker")
+    if use_ray and os.environ.get("RAY_ADDRESS"):
+        return
+    from .device import detect_device, detect_precision
+
+    try:
+        detect_precision(detect_device(res.device), res.precision)
+    except ValueError as err:
+        raise SpecError(f"resources: {err}") from None
+
+
+def check_run_dir(run_dir: Path, resume: bool, force: bool, spec: Spec | None = None) -> None:
+    """Everything about `--out`, `--resume` and `--force` that can be refused, refused; nothing written."""
     if resume and force:
         raise SpecError("--resume and --force contradict each other: resume keeps the run, force sets it aside")
+    check_out(run_dir)
+    if holds_run(run_dir):
+        if resume and spec is not None:
+            check_resume(run_dir, spec)
+        elif not (resume or force):
+            raise SpecError(f"{run_dir} already holds a run: pass --resume to continue it or --force to set it aside "
+                            "and start afresh (nothing is overwritten)")
+    elif resume:
+        raise SpecError(f"--resume: {run_dir} holds no run to continue")
+    elif run_dir.is_dir() and any(run_dir.iterdir()):
+        raise SpecError(f"--out {run_dir}: not empty and holds no dtlab run; choose an empty or new directory "
+                        "(nothing there is overwritten)")
+
+
+def prepare_run_dir(run_dir: Path, resume: bool, force: bool, log=print) -> None:
+    check_run_dir(run_dir, resume, force)
     if holds_run(run_dir):
         if resume:
             return
-        if not force:
-            raise SpecError(f"{run_dir} already holds a run: pass --resume to continue it or --force to set it aside "
-                            "and start afresh (nothing is overwritten)")
         backup = run_dir.with_name(f"{run_dir.name}.old-{time.strftime('%Y%m%d-%H%M%S')}")
         shutil.move(str(run_dir), backup)
         log(f"moved the existing run to {backup}")
-    elif resume:
-        raise SpecError(f"--resume: {run_dir} holds no run to continue")
-    run_dir.mkdir(parents=True, exist_ok=True)
+    try:
+        run_dir.mkdir(parents=True, exist_ok=True)
+    except OSError as err:
+        raise SpecError(f"--out {run_dir}: cannot create it ({err.strerror})") from None
 
 
 def default_run_dir(spec: Spec) -> Path:
@@ -96,11 +177,10 @@ def default_run_dir(spec: Spec) -> Path:
 
 def write_run_files(run_dir: Path, spec: Spec, data: Prepared, resume: bool) -> None:
     spec_text = dump_spec(spec)
-    if resume and (run_dir / "spec.yaml").is_file():
-        old = (run_dir / "spec.yaml").read_text()
-        if old != spec_text:
+    if resume and (run_dir / "spec.yaml").is_file():  # the run's own files stay; a changed spec goes beside
+        if (run_dir / "spec.yaml").read_text() != spec_text:
             (run_dir / f"spec.resumed-{time.strftime('%Y%m%d-%H%M%S')}.yaml").write_text(spec_text)
-            return
+        return
     (run_dir / "spec.yaml").write_text(spec_text)
     if data.meta.get("tokenizer_file"):
         shutil.copyfile(data.meta["tokenizer_file"], run_dir / "tokenizer.json")
@@ -112,29 +192,46 @@ def write_run_files(run_dir: Path, spec: Spec, data: Prepared, resume: bool) -> 
     (run_dir / "run.json").write_text(json.dumps(run, indent=1))
 
 
+def launch(config: dict[str, Any], spec: Spec, run_dir: Path, use_ray: bool, hooks, log) -> dict[str, Any]:
+    """Train; a failure once training has started is a `RunFailed` that says how to continue."""
+    resume_hint = f"continue with --resume (--out {run_dir})"
+    try:
+        if use_ray:
+            from .ray_train import train_with_ray
+
+            return train_with_ray(config, spec, log=log)
+        from .loop import train
+
+        return train(config, hooks)
+    except OSError as err:
+        where = f" ({err.filename})" if getattr(err, "filename", None) else ""
+        raise RunFailed(f"training stopped: {err.strerror or err}{where}; {resume_hint}") from err
+    except Exception as err:
+        if type(err).__module__.split(".")[0] == "ray":  # a worker died or its process group failed
+            first = str(err).strip().splitlines()[0] if str(err).strip() else ""
+            raise RunFailed(f"training failed in a Ray worker ({type(err).__name__}: {first[:200]}); "
+                            f"{resume_hint}") from err
+        if type(err).__name__ == "SafetensorError":  # e.g. the disk filled up while writing a checkpoint
+            raise RunFailed(f"writing a checkpoint failed ({err}); {resume_hint}") from err
+        raise
+
+
 def run_training(spec: Spec, out: str | Path | None = None, resume: bool = False, force: bool = False,
                  use_ray: bool | None = None, hooks=None, log=print) -> dict[str, Any]:
     """Check, lay out and run one training run; returns the last evaluation record."""
     use_ray = spec.resources.use_ray if use_ray is None else use_ray
-    world = spec.resources.num_workers
-    data = prepare_data(spec.data)
-    check_fit(spec, data, world)
     run_dir = Path(out) if out else default_run_dir(spec)
-    prepare_run_dir(run_dir, resume, force, log)
+    check_resources(spec, use_ray)  # what needs no data is refused before data are prepared
+    check_run_dir(run_dir, resume, force, spec)
+    shape = model_shape(spec)  # a checkpoint that is not there is said before data are prepared
+    data = prepare_data(spec.data)
+    check_fit(spec, data, spec.resources.num_workers, shape)
+    prepare_run_dir(run_dir, resume, force, log)  # the first write
     write_run_files(run_dir, spec, data, resume)
     config = {"spec": spec.model_dump(mode="json"), "run_dir": str(run_dir.resolve()), "data_dir": str(data.path),
               "resume": resume}
     log(f"run directory: {run_dir}")
-    if use_ray:
-        from .ray_train import train_with_ray
-
-        result = train_with_ray(config, spec, log=log)
-    else:
-        if world > 1:
-            raise SpecError("resources.num_workers > 1 needs Ray (resources.use_ray=true) or torchrun")
-        from .loop import train
-
-        result = train(config, hooks)
+    result = launch(config, spec, run_dir, use_ray, hooks, log)
     record = {k: v for k, v in (result or {}).items() if not isinstance(v, dict)}
     if record:
         log("final: " + ", ".join(f"{k} {v:.4f}" if isinstance(v, float) else f"{k} {v}" for k, v in record.items()))

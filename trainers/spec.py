@@ -12,7 +12,7 @@ from __future__ import annotations
 
 import math
 from pathlib import Path
-from typing import Any, Literal
+from typing import Annotated, Any, Literal
 
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_serializer, model_validator
@@ -42,7 +42,8 @@ def model_section_for(model: dict[str, Any], variant: str) -> dict[str, Any]:
 
 
 class Strict(BaseModel):
-    model_config = ConfigDict(extra="forbid", validate_assignment=True)
+    # no NaN or infinity anywhere: `lr: .inf` or a NaN weight is refused, never trained with
+    model_config = ConfigDict(extra="forbid", validate_assignment=True, allow_inf_nan=False)
 
 
 class ModelSpec(BaseModel):
@@ -53,7 +54,7 @@ class ModelSpec(BaseModel):
     applies only to the variants that have it.
     """
 
-    model_config = ConfigDict(extra="allow")
+    model_config = ConfigDict(extra="allow", allow_inf_nan=False)
     type: Literal["standard", "mod", "dtf"] = "standard"
     size: str = "debug"
     pretrained: str | None = None  # hub name or local Qwen2/Qwen2.5 directory, for transfer
@@ -89,7 +90,7 @@ class DataSpec(Strict):
 
 class OptimizerSpec(Strict):
     lr: float = Field(3e-3, gt=0.0)
-    betas: tuple[float, float] = (0.9, 0.95)
+    betas: tuple[Annotated[float, Field(ge=0.0, lt=1.0)], Annotated[float, Field(ge=0.0, lt=1.0)]] = (0.9, 0.95)
     weight_decay: float = Field(0.1, ge=0.0)
     eps: float = Field(1e-8, gt=0.0)
 
@@ -206,8 +207,8 @@ class SweepSpec(Strict):
 class Spec(Strict):
     name: str = "experiment"
     description: str = ""
-    seed: int = 0
-    seeds: list[int] | None = None  # replicates, for experiments and sweeps
+    seed: int = Field(0, ge=0)
+    seeds: list[Annotated[int, Field(ge=0)]] | None = Field(None, min_length=1)  # replicates (experiments, sweeps)
     # compared by `dtlab run`; `dense_control` is Standard at the depth whose training FLOPs per token
     # match the routed variants' (a compute-matched dense baseline)
     variants: list[Literal["standard", "mod", "dtf", "dense_control"]] | None = None
@@ -350,11 +351,20 @@ def load_spec(path: str | Path, overrides: list[str] | None = None) -> Spec:
     """Read, override (`key.path=value`, values parsed as YAML) and validate a spec file."""
     path = Path(path)
     if not path.is_file():
-        raise SpecError(f"{path}: no such spec file")
+        raise SpecError(f"{path}: no such spec file" + (" (it is a directory)" if path.is_dir() else ""))
     try:
-        raw = yaml.safe_load(path.read_text()) or {}
+        text = path.read_text(encoding="utf-8")
+    except UnicodeDecodeError:
+        raise SpecError(f"{path}: not a text file (UTF-8 YAML expected)") from None
+    except OSError as err:
+        raise SpecError(f"{path}: cannot read it ({err.strerror})") from None
+    try:
+        raw = yaml.safe_load(text)
     except yaml.YAMLError as err:
-        raise SpecError(f"{path}: not valid YAML: {err}") from err
+        raise SpecError(f"{path}: not valid YAML: {' '.join(str(err).split())}") from None
+    if raw is None:
+        raise SpecError(f"{path}: the spec file is empty: expected sections such as model, data, training "
+                        "(see experiments/quick.yaml)")
     if not isinstance(raw, dict):
         raise SpecError(f"{path}: expected a mapping of sections at the top level")
     return spec_from_dict(apply_overrides(raw, list(overrides or [])), str(path))

@@ -13,7 +13,6 @@ from __future__ import annotations
 import json
 import math
 import os
-import pickle
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -181,28 +180,34 @@ class Replicates(_searcher_base()):
         if self.base_of.get(trial_id) == trial_id:
             self.searcher.on_trial_result(trial_id, result)
 
+    def _metrics(self) -> list[str]:
+        return self.searcher.metric if isinstance(self.searcher.metric, list) else [self.searcher.metric]
+
     def on_trial_complete(self, trial_id: str, result: dict | None = None, error: bool = False) -> None:
         base = self.base_of.get(trial_id)
         if base is None:
             return
-        self.results.setdefault(base, {})[trial_id] = None if error else result
+        kept = None if error or not result else {m: float(result[m]) for m in self._metrics() if m in result}
+        self.results.setdefault(base, {})[trial_id] = kept
         done = self.results[base]
         if len(done) < len(self.seeds):
             return
         good = [r for r in done.values() if r]
-        metrics = self.searcher.metric if isinstance(self.searcher.metric, list) else [self.searcher.metric]
-        mean = {m: sum(r[m] for r in good) / len(good) for m in metrics if good and all(m in r for r in good)}
+        mean = {m: sum(r[m] for r in good) / len(good) for m in self._metrics() if good and all(m in r for r in good)}
         self.searcher.on_trial_complete(base, mean or None, error=not good)
 
     def save(self, checkpoint_path: str) -> None:
-        state = {k: v for k, v in self.__dict__.items() if k != "searcher"}
-        with open(checkpoint_path, "wb") as f:
-            pickle.dump(state, f)
+        """The replicate bookkeeping as JSON (the wrapped searcher saves itself, beside it)."""
+        state = {"seeds": self.seeds, "queue": self.queue, "base_of": self.base_of, "configs": self.configs,
+                 "results": self.results}
+        Path(checkpoint_path).write_text(json.dumps(state))
         self.searcher.save(checkpoint_path + ".inner")
 
     def restore(self, checkpoint_path: str) -> None:
-        with open(checkpoint_path, "rb") as f:
-            self.__dict__.update(pickle.load(f))
+        state = json.loads(Path(checkpoint_path).read_text())
+        self.seeds, self.base_of, self.configs, self.results = (state["seeds"], state["base_of"], state["configs"],
+                                                                state["results"])
+        self.queue = [tuple(q) for q in state["queue"]]
         self.searcher.restore(checkpoint_path + ".inner")
 
 
@@ -304,8 +309,9 @@ def run_sweep(spec: Spec, out: str | Path, resume: bool = False, force: bool = F
     from ray import tune
 
     if not ray.is_initialized():
-        ctx = ray.init(address=os.environ.get("RAY_ADDRESS"), include_dashboard=True,
-                       dashboard_host=spec.sweep.dashboard_host)
+        from .ray_train import init_ray
+
+        ctx = init_ray(spec.sweep.dashboard_host)
         url = getattr(ctx, "dashboard_url", None)
         log(f"Ray dashboard: http://{url}" if url and not str(url).startswith("http") else f"Ray dashboard: {url}")
     cluster = ray.cluster_resources()

@@ -45,12 +45,18 @@ def test_report_files_and_tables(tmp_path):
     assert lead in md.splitlines()[4] and page.index(lead) < page.index("<section>")  # said first
     assert "| dense control (2 layers) |" in md and "dtlab bench (cpu, debug)" in md
     assert "abc123def4" in md  # the commit of each run
-    # written again in place (it is ours), but never over a file that is not
+    # written again in place (it is ours), but never over a file that is not, or one changed since
     write_report([exp])
     (tmp_path / "mine.html").write_text("<html>my notes</html>")
     with pytest.raises(ReportError, match="not written by dtlab"):
         write_report([exp], tmp_path / "mine.html")
     assert (tmp_path / "mine.html").read_text() == "<html>my notes</html>"
+    (report.tables_dir / "speed.csv").write_text("my edits")
+    with pytest.raises(ReportError, match=r"speed.csv exists and was not written by dtlab report \(or was changed"):
+        write_report([exp])
+    assert (report.tables_dir / "speed.csv").read_text() == "my edits"
+    write_report([exp], force=True)  # --force replaces it
+    assert (report.tables_dir / "speed.csv").read_text() != "my edits"
 
 
 def test_lead_sentence_says_when_a_routed_headline_is_top_k(tmp_path):
@@ -71,8 +77,17 @@ def test_report_says_what_is_missing(tmp_path):
     report = write_report([tmp_path / "exp", tmp_path / "ghost"], tmp_path / "r.html")
     page = html.unescape(report.html.read_text())
     assert "What is missing or odd" in page and "its last line is cut" in page and "ghost: no such directory" in page
-    empty = write_report([tmp_path / "ghost"], tmp_path / "empty.html")
-    assert "no runs found" in html.unescape(empty.html.read_text()) and empty.charts == 0
+    with pytest.raises(ReportError, match=r"no runs found under .*ghost.*ghost: no such directory"):
+        write_report([tmp_path / "ghost"], tmp_path / "empty.html")
+    assert not (tmp_path / "empty.html").exists() and not (tmp_path / "empty_tables").exists()
+
+
+def test_markdown_shows_html_like_text_never_runs_it(tmp_path):
+    run = make_run(tmp_path / "e", "mod-seed0", "mod")
+    (run / "spec.yaml").write_text((run / "spec.yaml").read_text().replace("name: fx", "name: <script>x()</script>"))
+    (run / "run.json").write_text((run / "run.json").read_text().replace('"abc123def4567"', '"<b>x</b>"'))
+    md = write_report([tmp_path / "e"]).markdown.read_text()
+    assert "<script>" not in md and "<b>" not in md and "&lt;b&gt;x&lt;/b&gt;" in md
 
 
 def test_report_cli(tmp_path, capsys):
