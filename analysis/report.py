@@ -132,7 +132,7 @@ def _markdown(df: pd.DataFrame) -> str:
             return "" if v != v else f"{v:.4g}"
         return _md_text(str(v)).replace("|", "\\|")
 
-    head = "| " + " | ".join(map(str, df.columns)) + " |\n|" + "---|" * len(df.columns) + "\n"
+    head = "| " + " | ".join(cell(str(c)) for c in df.columns) + " |\n|" + "---|" * len(df.columns) + "\n"
     return head + "".join("| " + " | ".join(cell(v) for v in row) + " |\n" for row in df.itertuples(index=False))
 
 

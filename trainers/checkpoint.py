@@ -21,8 +21,6 @@ import shutil
 from pathlib import Path
 from typing import Any
 
-import torch
-
 LAST, BEST = "last", "best"
 FORMAT = 1
 FILES = ("model.safetensors", "optimizer.safetensors", "trainer_state.json")
@@ -32,13 +30,18 @@ class CheckpointError(ValueError):
     """A checkpoint that cannot be read safely or does not fit the run; the message names the file."""
 
 
-def unwrap(model: torch.nn.Module) -> torch.nn.Module:
+def unwrap(model):
     """The model inside a DDP wrapper (or the model itself)."""
     return model.module if hasattr(model, "module") else model
 
 
 def last_checkpoint(run_dir: Path) -> Path:
-    return run_dir / "checkpoints" / LAST
+    """`checkpoints/last`; if a crash came while an older dtlab's `last` directory was being turned
+    into a link (see `_point`), the directory it was moved to."""
+    ckpt = run_dir / "checkpoints"
+    if not (ckpt / LAST).exists() and not (ckpt / LAST).is_symlink() and (ckpt / f"legacy-{LAST}").is_dir():
+        return ckpt / f"legacy-{LAST}"
+    return ckpt / LAST
 
 
 _FAULTS: dict[str, int] = {}
@@ -59,7 +62,9 @@ def fault(point: str) -> None:
 
 
 # ---- the optimizer's state as tensors + JSON ---------------------------------------------------------
-def _optimizer_split(state: dict[str, Any]) -> tuple[dict[str, torch.Tensor], dict[str, Any]]:
+def _optimizer_split(state: dict[str, Any]) -> tuple[dict[str, Any], dict[str, Any]]:
+    import torch
+
     tensors, scalars = {}, {}
     for idx, per_param in state["state"].items():
         for name, value in per_param.items():
@@ -70,7 +75,7 @@ def _optimizer_split(state: dict[str, Any]) -> tuple[dict[str, torch.Tensor], di
     return tensors, {"param_groups": state["param_groups"], "scalars": scalars}
 
 
-def _optimizer_join(tensors: dict[str, torch.Tensor], meta: dict[str, Any]) -> dict[str, Any]:
+def _optimizer_join(tensors: dict[str, Any], meta: dict[str, Any]) -> dict[str, Any]:
     state: dict[int, dict[str, Any]] = {}
     for key, value in tensors.items():
         _, idx, name = key.split(".", 2)
@@ -106,14 +111,26 @@ def save(run_dir: Path, model, optimizer, scheduler, scaler, state: dict[str, An
                "scaler": scaler.state_dict() if scaler is not None else None,
                **{k: _finite(v) for k, v in state.items()}}
     (tmp / "trainer_state.json").write_text(json.dumps(trainer, indent=1))
+    _fsync(tmp)
     os.replace(tmp, ckpt / name)
     fault("checkpoint-written")
+    if best:  # before `last`: a crash between them leaves `best` on a complete, newer checkpoint
+        _point(ckpt, BEST, name)
+        fault("checkpoint-best")
     _point(ckpt, LAST, name)
     fault("checkpoint-last")
-    if best:
-        _point(ckpt, BEST, name)
     _prune(ckpt)
     return ckpt / name
+
+
+def _fsync(folder: Path) -> None:
+    """Its files and itself on disk before anything points at it (a power cut, not only a kill)."""
+    for path in [*folder.iterdir(), folder]:
+        fd = os.open(path, os.O_RDONLY)
+        try:
+            os.fsync(fd)
+        finally:
+            os.close(fd)
 
 
 def _free_name(ckpt: Path, name: str) -> str:
@@ -136,6 +153,15 @@ def _point(ckpt: Path, link: str, target: str) -> None:
         new.unlink()
     os.symlink(target, new)
     os.replace(new, path)
+    _fsync_dir(ckpt)
+
+
+def _fsync_dir(folder: Path) -> None:
+    fd = os.open(folder, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
 
 
 def _prune(ckpt: Path) -> None:
@@ -148,8 +174,9 @@ def _prune(ckpt: Path) -> None:
 
 
 # ---- check and load -----------------------------------------------------------------------------------------
-def problem(path: Path) -> str | None:
-    """Why the checkpoint at `path` cannot be resumed from, or None (it looks complete)."""
+def problem(path: Path, deep: bool = False) -> str | None:
+    """Why the checkpoint at `path` cannot be resumed from, or None. `deep`: also read the trainer
+    state through (an older checkpoint's pickle with `weights_only=True`), not only the headers."""
     if not path.exists():
         return f"{path} does not exist" + (" (a broken link)" if path.is_symlink() else "")
     legacy = (path / "trainer_state.pt").is_file() and not (path / "trainer_state.json").is_file()
@@ -166,11 +193,23 @@ def problem(path: Path) -> str | None:
                     f.keys()
             except Exception as err:  # a truncated or foreign file
                 return f"{path / name} is not readable ({type(err).__name__}: {err})"
-    if not legacy:
-        try:
-            json.loads((path / "trainer_state.json").read_text())
-        except (json.JSONDecodeError, UnicodeDecodeError) as err:
-            return f"{path / 'trainer_state.json'} is not valid JSON ({err})"
+    if legacy:
+        if deep:
+            try:
+                _trainer_state(path)
+            except CheckpointError as err:
+                return str(err)
+        return None
+    try:
+        trainer = json.loads((path / "trainer_state.json").read_text())
+    except (json.JSONDecodeError, UnicodeDecodeError) as err:
+        return f"{path / 'trainer_state.json'} is not valid JSON ({err})"
+    missing = [k for k in ("format", "optimizer", "scheduler", "step", "best_val") if not isinstance(trainer, dict)
+               or k not in trainer]
+    if missing or not isinstance(trainer.get("optimizer"), dict) or "param_groups" not in trainer["optimizer"]:
+        return f"{path / 'trainer_state.json'} lacks {missing or ['optimizer.param_groups']}"
+    if trainer["format"] != FORMAT:
+        return f"{path / 'trainer_state.json'} is format {trainer['format']!r}; this dtlab reads format {FORMAT}"
     return None
 
 
@@ -209,6 +248,8 @@ def _trainer_state(path: Path) -> dict[str, Any]:
         trainer = json.loads((path / "trainer_state.json").read_text())
         trainer["optimizer"] = _optimizer_join(load_file(str(path / "optimizer.safetensors")), trainer["optimizer"])
         return trainer
+    import torch
+
     try:  # a checkpoint of an older dtlab: only plain tensors and containers, never code
         return torch.load(path / "trainer_state.pt", map_location="cpu", weights_only=True)
     except Exception as err:

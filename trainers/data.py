@@ -86,16 +86,24 @@ def _local_files(source: str) -> list[Path]:
     kinds = {LOCAL_BUILDERS[p.suffix.lower()] for p in files}
     if len(kinds) > 1:
         raise SpecError(f"data.source={source!r}: mixes file kinds {sorted(kinds)}; use one kind per source")
-    for f in files if kinds != {"parquet"} else []:  # what `datasets` would fail on with a vague message
-        if f.stat().st_size == 0:
-            raise SpecError(f"data.source: {f} is empty")
-        try:
-            with f.open(encoding="utf-8") as handle:
-                while handle.read(1 << 20):
-                    pass
-        except UnicodeDecodeError as err:
-            raise SpecError(f"data.source: {f} is not UTF-8 text (byte {err.start}: {err.reason})") from None
+    if kinds != {"parquet"}:  # what `datasets` would fail on with a vague message
+        files = [f for f in files if f.stat().st_size > 0] or _empty(files)
+        for f in files:
+            _check_utf8(f)
     return files
+
+
+def _empty(files: list[Path]) -> list[Path]:
+    raise SpecError(f"data.source: {', '.join(map(str, files[:3]))}{' ...' if len(files) > 3 else ''} "
+                    f"{'is' if len(files) == 1 else 'are all'} empty")
+
+
+def _check_utf8(path: Path) -> None:
+    data = path.read_bytes()
+    try:
+        data.decode("utf-8")
+    except UnicodeDecodeError as err:
+        raise SpecError(f"data.source: {path} is not UTF-8 text (byte {err.start}: {err.reason})") from None
 
 
 def _looks_local(source: str) -> bool:

@@ -15,48 +15,79 @@ MARKER = "experiment.json"
 
 def run_experiment(spec: Spec, out: str | Path | None, resume: bool = False, force: bool = False,
                    use_ray: bool | None = None, source: str = "spec", log=print) -> dict[str, Any]:
-    from dtlab.analysis.report import check_report_targets, write_report
-
-    from .data import prepare_data
-    from .runner import check_fit, holds_run, prepare_run_dir
-
+    """Train every variant x seed of `spec` (or sweep, when it has a sweep section) into `out`, then
+    write the report there. Everything that can be refused is refused before the first write."""
     out = Path(out or f"runs/{spec.name}-{time.strftime('%Y%m%d-%H%M%S')}")
     if spec.sweep is not None:
         from .sweep import run_sweep
 
         run_sweep(spec, out, resume=resume, force=force, source=source, log=log)
     else:
-        plan = [(v, s) for v in spec.variant_list() for s in spec.seed_list()]
-        specs = {(v, s): spec.for_run(v, s) for v, s in plan}
-        for sub in specs.values():  # every run's input is checked before the first one starts
-            check_fit(sub, prepare_data(sub.data), sub.resources.num_workers)
-        if out.exists() and not out.is_dir():
-            raise SpecError(f"--out {out}: is a file, not an experiment directory")
-        if out.is_dir() and any(out.iterdir()) and not (out / MARKER).is_file():
-            raise SpecError(f"--out {out}: holds something that is not a dtlab experiment (a single run, or your "
-                            "own files); choose an empty or new directory (nothing there is overwritten)")
-        check_report_targets(out / "report.html")  # before training, not after it
-        if out.exists() and (out / MARKER).is_file():
-            if not (resume or force):
-                raise SpecError(f"{out} already holds an experiment: pass --resume to continue it or --force to "
-                                "set it aside")
-            if force:
-                prepare_run_dir(out, False, True, log)
-        elif resume:
-            raise SpecError(f"--resume: {out} holds no experiment to continue")
-        out.mkdir(parents=True, exist_ok=True)
+        train_all(spec, out, resume, force, use_ray, source, log)
+    report = _report(out, log)
+    return {"out": str(out), "report": str(report.html), "charts": report.charts, "problems": report.problems}
+
+
+def check_experiment_dir(out: Path, resume: bool, force: bool) -> None:
+    from .runner import check_out
+
+    if resume and force:
+        raise SpecError("--resume and --force contradict each other: resume keeps the runs, force sets them aside")
+    check_out(out, "experiment")
+    ours = (out / MARKER).is_file()
+    if out.is_dir() and any(out.iterdir()) and not ours:
+        raise SpecError(f"--out {out}: holds something that is not a dtlab experiment (a single run, or your "
+                        "own files); choose an empty or new directory (nothing there is overwritten)")
+    if ours and not (resume or force):
+        raise SpecError(f"{out} already holds an experiment: pass --resume to continue it or --force to set it aside")
+    if resume and not ours:
+        raise SpecError(f"--resume: {out} holds no experiment to continue")
+
+
+def train_all(spec: Spec, out: Path, resume: bool, force: bool, use_ray: bool | None, source: str, log) -> None:
+    from .data import prepare_data
+    from .runner import RunFailed, check_fit, check_resources, holds_run, prepare_run_dir, run_training
+
+    plan = [(v, s) for v in spec.variant_list() for s in spec.seed_list()]
+    specs = {(v, s): spec.for_run(v, s) for v, s in plan}
+    check_experiment_dir(out, resume, force)  # what needs no data first
+    for sub in specs.values():
+        check_resources(sub, sub.resources.use_ray if use_ray is None else use_ray)
+    for sub in specs.values():  # every run's input is checked before the first one starts
+        check_fit(sub, prepare_data(sub.data), sub.resources.num_workers)
+    if force and (out / MARKER).is_file():
+        prepare_run_dir(out, False, True, log)
+    out.mkdir(parents=True, exist_ok=True)
+    if resume and (out / "spec.yaml").read_text() != dump_spec(spec):  # the experiment's own spec stays
+        (out / f"spec.resumed-{time.strftime('%Y%m%d-%H%M%S')}.yaml").write_text(dump_spec(spec))
+    if not resume:
         (out / "spec.yaml").write_text(dump_spec(spec))
         (out / MARKER).write_text(json.dumps({"name": spec.name, "runs": [f"{v}-seed{s}" for v, s in plan],
                                               "created": time.strftime("%Y-%m-%dT%H:%M:%S%z")}, indent=1))
-        from .runner import run_training
-
-        for (variant, seed), sub in specs.items():
-            run_dir = out / f"{variant}-seed{seed}"
-            if holds_run(run_dir) and finished(run_dir):
-                log(f"{run_dir.name}: finished earlier, kept")
-                continue
-            log(f"== {variant}, seed {seed} -> {run_dir}")
+    for (variant, seed), sub in specs.items():
+        run_dir = out / f"{variant}-seed{seed}"
+        if holds_run(run_dir) and finished(run_dir):
+            log(f"{run_dir.name}: finished earlier, kept")
+            continue
+        log(f"== {variant}, seed {seed} -> {run_dir}")
+        try:
             run_training(sub, run_dir, resume=holds_run(run_dir), use_ray=use_ray, log=log)
-    report = write_report([out], out / "report.html")
+        except RunFailed as err:  # the experiment resumes as a whole
+            raise RunFailed(f"{run_dir.name}: {str(err).split('; continue with')[0]}; continue with: dtlab run "
+                            f"{source} --out {out} --resume") from err
+
+
+def _report(out: Path, log):
+    """The experiment's report: `report.html`, or, where a file of that name is not dtlab's own (or
+    was changed since), beside it under a new name, so that nothing is overwritten after a long run."""
+    from dtlab.analysis.report import ReportError, check_report_targets, write_report
+
+    target = out / "report.html"
+    try:
+        check_report_targets(target)
+    except ReportError:
+        target = out / f"report-{time.strftime('%Y%m%d-%H%M%S')}.html"
+        log(f"{out / 'report.html'} is not dtlab's own (or was changed): writing {target.name} beside it")
+    report = write_report([out], target)
     log(f"report: {report.html.resolve()}")
-    return {"out": str(out), "report": str(report.html), "charts": report.charts, "problems": report.problems}
+    return report

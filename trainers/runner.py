@@ -17,6 +17,7 @@ import time
 from pathlib import Path
 from typing import Any
 
+from .checkpoint import CheckpointError
 from .data import Prepared, prepare_data
 from .records import METRICS
 from .spec import Spec, SpecError, dump_spec
@@ -91,18 +92,46 @@ def check_resume(run_dir: Path, spec: Spec) -> None:
     from .checkpoint import last_checkpoint, problem
     from .records import read_jsonl
 
-    old = _read_mapping(run_dir / "spec.yaml")
-    new = spec.model_dump(mode="json")
-    changed = [f"{section}.{key}: {old.get(section, {}).get(key)!r} -> {new[section].get(key)!r}"
-               for section in ("model", "data") for key in sorted(set(old.get(section) or {}) | set(new[section]))
-               if (old.get(section) or {}).get(key) != new[section].get(key)]
+    old, new = _comparable(_read_mapping(run_dir / "spec.yaml")), _comparable(spec.model_dump(mode="json"))
+    changed = [f"{section}.{key}: {old[section].get(key)!r} -> {new[section].get(key)!r}"
+               for section in ("model", "data") for key in sorted(set(old[section]) | set(new[section]))
+               if old[section].get(key) != new[section].get(key)]
     if changed:
         raise SpecError(f"--resume: {run_dir} was started with another model or data ({'; '.join(changed[:3])}); "
                         "resume it with the spec it was started with, or --force to set it aside")
-    why = problem(last_checkpoint(run_dir))
+    if (run_dir / "run.json").exists():
+        _read_json_mapping(run_dir / "run.json")
+    why = problem(last_checkpoint(run_dir), deep=True)
     if why and read_jsonl(run_dir / METRICS).records:
         raise SpecError(f"--resume: cannot continue {run_dir}: {why}, so its records would be repeated; "
                         "--force sets the run aside and starts afresh")
+
+
+def _comparable(raw: dict[str, Any]) -> dict[str, dict[str, Any]]:
+    """The model and data sections with defaults filled in (a run of an older dtlab lacks the keys
+    added since), less where the data are cached (a place, not the data)."""
+    from pydantic import ValidationError
+
+    from .spec import Spec
+
+    try:
+        raw = Spec.model_validate(raw).model_dump(mode="json")
+    except ValidationError:
+        pass  # compared as written
+    out = {section: dict(raw.get(section)) if isinstance(raw.get(section), dict) else {}
+           for section in ("model", "data")}
+    out["data"].pop("cache_dir", None)
+    return out
+
+
+def _read_json_mapping(path: Path) -> dict[str, Any]:
+    try:
+        raw = json.loads(path.read_text(encoding="utf-8"))
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as err:
+        raise SpecError(f"--resume: {path} is not readable ({type(err).__name__}); the run cannot continue") from None
+    if not isinstance(raw, dict):
+        raise SpecError(f"--resume: {path} is not a JSON object; the run cannot continue")
+    return raw
 
 
 def _read_mapping(path: Path) -> dict[str, Any]:
@@ -189,7 +218,14 @@ def write_run_files(run_dir: Path, spec: Spec, data: Prepared, resume: bool) -> 
     run = {"name": spec.name, "variant": spec.model.type, "seed": spec.seed, **git_commit(),
            "created": time.strftime("%Y-%m-%dT%H:%M:%S%z"), "command": sys.argv, "data": data.meta,
            "python": platform.python_version(), "torch": torch.__version__, "host": platform.node()}
-    (run_dir / "run.json").write_text(json.dumps(run, indent=1))
+    write_atomic(run_dir / "run.json", json.dumps(run, indent=1))
+
+
+def write_atomic(path: Path, text: str) -> None:
+    """Write `path` whole or not at all (a crash or a full disk leaves the old file)."""
+    tmp = path.with_name(f".{path.name}.tmp")
+    tmp.write_text(text)
+    os.replace(tmp, path)
 
 
 def launch(config: dict[str, Any], spec: Spec, run_dir: Path, use_ray: bool, hooks, log) -> dict[str, Any]:
@@ -203,17 +239,33 @@ def launch(config: dict[str, Any], spec: Spec, run_dir: Path, use_ray: bool, hoo
         from .loop import train
 
         return train(config, hooks)
+    except (SpecError, CheckpointError):
+        raise
     except OSError as err:
         where = f" ({err.filename})" if getattr(err, "filename", None) else ""
         raise RunFailed(f"training stopped: {err.strerror or err}{where}; {resume_hint}") from err
     except Exception as err:
+        inner = _cause(err)
+        if isinstance(inner, (SpecError, CheckpointError)):  # raised in a Ray worker: bad input all the same
+            raise type(inner)(str(inner)) from err
+        first = (str(err).strip().splitlines() or [""])[0][:200]
         if type(err).__module__.split(".")[0] == "ray":  # a worker died or its process group failed
-            first = str(err).strip().splitlines()[0] if str(err).strip() else ""
-            raise RunFailed(f"training failed in a Ray worker ({type(err).__name__}: {first[:200]}); "
-                            f"{resume_hint}") from err
+            raise RunFailed(f"training failed in a Ray worker ({type(err).__name__}: {first}); {resume_hint}") from err
         if type(err).__name__ == "SafetensorError":  # e.g. the disk filled up while writing a checkpoint
-            raise RunFailed(f"writing a checkpoint failed ({err}); {resume_hint}") from err
-        raise
+            raise RunFailed(f"writing a checkpoint failed ({first}); {resume_hint}") from err
+        raise RunFailed(f"training failed ({type(err).__name__}: {first}); {resume_hint}") from err
+
+
+def _cause(err: BaseException) -> BaseException:
+    """The innermost error of a chain (Ray wraps a worker's error in its own)."""
+    seen = set()
+    while id(err) not in seen:
+        seen.add(id(err))
+        nxt = err.__cause__ or getattr(err, "cause", None) or err.__context__
+        if not isinstance(nxt, BaseException):
+            break
+        err = nxt
+    return err
 
 
 def run_training(spec: Spec, out: str | Path | None = None, resume: bool = False, force: bool = False,
@@ -226,8 +278,14 @@ def run_training(spec: Spec, out: str | Path | None = None, resume: bool = False
     shape = model_shape(spec)  # a checkpoint that is not there is said before data are prepared
     data = prepare_data(spec.data)
     check_fit(spec, data, spec.resources.num_workers, shape)
-    prepare_run_dir(run_dir, resume, force, log)  # the first write
-    write_run_files(run_dir, spec, data, resume)
+    fresh = not run_dir.exists()
+    try:
+        prepare_run_dir(run_dir, resume, force, log)  # the first write
+        write_run_files(run_dir, spec, data, resume)
+    except OSError as err:
+        if fresh:  # a failed start leaves nothing behind
+            shutil.rmtree(run_dir, ignore_errors=True)
+        raise RunFailed(f"could not write the run directory {run_dir} ({err.strerror or err})") from err
     config = {"spec": spec.model_dump(mode="json"), "run_dir": str(run_dir.resolve()), "data_dir": str(data.path),
               "resume": resume}
     log(f"run directory: {run_dir}")

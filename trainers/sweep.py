@@ -281,7 +281,7 @@ def trial_resources(spec: Spec, gpus: float) -> tuple[float, float]:
 def run_sweep(spec: Spec, out: str | Path, resume: bool = False, force: bool = False, source: str = "spec",
               log=print) -> dict[str, Any]:
     from .data import prepare_data
-    from .runner import check_fit, holds_run, prepare_run_dir
+    from .runner import check_fit, check_resources, check_run_dir, holds_run, prepare_run_dir
 
     plan = plan_sweep(spec, source)
     check_ray_dashboard()
@@ -291,9 +291,12 @@ def run_sweep(spec: Spec, out: str | Path, resume: bool = False, force: bool = F
         check_gpus(spec, torch.cuda.device_count() if torch.cuda.is_available() else 0)
     out = Path(out)
     tune_path = out / TUNE_DIR / EXPERIMENT
+    check_run_dir(out, resume, force)
     if resume and not (holds_run(out) and tune_path.is_dir()):
         raise SpecError(f"--resume: {out} holds no sweep to continue")
-    for variant in plan.variants:  # data and model fit, once, before any trial
+    for variant in plan.variants:  # devices and precision, then data and model fit, once, before any trial
+        check_resources(trial_spec(spec, {"model.type": variant}, None), use_ray=True)
+    for variant in plan.variants:
         one = trial_spec(spec, {"model.type": variant}, None)
         check_fit(one, prepare_data(one.data), spec.resources.num_workers)
     prepare_run_dir(out, resume, force, log)

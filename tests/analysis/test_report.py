@@ -90,6 +90,16 @@ def test_markdown_shows_html_like_text_never_runs_it(tmp_path):
     assert "<script>" not in md and "<b>" not in md and "&lt;b&gt;x&lt;/b&gt;" in md
 
 
+def test_run_files_that_are_not_mappings_are_problems_not_crashes(tmp_path):
+    a = make_run(tmp_path / "e", "mod-seed0", "mod")
+    b = make_run(tmp_path / "e", "dtf-seed0", "dtf")
+    (a / "run.json").write_text("[1, 2]")
+    (b / "spec.yaml").write_text("- a\n- list\n")
+    report = write_report([tmp_path / "e"])
+    text = "\n".join(report.problems)
+    assert "run.json: not a JSON object" in text and "spec.yaml: not a mapping of spec sections" in text
+
+
 def test_report_cli(tmp_path, capsys):
     exp = experiment(tmp_path / "exp")
     assert main(["report", str(exp), "--out", str(tmp_path / "out.html")]) == 0

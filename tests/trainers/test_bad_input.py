@@ -202,6 +202,13 @@ if NO_CUDA:
     CASES["cuda-without-gpu"] = (lambda t: _train(t, "resources.device=cuda"), r"device='cuda'.*no CUDA device")
     CASES["fp16-on-cpu"] = (lambda t: _train(t, "resources.precision=fp16", "resources.device=cpu"),
                             r"precision='fp16' needs a CUDA device")
+    CASES["run-fp16-on-cpu"] = (lambda t: ["run", str(write_spec(t / "s.yaml", variants=["standard", "mod"])),
+                                           "resources.precision=fp16", "resources.device=cpu", "--out",
+                                           str(t / "out")], r"precision='fp16' needs a CUDA device")
+    CASES["sweep-cuda-without-gpu"] = (lambda t: ["sweep", str(write_spec(t / "s.yaml", variants=["mod", "dtf"],
+                                                                           sweep={"search_space": {}})),
+                                                  "resources.device=cuda", "--out", str(t / "out")],
+                                       r"device='cuda'|asks for 1 GPU")
 
 
 def _check(tmp: Path, argv: list[str], match: str, capsys) -> str:
@@ -226,6 +233,15 @@ def test_bad_input_is_one_line_exit_2_and_writes_nothing(name, tmp_path, capsys)
     make, match = CASES[name]
     argv = make(tmp_path)
     _check(tmp_path, argv, match, capsys)
+
+
+def test_an_out_that_is_not_writable(tmp_path, capsys, monkeypatch):
+    """(The tests run as root, who may write anywhere: the permission check is made to say no.)"""
+    locked = tmp_path / "locked"
+    locked.mkdir()
+    real = os.access
+    monkeypatch.setattr(os, "access", lambda p, mode: False if Path(p) == locked else real(p, mode))
+    _check(tmp_path, [*_train(tmp_path)[:-1], str(locked / "run")], r"locked is not writable", capsys)
 
 
 def test_there_are_at_least_60_cases():

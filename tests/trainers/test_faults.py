@@ -38,7 +38,7 @@ def uninterrupted(tmp_path_factory):
     return spec, records(folder / "full")
 
 
-@pytest.mark.parametrize("point", ["checkpoint-written:3", "checkpoint-last:3"])
+@pytest.mark.parametrize("point", ["checkpoint-written:3", "checkpoint-best:3", "checkpoint-last:3"])
 def test_kill_during_a_checkpoint_save_then_resume(uninterrupted, tmp_path, point):
     spec, full = uninterrupted
     run = tmp_path / "cut"
@@ -48,13 +48,17 @@ def test_kill_during_a_checkpoint_save_then_resume(uninterrupted, tmp_path, poin
     steps = sorted(p.name for p in ckpt.iterdir() if p.name.startswith("step-"))
     # precondition: killed after step 4's directory was complete, before (or just after) `last` moved to it
     assert "step-0000004" in steps, steps
-    assert os.readlink(ckpt / "last") == ("step-0000002" if point.startswith("checkpoint-written") else "step-0000004")
+    moved = {"checkpoint-written:3": (), "checkpoint-best:3": ("best",), "checkpoint-last:3": ("best", "last")}[point]
+    for link in ("best", "last"):  # the losses fall at every evaluation here: each checkpoint is the best
+        assert os.readlink(ckpt / link) == ("step-0000004" if link in moved else "step-0000002"), link
     assert max(r["step"] for r in records(run)) == 4  # the step-4 training record is there; its eval record is not
     proc = train(spec, run, "--resume")
     assert proc.returncode == 0, proc.stderr[-2000:]
     assert records(run) == full
-    assert sorted(p.name for p in ckpt.iterdir() if not p.name.startswith(".")) == ["best", "last", "step-0000008"] \
-        or (ckpt / "best").resolve().name != "step-0000008"
+    best = min((r for r in full if r["kind"] == "eval"), key=lambda r: r["val_loss"])["step"]
+    assert json.loads((ckpt / "best" / "trainer_state.json").read_text())["step"] == best
+    assert json.loads((ckpt / "last" / "trainer_state.json").read_text())["step"] == 8
+    assert not [p.name for p in ckpt.iterdir() if p.name.startswith(".")]  # nothing half-written is left
 
 
 def test_disk_full_during_a_checkpoint_then_resume(uninterrupted, tmp_path, monkeypatch, capsys):

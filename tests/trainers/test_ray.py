@@ -51,3 +51,63 @@ def test_quick_spec_target_from_the_command_line(tmp_path, variant):
     records = evals(out)
     assert records[0]["val_loss"] - records[-1]["val_loss"] > 0.3, [r["val_loss"] for r in records]
     assert all(r["routing_mode"] == ("topk" if variant == "standard" else "causal") for r in records)
+
+
+def test_local_ray_listens_on_loopback_only(ray_session):
+    """A local cluster (no RAY_ADDRESS) binds its GCS, raylet, workers and dashboard to 127.0.0.1."""
+    import psutil
+    import ray
+
+    from dtlab.trainers.ray_train import init_ray
+
+    if ray.is_initialized():
+        ray.shutdown()
+    init_ray()
+    try:
+        ray.get(ray.remote(lambda: 1).remote())  # a worker is up
+        session = Path(ray._private.worker._global_node.get_session_dir_path()).name
+        ours = [p for p in psutil.process_iter(["pid", "cmdline"]) if session in " ".join(p.info["cmdline"] or [])
+                or "ray::" in " ".join(p.info["cmdline"] or [])]
+        listening = [(p.info["pid"], c.laddr.ip, c.laddr.port) for p in ours for c in _inet(p) if c.status == "LISTEN"]
+    finally:
+        ray.shutdown()
+    assert len(listening) >= 3, listening  # GCS, raylet, dashboard at least: the check saw them
+    assert all(ip in ("127.0.0.1", "::1") for _, ip, _ in listening), listening
+
+
+def _inet(proc):
+    try:
+        return proc.net_connections(kind="inet")
+    except Exception:  # a process that ended meanwhile
+        return []
+
+
+def test_a_killed_ray_worker_says_how_to_resume_and_resume_loses_nothing(tmp_path):
+    """The worker kills itself (SIGKILL) while saving its third checkpoint: the command ends with one
+    line naming the failure and `--resume`; the resumed run's records equal an uninterrupted one's."""
+    import os
+
+    import yaml
+
+    spec = tmp_path / "tiny.yaml"
+    spec.write_text(yaml.safe_dump(tiny_spec(resources={"use_ray": True}, training={"max_steps": 6,
+                                                                                     "eval_every": 2})))
+    cmd = [sys.executable, "-m", "dtlab.trainers.cli", "train", str(spec)]
+    full = subprocess.run(cmd + ["--out", str(tmp_path / "full"), "--no-ray"], capture_output=True, text=True,
+                          timeout=600)
+    assert full.returncode == 0, full.stderr[-2000:]
+    cut = subprocess.run(cmd + ["--out", str(tmp_path / "run")], capture_output=True, text=True, timeout=600,
+                         env={**os.environ, "DTLAB_FAULT": "checkpoint-written:3"})
+    assert cut.returncode == 1, (cut.returncode, cut.stderr[-3000:])
+    last = cut.stderr.strip().splitlines()[-1]
+    assert last.startswith("dtlab train: training failed in a Ray worker") and "--resume" in last, last
+    assert "Traceback" not in cut.stderr
+    resumed = subprocess.run(cmd + ["--out", str(tmp_path / "run"), "--resume"], capture_output=True, text=True,
+                             timeout=600)
+    assert resumed.returncode == 0, resumed.stderr[-3000:]
+
+    def strip(run):
+        keep = lambda r: {k: v for k, v in r.items() if k not in ("tokens_per_s", "peak_rss_gib")}  # noqa: E731
+        return [keep(json.loads(line)) for line in (run / "metrics.jsonl").read_text().splitlines()]
+
+    assert strip(tmp_path / "run") == strip(tmp_path / "full")
