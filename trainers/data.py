@@ -120,57 +120,61 @@ class Corpus:
 
 def load_documents(spec: DataSpec) -> Corpus:
     """The documents of `spec.source`, cut to `max_bytes` of text."""
-    one_text = False
     if spec.source == "builtin":
-        docs, where = builtin_documents(spec.max_bytes), "builtin: pydoc_data topics + stdlib sources"
+        corpus = Corpus(builtin_documents(spec.max_bytes), "builtin: pydoc_data topics + stdlib sources")
     else:
-        import datasets
-
-        datasets.disable_progress_bars()  # a quiet terminal; errors are said in one line
-        if _looks_local(spec.source):
-            files = _local_files(spec.source)
-            builder = LOCAL_BUILDERS[files[0].suffix.lower()]
-            options = {"sample_by": spec.sample_by} if builder == "text" else {}
-            if spec.sample_by != "document" and builder != "text":
-                raise SpecError(f"data.sample_by={spec.sample_by!r} applies to text files; {spec.source!r} holds "
-                                f"{builder} files, whose rows are the documents")
-            where = f"local {builder}: {', '.join(map(str, files))}" + (
-                f" (a {spec.sample_by} per document)" if builder == "text" else "")
-            one_text = builder == "text" and len(files) == 1
-            load = lambda: datasets.load_dataset(builder, data_files=[str(f) for f in files], split="train",
-                                                 **options)
-        else:
-            if spec.sample_by != "document":
-                raise SpecError(f"data.sample_by={spec.sample_by!r} applies to local text files; the rows of a hub "
-                                "dataset are its documents (data.contiguous: true joins them into one text)")
-            where = f"hub: {spec.source}" + (f" ({spec.name})" if spec.name else "") + f", split {spec.split}"
-            load = lambda: datasets.load_dataset(spec.source, spec.name, split=spec.split)
-        try:
-            ds = load()
-        except Exception as err:  # network, unknown name, unreadable file: say which source
-            raise SpecError(f"data.source={spec.source!r}: could not load ({type(err).__name__}: {err})") from err
-        if spec.text_field not in ds.column_names:
-            raise SpecError(f"data.text_field={spec.text_field!r}: not a column of {spec.source!r} "
-                            f"(columns: {ds.column_names})")
-        docs, size = [], 0
-        for text in ds[spec.text_field]:
-            if size >= spec.max_bytes:
-                break
-            if isinstance(text, str):
-                docs.append(text)
-                size += len(text)
+        corpus = _dataset_documents(spec)
     budget, out = spec.max_bytes, []
-    for d in docs:
+    for d in corpus.docs:
         if budget <= 0:
             break
         out.append(d[:budget])
         budget -= len(out[-1])
     if not any(d.strip() for d in out):
-        raise SpecError(f"data.source={spec.source!r}: the corpus is empty (no text in {where})")
-    if spec.contiguous and not one_text:  # rows that are pieces of one text (WikiText's lines)
-        out = ["".join(d if d.endswith("\n") else d + "\n" for d in out)]
-        where, one_text = where + ", rows joined into one running text", True
-    return Corpus(out, where, one_text)
+        raise SpecError(f"data.source={spec.source!r}: the corpus is empty (no text in {corpus.where})")
+    if spec.contiguous and not corpus.one_text:  # rows that are pieces of one text (WikiText's lines)
+        joined = "".join(d if d.endswith("\n") else d + "\n" for d in out)
+        return Corpus([joined], corpus.where + ", rows joined into one running text", True)
+    return Corpus(out, corpus.where, corpus.one_text)
+
+
+def _dataset_documents(spec: DataSpec) -> Corpus:
+    """Documents through Hugging Face `datasets`: local text/jsonl/parquet files or a hub dataset."""
+    import datasets
+
+    datasets.disable_progress_bars()  # a quiet terminal; errors are said in one line
+    if _looks_local(spec.source):
+        files = _local_files(spec.source)
+        builder = LOCAL_BUILDERS[files[0].suffix.lower()]
+        if spec.sample_by != "document" and builder != "text":
+            raise SpecError(f"data.sample_by={spec.sample_by!r} applies to text files; {spec.source!r} holds "
+                            f"{builder} files, whose rows are the documents")
+        options = {"sample_by": spec.sample_by} if builder == "text" else {}
+        where = f"local {builder}: {', '.join(map(str, files))}" + (
+            f" (a {spec.sample_by} per document)" if builder == "text" else "")
+        corpus = Corpus([], where, builder == "text" and len(files) == 1)
+        load = lambda: datasets.load_dataset(builder, data_files=[str(f) for f in files], split="train", **options)
+    else:
+        if spec.sample_by != "document":
+            raise SpecError(f"data.sample_by={spec.sample_by!r} applies to local text files; the rows of a hub "
+                            "dataset are its documents (data.contiguous: true joins them into one text)")
+        corpus = Corpus([], f"hub: {spec.source}" + (f" ({spec.name})" if spec.name else "") + f", split {spec.split}")
+        load = lambda: datasets.load_dataset(spec.source, spec.name, split=spec.split)
+    try:
+        ds = load()
+    except Exception as err:  # network, unknown name, unreadable file: say which source
+        raise SpecError(f"data.source={spec.source!r}: could not load ({type(err).__name__}: {err})") from err
+    if spec.text_field not in ds.column_names:
+        raise SpecError(f"data.text_field={spec.text_field!r}: not a column of {spec.source!r} "
+                        f"(columns: {ds.column_names})")
+    size = 0
+    for text in ds[spec.text_field]:
+        if size >= spec.max_bytes:
+            break
+        if isinstance(text, str):
+            corpus.docs.append(text)
+            size += len(text)
+    return corpus
 
 
 # ---- tokenizers ----------------------------------------------------------------------------------
