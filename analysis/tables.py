@@ -100,8 +100,9 @@ def _modes(g: pd.DataFrame) -> str:
 
 
 def verdict(row: pd.Series, ref: pd.Series) -> str:
-    """Whether `row`'s difference from `ref` is established: not with a single seed on either side
-    (or several configurations), nor within the seed-to-seed spread (the larger standard deviation)."""
+    """Whether `row`'s difference from `ref` is established. Not with a single seed on either side
+    (or several configurations), nor within the seed-to-seed spread (the larger standard deviation),
+    nor when the 95% Welch interval of the difference of means includes 0."""
     diff, spread = row["val_loss_mean"] - ref["val_loss_mean"], max(row["val_loss_std"], ref["val_loss_std"])
     if min(row["seeds"], ref["seeds"]) < 2:
         return "not established (single seed)"
@@ -109,7 +110,23 @@ def verdict(row: pd.Series, ref: pd.Series) -> str:
         return "not established (several configurations)"
     if abs(diff) <= spread:
         return f"not established (|{diff:.3f}| within the seed spread {spread:.3f})"
-    return f"beyond the seed spread ({spread:.3f}), {int(row['seeds'])} vs {int(ref['seeds'])} seeds"
+    lo, hi = welch_interval(row, ref)
+    if lo <= 0 <= hi:
+        return (f"not established (beyond the seed spread {spread:.3f}, but its 95% interval "
+                f"[{lo:.3f}, {hi:.3f}] holds 0)")
+    return f"established (95% interval of the difference [{lo:.3f}, {hi:.3f}], {int(row['seeds'])} vs " \
+           f"{int(ref['seeds'])} seeds)"
+
+
+def welch_interval(row: pd.Series, ref: pd.Series) -> tuple[float, float]:
+    """The 95% interval of mean(row) - mean(ref), unequal variances (Welch; degrees of freedom rounded
+    down, the conservative side)."""
+    va, vb = row["val_loss_std"] ** 2 / row["seeds"], ref["val_loss_std"] ** 2 / ref["seeds"]
+    se = math.sqrt(va + vb)
+    dof = (va + vb) ** 2 / (va ** 2 / (row["seeds"] - 1) + vb ** 2 / (ref["seeds"] - 1)) if se > 0 else 1.0
+    half = t95(max(1, int(dof)) + 1) * se  # t95(n) is the quantile for n - 1 degrees of freedom
+    diff = row["val_loss_mean"] - ref["val_loss_mean"]
+    return diff - half, diff + half
 
 
 def with_verdicts(table: pd.DataFrame) -> pd.DataFrame:

@@ -4,6 +4,8 @@ import subprocess
 import sys
 from pathlib import Path
 
+import pandas as pd
+
 from dtlab.analysis.loaders import load
 from dtlab.analysis.tables import final_loss, importances, label_runs, speed
 from tests.analysis.fixtures import make_run
@@ -63,7 +65,9 @@ def test_differences_within_the_seed_spread_are_not_established(tmp_path):
     table = final_loss(label_runs(load([tmp_path]).runs)).set_index("label")
     assert table.loc["standard", "difference"] == "reference"
     assert table.loc["mod c=0.125", "difference"].startswith("not established (|0.060| within the seed spread")
-    assert table.loc["dtf c=0.125", "difference"].startswith("beyond the seed spread")
+    # sd 0.1 on both sides, 3 seeds: Welch's 4 degrees of freedom, t = 2.776, half-width 0.227
+    assert table.loc["dtf c=0.125", "difference"] == ("established (95% interval of the difference [0.283, 0.737], "
+                                                      "3 vs 3 seeds)")
     assert table.loc["dense control (2 layers)", "difference"] == "not established (single seed)"
     assert abs(table.loc["dtf c=0.125", "vs_standard"] - 0.51) < 1e-9
     # and against the compute-matched control, the comparison it exists for
@@ -86,6 +90,18 @@ def test_dense_control_and_speed(tmp_path):
         '"flops_per_token": 1000000.0', '"flops_per_token": 550000.0'))
     runs = label_runs(load([tmp_path]).runs).set_index("label")
     assert runs.loc["dense control (2 layers)", "flop_ratio_vs_dense"] == 0.55
+
+
+def test_beyond_the_spread_is_not_enough_when_the_interval_holds_zero(tmp_path):
+    """Measured in the CPU study: MoD 5.196 +- 0.086 vs Standard 5.297 +- 0.062 over 3 seeds is beyond the
+    seed spread, but Welch's 95% interval of the difference, about [-0.29, 0.09], holds 0."""
+    from dtlab.analysis.tables import verdict
+
+    row = pd.Series({"val_loss_mean": 5.1959, "val_loss_std": 0.0856, "seeds": 3, "configurations": 1})
+    ref = pd.Series({"val_loss_mean": 5.2974, "val_loss_std": 0.0616, "seeds": 3, "configurations": 1})
+    assert verdict(row, ref).startswith("not established (beyond the seed spread 0.086, but its 95% interval")
+    sharp = pd.Series({"val_loss_mean": 4.9, "val_loss_std": 0.02, "seeds": 3, "configurations": 1})
+    assert verdict(sharp, ref).startswith("established")
 
 
 def test_runs_of_two_model_families_in_one_report(tmp_path):
