@@ -41,8 +41,10 @@ class RayHooks(Hooks):
 
 
 def init_ray(dashboard_host: str = "127.0.0.1"):
-    """Join the cluster at RAY_ADDRESS, or start a local one that listens on 127.0.0.1 only (its
-    GCS, raylet, workers and dashboard): a run on a laptop is no service to the network."""
+    """Join the cluster at RAY_ADDRESS, or start a local one on 127.0.0.1: its nodes advertise and
+    connect over loopback and the dashboard listens there only. (Ray 2.60's own gRPC servers, GCS,
+    raylet and workers, still listen on every interface and no setting changes that; a strict xfail
+    test says when a Ray release does.)"""
     import os
 
     import ray
