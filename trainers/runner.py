@@ -100,7 +100,7 @@ def check_resume(run_dir: Path, spec: Spec) -> None:
         raise SpecError(f"--resume: {run_dir} was started with another model or data ({'; '.join(changed[:3])}); "
                         "resume it with the spec it was started with, or --force to set it aside")
     if (run_dir / "run.json").exists():
-        _read_json_mapping(run_dir / "run.json")
+        _read_mapping(run_dir / "run.json")
     why = problem(last_checkpoint(run_dir), deep=True)
     if why and read_jsonl(run_dir / METRICS).records:
         raise SpecError(f"--resume: cannot continue {run_dir}: {why}, so its records would be repeated; "
@@ -124,25 +124,16 @@ def _comparable(raw: dict[str, Any]) -> dict[str, dict[str, Any]]:
     return out
 
 
-def _read_json_mapping(path: Path) -> dict[str, Any]:
-    try:
-        raw = json.loads(path.read_text(encoding="utf-8"))
-    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as err:
-        raise SpecError(f"--resume: {path} is not readable ({type(err).__name__}); the run cannot continue") from None
-    if not isinstance(raw, dict):
-        raise SpecError(f"--resume: {path} is not a JSON object; the run cannot continue")
-    return raw
-
-
 def _read_mapping(path: Path) -> dict[str, Any]:
+    """A run's `spec.yaml` or `run.json` (YAML reads both) as a mapping, or a refusal naming it."""
     import yaml
 
     try:
         raw = yaml.safe_load(path.read_text(encoding="utf-8"))
     except (OSError, UnicodeDecodeError, yaml.YAMLError) as err:
-        raise SpecError(f"--resume: {path} is not readable ({type(err).__name__}); the run cannot be checked") from None
+        raise SpecError(f"--resume: {path} is not readable ({type(err).__name__}); the run cannot continue") from None
     if not isinstance(raw, dict):
-        raise SpecError(f"--resume: {path} is not a mapping of spec sections; the run cannot be checked")
+        raise SpecError(f"--resume: {path} is not a mapping; the run cannot continue")
     return raw
 
 

@@ -269,11 +269,17 @@ def _spec_not_a_mapping(run: Path) -> list[str]:
     return []
 
 
+def _run_json_not_a_mapping(run: Path) -> list[str]:
+    (run / "run.json").write_text("[1, 2]")
+    return []
+
+
 RESUME_CASES = {
+    "run-json-not-a-mapping": (_run_json_not_a_mapping, r"run.json is not a mapping; the run cannot continue"),
     "changed-model-type": (_changed_type, r"started with another model or data \(model.type: 'mod' -> 'dtf'"),
     "truncated-weights": (_truncated_weights, r"model.safetensors is not readable"),
     "missing-checkpoint": (_no_checkpoint, r"last does not exist.*records would be repeated"),
-    "run-spec-not-a-mapping": (_spec_not_a_mapping, r"spec.yaml is not a mapping"),
+    "run-spec-not-a-mapping": (_spec_not_a_mapping, r"spec.yaml is not a mapping; the run cannot continue"),
 }
 
 
