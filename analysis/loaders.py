@@ -130,17 +130,7 @@ def load_run(path: Path, problems: list[str]) -> tuple[dict[str, Any], list[dict
     records = read_jsonl(path / METRICS, problems)
     info = _read_json(path / "run.json", problems, "device, seed and commit")
     params = _read_json(path / "params.json", [], "") if (path / "params.json").is_file() else {}
-    spec = {}
-    if (path / "spec.yaml").is_file():
-        try:
-            spec = yaml.safe_load((path / "spec.yaml").read_text(errors="replace")) or {}
-        except yaml.YAMLError:
-            problems.append(f"{path / 'spec.yaml'}: not valid YAML")
-        if not isinstance(spec, dict):
-            problems.append(f"{path / 'spec.yaml'}: not a mapping of spec sections")
-            spec = {}
-    training = _dict(info.get("training"))
-    model_spec = _dict(spec.get("model"))
+    spec = _read_spec(path / "spec.yaml", problems)
     steps = [{"run_id": run_id, **{k: v for k, v in r.items() if not isinstance(v, (dict, list))}}
              for r in records if r.get("kind", "train") == "train"]
     evals = [headline({"run_id": run_id, **{k: v for k, v in r.items() if not isinstance(v, (dict, list))}})
@@ -148,12 +138,32 @@ def load_run(path: Path, problems: list[str]) -> tuple[dict[str, Any], list[dict
     routing, positions = [], []
     for r in records:
         _routing_rows(run_id, r, routing, positions)
-    last = evals[-1] if evals else {}
-    variant = training.get("variant") or info.get("variant") or model_spec.get("type")
     if not evals:
         problems.append(f"{path}: no evaluation recorded (the run stopped before its first evaluation?)")
-    mc = _dict(training.get("model_config"))
-    row = {
+    return _run_row(run_id, path, info, spec, params, steps, evals), steps, evals, routing, positions
+
+
+def _read_spec(path: Path, problems: list[str]) -> dict[str, Any]:
+    if not path.is_file():
+        return {}
+    try:
+        spec = yaml.safe_load(path.read_text(errors="replace")) or {}
+    except yaml.YAMLError:
+        problems.append(f"{path}: not valid YAML")
+        return {}
+    if not isinstance(spec, dict):
+        problems.append(f"{path}: not a mapping of spec sections")
+        return {}
+    return spec
+
+
+def _run_row(run_id: str, path: Path, info: dict, spec: dict, params: dict, steps: list[dict],
+             evals: list[dict]) -> dict[str, Any]:
+    """One run's row of `runs`: its facts, its last evaluation, its medians."""
+    training, mc = _dict(info.get("training")), _dict(_dict(info.get("training")).get("model_config"))
+    last = evals[-1] if evals else {}
+    variant = training.get("variant") or info.get("variant") or _dict(spec.get("model")).get("type")
+    return {
         "run_id": run_id, "path": str(path), "name": spec.get("name") or info.get("name"), "variant": variant,
         "seed": info.get("seed", spec.get("seed")), "device": training.get("device"),
         "precision": training.get("precision"), "world_size": training.get("world_size"),
@@ -170,8 +180,7 @@ def load_run(path: Path, problems: list[str]) -> tuple[dict[str, Any], list[dict
         "tokens_seen": last.get("tokens_seen"), "done": bool(last.get("done")) or (
             last.get("step") is not None and last.get("step") == training.get("total_steps")),
         "evaluations": len(evals),
-        "routing_modes": ",".join(sorted({e.get("routing_mode", "?") for e in evals}
-                                         | ({"causal"} if "val_loss_causal" in last else set()))),
+        "routing_modes": ",".join(m for m in ("causal", "topk") if any(f"val_loss_{m}" in e for e in evals)),
         "tokens_per_s": pd.Series([s.get("tokens_per_s") for s in steps], dtype="float64").median() if steps else None,
         "peak_mem_gib": max((s.get("peak_mem_gib") or 0 for s in steps), default=None) or None,
         "peak_rss_gib": max((s.get("peak_rss_gib") or 0 for s in steps), default=None) or None,
@@ -179,7 +188,6 @@ def load_run(path: Path, problems: list[str]) -> tuple[dict[str, Any], list[dict
         "params": json.dumps(params.get("params", {}), sort_keys=True) if params else None,
         "trial_id": params.get("trial_id"),
     }
-    return row, steps, evals, routing, positions
 
 
 def load_bench(path: Path, problems: list[str]) -> list[dict[str, Any]]:

@@ -67,7 +67,6 @@ def build_sections(rs: RunSet, space: dict) -> tuple[list[Section], dict[str, pd
     best = tables.best_configs(runs)
     imp = tables.importances(runs, space) if runs["params"].notna().any() else pd.DataFrame()
     facts = tables.facts(runs)
-    routed = runs["variant"].isin(["mod", "dtf"]).any()
     out: dict[str, pd.DataFrame] = {"final_loss": final, "speed": speed, "best_configs": best,
                                     "importance": imp, "runs": facts}
     s = []
@@ -75,8 +74,9 @@ def build_sections(rs: RunSet, space: dict) -> tuple[list[Section], dict[str, pd
     s.append(Section("Validation loss", "LM loss on the fixed validation set (aux losses excluded), per run, "
                      "coloured by variant; routed models in causal routing. Then the final loss per variant: "
                      "mean, a 95% Student-t interval when there are two seeds or more, the training-mode "
-                     "(top-k) loss beside it, and whether the difference from Standard is established: not "
-                     "when a side has a single seed or the difference is within the seed-to-seed spread.",
+                     "(top-k) loss beside it, and whether the difference from Standard (and from the dense "
+                     "control) is established: not when a side has a single seed, the difference is within the "
+                     "seed-to-seed spread, or Welch's 95% interval of the difference holds 0.",
                      [x for x in (curves, figures.final_loss_bars(final), final) if x is not None]))
     s.append(Section("Loss against compute", "Final validation loss against training FLOPs (forward + backward, "
                      "counted from the config); the dashed line is the Pareto front. Standard runs shallower than "
@@ -86,26 +86,7 @@ def build_sections(rs: RunSet, space: dict) -> tuple[list[Section], dict[str, pd
                      "relative to Standard next to the FLOP ratio, and peak memory (GPU runs: allocated; CPU "
                      "runs: resident set). Ratios compare runs of one machine only.",
                      [x for x in (figures.speed_bars(speed), speed) if x is not None]))
-    if routed:
-        pos = figures.selected_by_position(rs.positions, runs)
-        s.append(Section("Routing", "Which tokens the routed blocks took: by layer (causal routing shows the "
-                         "realised capacity) and by position in the sequence.",
-                         [figures.selected_by_layer(rs.routing, runs) or "no routing statistics recorded", *pos]))
-        s.append(Section("Router statistics over training", "Gate mean and causal-vs-top-k agreement of the best "
-                         "run per variant, and DTF's surprise gates and temperatures.",
-                         [x for x in (
-                             figures.stat_over_training(rs.routing, runs, ["gate_mean"], "Gate mean per layer"),
-                             figures.stat_over_training(rs.routing, runs, ["causal_agreement"],
-                                                        "Causal routing agrees with top-k (mean over layers)",
-                                                        per_layer=False),
-                             figures.stat_over_training(rs.routing, runs, ["s_ce", "s_cu"],
-                                                        "DTF: S_CE and S_CU (mean over layers)", ("dtf",),
-                                                        per_layer=False),
-                             figures.stat_over_training(rs.routing, runs, ["temp_ce", "temp_cu"],
-                                                        "DTF: temperatures (softplus(beta), or scheduled)", ("dtf",)),
-                         ) if x is not None] or ["no routing statistics in the training records"]))
-    else:
-        s.append(Section("Routing", "", ["no routed (MoD or DTF) runs in these directories"]))
+    s += _routing_sections(rs, runs)
     if runs["params"].notna().any():
         s.append(Section("Sweep: best configurations and what mattered",
                          "The best run per variant with its hyperparameters, and Optuna's fANOVA importance of "
@@ -116,6 +97,29 @@ def build_sections(rs: RunSet, space: dict) -> tuple[list[Section], dict[str, pd
     s.append(Section("Facts of each run", "Device, precision, the routing modes its evaluations used, seed, tokens "
                      "seen and the git commit (dirty: uncommitted changes when it ran).", [facts]))
     return s, out
+
+
+def _routing_sections(rs: RunSet, runs: pd.DataFrame) -> list[Section]:
+    """Which tokens the routed blocks took, and the routers' statistics over training."""
+    if not runs["variant"].isin(["mod", "dtf"]).any():
+        return [Section("Routing", "", ["no routed (MoD or DTF) runs in these directories"])]
+    over = figures.stat_over_training
+    stats = [
+        over(rs.routing, runs, ["gate_mean"], "Gate mean per layer"),
+        over(rs.routing, runs, ["causal_agreement"], "Causal routing agrees with top-k (mean over layers)",
+             per_layer=False),
+        over(rs.routing, runs, ["s_ce", "s_cu"], "DTF: S_CE and S_CU (mean over layers)", ("dtf",), per_layer=False),
+        over(rs.routing, runs, ["temp_ce", "temp_cu"], "DTF: temperatures (softplus(beta), or scheduled)", ("dtf",)),
+    ]
+    return [
+        Section("Routing", "Which tokens the routed blocks took: by layer (causal routing shows the realised "
+                "capacity) and by position in the sequence.",
+                [figures.selected_by_layer(rs.routing, runs) or "no routing statistics recorded",
+                 *figures.selected_by_position(rs.positions, runs)]),
+        Section("Router statistics over training", "Gate mean and causal-vs-top-k agreement of the best run per "
+                "variant, and DTF's surprise gates and temperatures.",
+                [x for x in stats if x is not None] or ["no routing statistics in the training records"]),
+    ]
 
 
 def _md_text(text: str) -> str:

@@ -232,10 +232,9 @@ def resume(state: RunState) -> None:
     state.resumed = True
     if state.rank == 0:
         metrics = state.run_dir / METRICS
-        rewrite_jsonl(metrics, lambda r: r.get("step", 0) <= state.step)
-        if state.last_eval and not any(r.get("kind") == "eval" and r["step"] == state.step
-                                       for r in read_jsonl(metrics).records):
-            rewrite_jsonl(metrics, lambda r: True, append=[state.last_eval])
+        on_record = any(r.get("kind") == "eval" and r["step"] == state.step for r in read_jsonl(metrics).records)
+        rewrite_jsonl(metrics, lambda r: r.get("step", 0) <= state.step,
+                      append=[state.last_eval] if state.last_eval and not on_record else [])
         state.hooks.log(f"resumed from {path.resolve().name} at step {state.step}")
 
 

@@ -280,24 +280,33 @@ def trial_resources(spec: Spec, gpus: float) -> tuple[float, float]:
 
 def run_sweep(spec: Spec, out: str | Path, resume: bool = False, force: bool = False, source: str = "spec",
               log=print) -> dict[str, Any]:
+    """Check everything, lay out `out`, run the trials through Tune, write `summary.json`."""
+    plan = plan_sweep(spec, source)
+    out = Path(out)
+    lay_out(plan, out, resume, force, log)
+    concurrent = start_cluster(plan, out, log)
+    results = make_tuner(plan, out, resume, concurrent, log).fit()
+    return finish(plan, out, results, log)
+
+
+def lay_out(plan: Plan, out: Path, resume: bool, force: bool, log) -> None:
+    """Every check before Ray starts (devices, data, model fit, `--out`), then the sweep's own files."""
     from .data import prepare_data
     from .runner import check_fit, check_resources, check_run_dir, holds_run, prepare_run_dir
 
-    plan = plan_sweep(spec, source)
+    spec = plan.spec
     check_ray_dashboard()
     if not os.environ.get("RAY_ADDRESS"):
         import torch
 
         check_gpus(spec, torch.cuda.device_count() if torch.cuda.is_available() else 0)
-    out = Path(out)
-    tune_path = out / TUNE_DIR / EXPERIMENT
     check_run_dir(out, resume, force)
-    if resume and not (holds_run(out) and tune_path.is_dir()):
+    if resume and not (holds_run(out) and (out / TUNE_DIR / EXPERIMENT).is_dir()):
         raise SpecError(f"--resume: {out} holds no sweep to continue")
-    for variant in plan.variants:  # devices and precision, then data and model fit, once, before any trial
-        check_resources(trial_spec(spec, {"model.type": variant}, None), use_ray=True)
-    for variant in plan.variants:
-        one = trial_spec(spec, {"model.type": variant}, None)
+    ones = [trial_spec(spec, {"model.type": variant}, None) for variant in plan.variants]
+    for one in ones:  # devices and precision first: they need no data
+        check_resources(one, use_ray=True)
+    for one in ones:  # data and model fit, once per variant, before any trial
         check_fit(one, prepare_data(one.data), spec.resources.num_workers)
     prepare_run_dir(out, resume, force, log)
     if not resume:
@@ -308,9 +317,12 @@ def run_sweep(spec: Spec, out: str | Path, resume: bool = False, force: bool = F
              "search_space": {d.key: {d.dist.kind: d.dist.args, "variants": d.variants} for d in plan.dims}},
             indent=1))
 
-    import ray
-    from ray import tune
 
+def start_cluster(plan: Plan, out: Path, log) -> int:
+    """Start (or join) Ray; returns how many trials run at once: what the cluster fits, capped."""
+    import ray
+
+    spec = plan.spec
     if not ray.is_initialized():
         from .ray_train import init_ray
 
@@ -326,8 +338,20 @@ def run_sweep(spec: Spec, out: str | Path, resume: bool = False, force: bool = F
     concurrent = max(1, min(spec.sweep.max_concurrent or fits, fits))
     log(f"sweep: {spec.sweep.num_samples} configuration(s) x {len(plan.seeds)} seed(s) over {plan.variants}, "
         f"{concurrent} at a time ({cpus:g} CPU, {gpus:g} GPU per trial), results in {out}")
+    return concurrent
 
+
+def make_tuner(plan: Plan, out: Path, resume: bool, concurrent: int, log):
+    """A new Tuner (Optuna, ASHA), or the interrupted one restored from `out`."""
+    from ray import tune
+
+    spec = plan.spec
     trainable = tune.with_resources(sweep_trial, {"cpu": spec.sweep.driver_cpus})
+    tune_path = out / TUNE_DIR / EXPERIMENT
+    if resume:
+        log(f"resuming the sweep in {tune_path}")
+        return tune.Tuner.restore(str(tune_path.resolve()), trainable=trainable, resume_unfinished=True,
+                                  resume_errored=True)
     first = spec.sweep.objective_list()[0]
     scheduler = None
     if spec.sweep.asha.enabled:
@@ -336,21 +360,20 @@ def run_sweep(spec: Spec, out: str | Path, resume: bool = False, force: bool = F
         scheduler = ASHAScheduler(time_attr="training_iteration", metric=first.metric, mode=first.mode,
                                   max_t=plan.max_t, grace_period=spec.sweep.asha.grace_period,
                                   reduction_factor=spec.sweep.asha.reduction_factor)
-    if resume:
-        log(f"resuming the sweep in {tune_path}")
-        tuner = tune.Tuner.restore(str(tune_path.resolve()), trainable=trainable, resume_unfinished=True,
-                                   resume_errored=True)
-    else:
-        tuner = tune.Tuner(
-            trainable,
-            param_space={"spec": spec.model_dump(mode="json"), "sweep_dir": str(out.resolve())},
-            tune_config=tune.TuneConfig(search_alg=make_searcher(plan), scheduler=scheduler,
-                                        num_samples=spec.sweep.num_samples * len(plan.seeds),
-                                        max_concurrent_trials=concurrent),
-            run_config=tune.RunConfig(name=EXPERIMENT, storage_path=str((out / TUNE_DIR).resolve()),
-                                      failure_config=tune.FailureConfig(max_failures=0)),
-        )
-    results = tuner.fit()
+    return tune.Tuner(
+        trainable,
+        param_space={"spec": spec.model_dump(mode="json"), "sweep_dir": str(out.resolve())},
+        tune_config=tune.TuneConfig(search_alg=make_searcher(plan), scheduler=scheduler,
+                                    num_samples=spec.sweep.num_samples * len(plan.seeds),
+                                    max_concurrent_trials=concurrent),
+        run_config=tune.RunConfig(name=EXPERIMENT, storage_path=str((out / TUNE_DIR).resolve()),
+                                  failure_config=tune.FailureConfig(max_failures=0)),
+    )
+
+
+def finish(plan: Plan, out: Path, results, log) -> dict[str, Any]:
+    """`summary.json` from the trials' own records; whether the sweep was interrupted."""
+    spec = plan.spec
     summary = summarize(out)
     unfinished = len(results) - results.num_terminated - results.num_errors
     summary["interrupted"] = unfinished > 0 or len(results) < spec.sweep.num_samples * len(plan.seeds)
@@ -358,7 +381,7 @@ def run_sweep(spec: Spec, out: str | Path, resume: bool = False, force: bool = F
     errors = [str(r.error) for r in results if r.error]
     if errors:
         log(f"{len(errors)} trial(s) failed: {errors[:3]}")
-    best = summary.get("best")
+    best, first = summary.get("best"), spec.sweep.objective_list()[0]
     if best:
         log(f"best: trial {best['trial_id']} {first.metric} {best.get(first.metric)} with {best['params']}")
     return summary

@@ -59,6 +59,10 @@ def test_run_writes_records_checkpoints_and_facts(tmp_path, variant):
     assert facts["seed"] == 0 and "commit" in facts and facts["training"]["precision"] == "fp32"
     assert facts["training"]["device"] == "cpu" and facts["data"]["vocab_size"] == 512
     assert (run / "spec.yaml").read_text().startswith("name: t")
+    # the report reads which routing modes the evaluations used from the records as the loop writes them
+    from dtlab.analysis.loaders import load
+
+    assert load([run]).runs["routing_modes"][0] == ("topk" if variant == "standard" else "causal,topk")
     # the checkpoint reloads through the Auto classes
     from transformers import AutoModelForCausalLM
 
