@@ -422,6 +422,7 @@ def _threshold_worker(rank: int, world: int, init_file: str, out_dir: str) -> No
         router.update_threshold(gate, torch.arange(4).expand(3, 4), None)
         torch.save([model.model.layers[1].router.threshold.clone(), router.threshold.clone()],
                    f"{out_dir}/{rank}.pt")
+        dist.barrier()  # neither rank tears gloo down while the other still talks to it
     finally:
         dist.destroy_process_group()
 
