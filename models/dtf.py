@@ -17,7 +17,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from .config import DTFConfig
-from .layers import MLP, DecoderBlock, RMSNorm, init
+from .layers import MLP, DecoderBlock, KVStore, RMSNorm, Slots, init
 from .routing import Context, LayerOutput, RoutedLayer, Routing, causal_window_mean, masked_mean
 
 
@@ -31,9 +31,11 @@ class DTFDecisionLayer(DecoderBlock):
         self.prior_norm = RMSNorm(config.hidden_size, config.rms_norm_eps)
         self.prior = MLP(config.hidden_size, config.prior_intermediate_size)
 
-    def forward(self, x_BTD: torch.Tensor, ctx: Context, carry: tuple | None) -> LayerOutput:
+    def forward(self, x_BTD: torch.Tensor, ctx: Context, carry: tuple | None,
+                store: KVStore | None = None) -> LayerOutput:
         # differs from standard: also predicts its own update with a small prior network.
-        h_post = self.block(x_BTD, ctx.rope, ctx.dense_mask)
+        slots = None if store is None else Slots(ctx.real_BT)
+        h_post = self.block(x_BTD, ctx.rope, ctx.dense_mask, store, slots)
         # F reads the detached input and the prior loss compares stop_grad(H) + F with
         # stop_grad(H_post), so that loss trains the prior alone: through H it would pull the
         # residual stream towards its own moving target (measured: D_st 0.9 -> 1.8e6 in 300 steps
@@ -102,15 +104,31 @@ class DTFRouter(nn.Module):
         self.threshold.copy_(torch.where(sum_n[1] > 0, new, self.threshold))
         self.threshold_updates.add_(1.0)
 
-    def forward(self, h_BTD, h_post_BTD, h_prior_BTD, ctx: Context) -> dict[str, torch.Tensor]:
-        """The gate G [B, T] and its parts, all fp32 (spec section 3)."""
+    def moving_average(self, d_st_BT: torch.Tensor, key_mask_BT: torch.Tensor | None,
+                       store: KVStore | None) -> torch.Tensor:
+        """MA(D_st): the mean over the previous `ma_window` columns of the row (real tokens only)."""
+        W = self.config.ma_window
+        if store is None:
+            return causal_window_mean(d_st_BT, W, key_mask_BT)
+        T = d_st_BT.shape[1]
+        ok_BT = torch.ones_like(d_st_BT, dtype=torch.bool) if key_mask_BT is None else key_mask_BT
+        if "d_st" in store.extra:
+            d_st_BT = torch.cat([store.extra["d_st"], d_st_BT], 1)
+            ok_BT = torch.cat([store.extra["d_st_ok"], ok_BT], 1)
+        store.extra["d_st"], store.extra["d_st_ok"] = d_st_BT[:, -W:], ok_BT[:, -W:]
+        return causal_window_mean(d_st_BT, W, ok_BT)[:, -T:]
+
+    def forward(self, h_BTD, h_post_BTD, h_prior_BTD, ctx: Context,
+                store: KVStore | None = None) -> dict[str, torch.Tensor]:
+        """The gate G [B, T] and its parts, all fp32 (spec section 3). With a KV `store` (cached
+        inference) the moving average also reads the surprise of the W columns before these."""
         with torch.autocast(h_BTD.device.type, enabled=False):
             h, h_post, h_prior = h_BTD.float(), h_post_BTD.float(), h_prior_BTD.float()
             d_st = (h_post - h).pow(2).mean(-1)  # static surprise
             d_ch = (h_post - h_prior).pow(2).mean(-1)  # change surprise
             o_ce = self.log_o_ce.exp()
             ce = d_st - (d_ch - torch.log(o_ce + 1e-10))  # expected change
-            ma = causal_window_mean(d_st.detach(), self.config.ma_window, ctx.key_mask_BT)
+            ma = self.moving_average(d_st.detach(), ctx.key_mask_BT, store)
             cu = d_st - self.m_cu * ma  # unexpected change
             t_ce, t_cu = self.temperatures(ctx.step)
             s_ce = torch.sigmoid(t_ce * ce)
@@ -127,12 +145,12 @@ class DTFDynamicLayer(RoutedLayer):
         super().__init__(config)
         self.router = DTFRouter(config)
 
-    def route(self, x_BTD: torch.Tensor, ctx: Context, carry: tuple | None) -> Routing:
+    def route(self, x_BTD: torch.Tensor, ctx: Context, carry: tuple | None, store: KVStore | None) -> Routing:
         # differs from standard: G, from the decision layer's real update (x = H_post) against
         # its prior's prediction, ranks the tokens and scales the block's change.
         assert carry is not None, "a DTF dynamic layer must follow its decision layer"
         h_BTD, h_prior_BTD = carry
-        parts = self.router(h_BTD, x_BTD, h_prior_BTD, ctx)
+        parts = self.router(h_BTD, x_BTD, h_prior_BTD, ctx, store)
         g_BT, key_mask = parts["gate"], ctx.key_mask_BT
         stats = {name: masked_mean(parts[name].detach(), key_mask) for name in ("d_st", "d_ch", "ce", "cu",
                                                                                  "s_ce", "s_cu")}

@@ -111,16 +111,98 @@ class Attention(nn.Module):
         self.v_proj = nn.Linear(D, Hkv * d, bias=True)
         self.o_proj = nn.Linear(H * d, D, bias=False)
 
-    def forward(self, x_BSD: torch.Tensor, rope: Rope, mask: torch.Tensor | None) -> torch.Tensor:
+    def forward(self, x_BSD: torch.Tensor, rope: Rope, mask: torch.Tensor | None,
+                store: KVStore | None = None, slots: Slots | None = None) -> torch.Tensor:
+        """Attention over these S tokens, or, with a `store`, over the tokens the store holds
+        for these rows followed by these ones (which it then holds too)."""
         B, S, _ = x_BSD.shape
         q = self.q_proj(x_BSD).view(B, S, self.num_heads, self.head_dim).transpose(1, 2)
         k = self.k_proj(x_BSD).view(B, S, self.num_kv_heads, self.head_dim).transpose(1, 2)
         v = self.v_proj(x_BSD).view(B, S, self.num_kv_heads, self.head_dim).transpose(1, 2)
         q, k = apply_rope(q, rope), apply_rope(k, rope)
-        y = F.scaled_dot_product_attention(
-            q, k, v, attn_mask=mask, is_causal=mask is None, enable_gqa=self.num_heads != self.num_kv_heads
-        )
-        return self.o_proj(y.transpose(1, 2).reshape(B, S, -1))
+        if store is not None:
+            k, v, mask = store.extend(k, v, slots)
+        return self.o_proj(attend(q, k, v, mask).transpose(1, 2).reshape(B, S, -1))
+
+
+def attend(q_BHSd: torch.Tensor, k_BHLd: torch.Tensor, v_BHLd: torch.Tensor, mask: torch.Tensor | None) -> torch.Tensor:
+    """SDPA, causal when `mask` is None. With a mask, grouped KV heads are expanded first: CUDA's
+    SDPA takes the slow math kernel when given both a mask and `enable_gqa`."""
+    H, Hkv = q_BHSd.shape[1], k_BHLd.shape[1]
+    if mask is None:
+        return F.scaled_dot_product_attention(q_BHSd, k_BHLd, v_BHLd, is_causal=True, enable_gqa=H != Hkv)
+    if H != Hkv:
+        k_BHLd, v_BHLd = k_BHLd.repeat_interleave(H // Hkv, 1), v_BHLd.repeat_interleave(H // Hkv, 1)
+    return F.scaled_dot_product_attention(q_BHSd, k_BHLd, v_BHLd, attn_mask=mask)
+
+
+class Slots(NamedTuple):
+    """Which of S new tokens a KV store keeps, for cached inference."""
+
+    ok_RS: torch.Tensor  # bool: a real token (not padding, and selected when routed)
+    rows: torch.Tensor | None = None  # the batch rows these R rows are (None: all rows, in order)
+    kept_R: torch.Tensor | None = None  # routed: slots kept per row, ok ones first (None: all S)
+
+
+class KVStore:
+    """One block's KV cache: per row, the keys/values of exactly the tokens this block processed.
+
+    Buffers `k`, `v` [B, Hkv, cap, d] grow by doubling; `len_B` counts the tokens stored per row
+    (a routed block's rows differ); `ok_BC` marks keys that may be attended (not padding).
+    Keys are stored after RoPE, at each token's own position, so no position is kept.
+    `extra` holds what a router keeps across steps (DTF: its recent surprise values).
+    """
+
+    def __init__(self, batch: int) -> None:
+        self.batch = batch
+        self.k: torch.Tensor | None = None
+        self.v: torch.Tensor | None = None
+        self.ok_BC: torch.Tensor | None = None
+        self.len_B: torch.Tensor | None = None
+        self.bound = 0  # host-side upper bound of len_B.max(): no sync to size reads
+        self.extra: dict[str, torch.Tensor] = {}
+
+    def _reserve(self, like: torch.Tensor, need: int) -> None:
+        B = self.batch
+        if self.k is None:
+            Hkv, d = like.shape[1], like.shape[-1]
+            self.k = like.new_zeros(B, Hkv, max(need, 16), d)
+            self.v, self.ok_BC = torch.zeros_like(self.k), torch.zeros(B, max(need, 16), dtype=torch.bool,
+                                                                        device=like.device)
+            self.len_B = torch.zeros(B, dtype=torch.long, device=like.device)
+        cap = self.k.shape[2]
+        if need > cap:
+            grow = max(need, 2 * cap) - cap
+            self.k = F.pad(self.k, (0, 0, 0, grow))
+            self.v = F.pad(self.v, (0, 0, 0, grow))
+            self.ok_BC = F.pad(self.ok_BC, (0, grow), value=False)
+
+    def extend(self, k_RHSd: torch.Tensor, v_RHSd: torch.Tensor,
+               slots: Slots) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """Store S new tokens of `slots.rows`; returns the keys and values to attend over
+        [R, Hkv, L, d] and the SDPA mask [R, 1, S, L]: causal, real stored keys, and each query itself."""
+        R, _, S, _ = k_RHSd.shape
+        ok_RS, rows = slots.ok_RS, slots.rows
+        self._reserve(k_RHSd, self.bound + S)
+        ar = torch.arange(R, device=k_RHSd.device) if rows is None else rows
+        start_R = self.len_B[ar]
+        pos_RS = start_R[:, None] + torch.arange(S, device=k_RHSd.device)
+        r_RS = ar[:, None].expand(R, S)
+        self.k[r_RS, :, pos_RS] = k_RHSd.transpose(1, 2)
+        self.v[r_RS, :, pos_RS] = v_RHSd.transpose(1, 2)
+        self.ok_BC[r_RS, pos_RS] = ok_RS
+        n_R = torch.full_like(start_R, S) if slots.kept_R is None else slots.kept_R
+        L = self.bound + S
+        key_L = torch.arange(L, device=k_RHSd.device)
+        if rows is None:
+            k_all, v_all, ok_RL = self.k[:, :, :L], self.v[:, :, :L], self.ok_BC[:, :L]
+        else:
+            k_all, v_all, ok_RL = self.k[rows, :, :L], self.v[rows, :, :L], self.ok_BC[rows, :L]
+        ok_RL = ok_RL & (key_L < (start_R + n_R)[:, None])
+        mask = (key_L <= pos_RS[..., None]) & ok_RL[:, None, :] | (key_L == pos_RS[..., None])
+        self.len_B[ar] = start_R + n_R
+        self.bound = L
+        return k_all, v_all, mask[:, None]
 
 
 class MLP(nn.Module):
@@ -146,6 +228,9 @@ class DecoderBlock(nn.Module):
         self.post_attention_layernorm = RMSNorm(config.hidden_size, config.rms_norm_eps)
         self.mlp = MLP(config.hidden_size, config.intermediate_size)
 
-    def block(self, x_BSD: torch.Tensor, rope: Rope, mask: torch.Tensor | None) -> torch.Tensor:
-        x_BSD = x_BSD + self.self_attn(self.input_layernorm(x_BSD), rope, mask)
+    def block(self, x_BSD: torch.Tensor, rope: Rope, mask: torch.Tensor | None, store: KVStore | None = None,
+              slots: Slots | None = None) -> torch.Tensor:
+        """The block on S tokens; with a KV `store` (cached inference) their attention also reads the
+        tokens stored before, and the store keeps the `slots` it is told to (see `KVStore.extend`)."""
+        x_BSD = x_BSD + self.self_attn(self.input_layernorm(x_BSD), rope, mask, store, slots)
         return x_BSD + self.mlp(self.post_attention_layernorm(x_BSD))

@@ -13,6 +13,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from .config import MoDConfig
+from .layers import KVStore
 from .routing import Context, RoutedLayer, Routing, masked_mean, router_logits
 
 
@@ -39,7 +40,7 @@ class MoDLayer(RoutedLayer):
         self.router = nn.Linear(config.hidden_size, 1, bias=False)
         self.predictor = Predictor(config.hidden_size) if config.mod_use_predictor else None
 
-    def route(self, x_BTD: torch.Tensor, ctx: Context, carry: tuple | None) -> Routing:
+    def route(self, x_BTD: torch.Tensor, ctx: Context, carry: tuple | None, store: KVStore | None) -> Routing:
         # differs from standard: r = w . x ranks the tokens; sigmoid(r) scales the block's change
         # of the selected ones (eq. 1 of the paper: never the residual stream itself).
         r_BT = router_logits(self.router.weight, x_BTD)

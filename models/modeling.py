@@ -6,19 +6,21 @@ Shape legend: B batch, T sequence length, K tokens per routed block and row, D h
 
 from __future__ import annotations
 
+import contextlib
 import os
+from collections.abc import Iterator
 from dataclasses import dataclass
 from typing import Any, NamedTuple
 
 import torch
 import torch.nn.functional as F
 from torch import nn
-from transformers import PreTrainedModel
-from transformers.modeling_outputs import CausalLMOutputWithPast
+from transformers import GenerationMixin, PreTrainedModel
+from transformers.utils import ModelOutput
 
 from .config import CONFIG_CLASSES, DTFConfig, DTLabConfig, MoDConfig, config_class, make_config
 from .dtf import DTFDecisionLayer, DTFDynamicLayer, DTFRouter
-from .layers import DecoderBlock, RMSNorm, RotaryEmbedding, init, sdpa_mask
+from .layers import DecoderBlock, KVStore, RMSNorm, RotaryEmbedding, Slots, init, sdpa_mask
 from .mod import MoDLayer
 from .routing import Context, LayerOutput
 
@@ -26,8 +28,10 @@ from .routing import Context, LayerOutput
 class DenseLayer(DecoderBlock):
     """A plain Qwen2 block (all of Standard; the unrouted layers of MoD and DTF)."""
 
-    def forward(self, x_BTD: torch.Tensor, ctx: Context, carry: tuple | None) -> LayerOutput:
-        return LayerOutput(self.block(x_BTD, ctx.rope, ctx.dense_mask), carry, {}, {})
+    def forward(self, x_BTD: torch.Tensor, ctx: Context, carry: tuple | None,
+                store: KVStore | None = None) -> LayerOutput:
+        slots = None if store is None else Slots(ctx.real_BT)
+        return LayerOutput(self.block(x_BTD, ctx.rope, ctx.dense_mask, store, slots), carry, {}, {})
 
 
 # Per-layer structure is data: `config.layer_kinds` names each layer's class.
@@ -49,10 +53,46 @@ class BackboneOutput(NamedTuple):
     masks: dict[int, torch.Tensor]  # per routed layer: [B, T] bool, the tokens its block processed
 
 
-@dataclass
-class DTLabCausalLMOutput(CausalLMOutputWithPast):
-    """`loss` = lm_loss + sum of weighted aux losses; each part and the routing stats, separately."""
+# transformers renamed `past_key_values` to `cache` during 5.x; its outputs alias the old name since.
+_OUTPUT_ALIASES_CACHE = isinstance(getattr(ModelOutput, "past_key_values", None), property)
 
+
+class DTLabCache:
+    """The KV cache of cached inference (`use_cache=True`, `generate`): one `KVStore` per layer.
+
+    A dense block's store holds every column; a routed block's holds, per row, only the tokens it
+    processed (spec section 4). `seen` counts the columns fed so far.
+    """
+
+    is_compileable = False  # read by transformers' generation utilities
+    is_croppable = False
+
+    def __init__(self, num_layers: int, batch: int) -> None:
+        self.layers = [KVStore(batch) for _ in range(num_layers)]
+        self.batch = batch
+        self.seen = 0
+
+    @property
+    def is_linear(self) -> list[bool]:
+        return [False] * len(self.layers)
+
+    def get_seq_length(self, layer_idx: int = 0) -> int:
+        return self.seen
+
+    def stored(self, layer: int) -> torch.Tensor:
+        """[B] tokens layer `layer` holds per row (for a routed block: those it processed)."""
+        store = self.layers[layer]
+        return torch.zeros(self.batch, dtype=torch.long) if store.len_B is None else store.len_B
+
+
+@dataclass
+class DTLabCausalLMOutput(ModelOutput):
+    """`loss` = lm_loss + sum of weighted aux losses; each part and the routing stats, separately.
+    `cache` (`past_key_values` in older transformers) is the `DTLabCache` when one was used."""
+
+    loss: torch.Tensor | None = None
+    logits: torch.Tensor | None = None
+    cache: DTLabCache | None = None
     lm_loss: torch.Tensor | None = None
     aux_losses: dict[str, torch.Tensor] | None = None
     routing_stats: dict[int, dict[str, torch.Tensor]] | None = None
@@ -90,35 +130,51 @@ class DTLabModel(DTLabPreTrainedModel):
         self.register_buffer("schedule_step", torch.tensor(0, dtype=torch.long))
         self.post_init()
 
-    def forward(self, input_ids, attention_mask=None, position_ids=None) -> BackboneOutput:
+    def forward(self, input_ids, attention_mask=None, position_ids=None,
+                cache: DTLabCache | None = None) -> BackboneOutput:
+        """input_ids [B, T]: the next T columns. attention_mask [B, past + T] (1 real, 0 padding),
+        covering the columns a `cache` has seen too; positions count real tokens from 0 (so a
+        left-padded row reads as the same row unpadded) unless `position_ids` [B, T] say otherwise."""
         B, T = input_ids.shape
-        if T > self.config.max_position_embeddings:
-            raise ValueError(f"sequence length {T} exceeds max_position_embeddings="
+        past = 0 if cache is None else cache.seen
+        if past + T > self.config.max_position_embeddings:
+            raise ValueError(f"sequence length {past + T} exceeds max_position_embeddings="
                              f"{self.config.max_position_embeddings}")
+        if attention_mask is not None and tuple(attention_mask.shape) != (B, past + T):
+            raise ValueError(f"attention_mask has shape {tuple(attention_mask.shape)}; expected {(B, past + T)} "
+                             f"(batch, columns seen before + input_ids' {T})")
         x = self.embed_tokens(input_ids)
-        if position_ids is None:
-            position_ids = torch.arange(T, device=input_ids.device)[None]
-        key_mask = None if attention_mask is None else attention_mask.to(torch.bool)
+        if position_ids is None and attention_mask is not None:
+            position_ids = (attention_mask.long().cumsum(-1) - 1).clamp_min(0)[:, past:]
+        elif position_ids is None:
+            position_ids = torch.arange(past, past + T, device=input_ids.device)[None]
+        key_mask = None if attention_mask is None else attention_mask[:, past:].to(torch.bool)
+        real = None if cache is None else (torch.ones_like(input_ids, dtype=torch.bool) if key_mask is None
+                                           else key_mask)
         ctx = Context(
             rope=self.rotary_emb(position_ids, x.dtype),
             key_mask_BT=key_mask,
-            dense_mask=sdpa_mask(key_mask, T, x.device),
+            dense_mask=None if cache is not None else sdpa_mask(key_mask, T, x.device),
             routing_mode=self.config.routing_mode,
             step=self.schedule_step,
             training=self.training,
+            real_BT=real,
         )
         aux: dict[str, list[torch.Tensor]] = {}
         stats: dict[int, dict[str, torch.Tensor]] = {}
         masks: dict[int, torch.Tensor] = {}
         carry = None
         for i, layer in enumerate(self.layers):
-            x, carry, layer_aux, layer_stats, selected = layer(x, ctx, carry)
+            store = None if cache is None else cache.layers[i]
+            x, carry, layer_aux, layer_stats, selected = layer(x, ctx, carry, store)
             for name, value in layer_aux.items():
                 aux.setdefault(name, []).append(value)
             if layer_stats:
                 stats[i] = layer_stats
             if selected is not None:
                 masks[i] = selected
+        if cache is not None:
+            cache.seen += T
         # Aux losses are averaged over the layers that produce them (spec sections 2 and 3).
         aux_mean = {name: torch.stack(values).mean() for name, values in aux.items()}
         return BackboneOutput(self.norm(x), aux_mean, stats, masks)
@@ -189,8 +245,13 @@ def chunked_lm_loss(hidden_BTD, weight_VD, labels_BT, chunk_tokens: int) -> torc
     return total / count
 
 
-class DTLabForCausalLM(DTLabPreTrainedModel):
-    """Causal LM head over `DTLabModel`. Subclassed once per variant for the Auto classes."""
+class DTLabForCausalLM(DTLabPreTrainedModel, GenerationMixin):
+    """Causal LM head over `DTLabModel`. Subclassed once per variant for the Auto classes.
+
+    `generate()` is transformers' own (greedy, sampling, EOS, left-padded batches) and always runs
+    in `causal` routing, with a `DTLabCache`: a routed block stores and computes only the tokens
+    it selects.
+    """
 
     _tied_weights_keys = {"lm_head.weight": "model.embed_tokens.weight"}
 
@@ -204,21 +265,42 @@ class DTLabForCausalLM(DTLabPreTrainedModel):
         """Training step read by scheduled DTF temperatures (a buffer: no recompilation)."""
         self.model.schedule_step.fill_(int(step))
 
+    @contextlib.contextmanager
+    def routing(self, mode: str) -> Iterator[DTLabForCausalLM]:
+        """Run in routing `mode` ("topk" | "causal") inside the block, then restore the config's."""
+        if mode not in ("topk", "causal"):
+            raise ValueError(f"routing mode {mode!r}: expected 'topk' or 'causal'")
+        saved, self.config.routing_mode = self.config.routing_mode, mode
+        try:
+            yield self
+        finally:
+            self.config.routing_mode = saved
+
     def forward(
         self,
-        input_ids: torch.LongTensor,
+        input_ids: torch.LongTensor | None = None,
         attention_mask: torch.Tensor | None = None,
         labels: torch.LongTensor | None = None,
         position_ids: torch.LongTensor | None = None,
         return_logits: bool = True,
-        **kwargs,
+        cache: DTLabCache | None = None,
+        use_cache: bool | None = None,
+        logits_to_keep: int = 0,
+        **kwargs: Any,
     ) -> DTLabCausalLMOutput:
-        """input_ids [B, T]; attention_mask [B, T] (1 real, 0 padding); labels [B, T], unshifted
-        (-100 ignored). Returns logits [B, T, V] (unless `return_logits=False`), the total loss,
-        `lm_loss`, unweighted `aux_losses`, detached per-layer `routing_stats` (0-d tensors, and
-        [T] by position) and `routing_masks` ([B, T] bool: the tokens each routed block processed).
+        """input_ids [B, T]; attention_mask [B, T] (1 real, 0 padding; with a cache [B, past + T]);
+        labels [B, T], unshifted (-100 ignored). Returns logits [B, T, V] (the last `logits_to_keep`
+        positions when > 0; none with `return_logits=False`), the total loss, `lm_loss`, unweighted
+        `aux_losses`, detached per-layer `routing_stats` (0-d tensors, and [T] by position) and
+        `routing_masks` ([B, T] bool: the tokens each routed block processed).
+
+        `use_cache=True` or a `cache` (`past_key_values` is accepted as its older name) runs cached
+        inference: eval mode and `causal` routing only. Anything else is refused, not ignored.
         """
-        hidden_BTD, aux, stats, masks = self.model(input_ids, attention_mask, position_ids)
+        cache = self._check_inputs(input_ids, labels, cache, use_cache, logits_to_keep, kwargs)
+        hidden_BTD, aux, stats, masks = self.model(input_ids, attention_mask, position_ids, cache)
+        if logits_to_keep:
+            hidden_BTD = hidden_BTD[:, -logits_to_keep:]
         logits = self.lm_head(hidden_BTD) if return_logits else None
         loss = lm_loss = None
         if labels is not None:
@@ -229,8 +311,77 @@ class DTLabForCausalLM(DTLabPreTrainedModel):
             loss = lm_loss
             for name, value in aux.items():
                 loss = loss + getattr(self.config, AUX_LOSS_WEIGHTS[name]) * value
-        return DTLabCausalLMOutput(loss=loss, logits=logits, lm_loss=lm_loss, aux_losses=aux, routing_stats=stats,
-                                   routing_masks=masks)
+        out = DTLabCausalLMOutput(loss=loss, logits=logits, cache=cache, lm_loss=lm_loss, aux_losses=aux,
+                                  routing_stats=stats, routing_masks=masks)
+        if cache is not None and not _OUTPUT_ALIASES_CACHE:  # transformers before `cache` read this name
+            out["past_key_values"] = cache
+        return out
+
+    def _check_inputs(self, input_ids, labels, cache, use_cache, logits_to_keep, kwargs) -> DTLabCache | None:
+        """Refuse what `forward` does not support; return the cache to use (made when asked for)."""
+        past = kwargs.pop("past_key_values", None)
+        for name, default in (("return_dict", True), ("output_attentions", False), ("output_hidden_states", False)):
+            if kwargs.pop(name, None) not in (None, default):
+                raise ValueError(f"{type(self).__name__}.forward: {name}={not default} is not supported")
+        if kwargs:
+            raise TypeError(f"{type(self).__name__}.forward got unsupported argument(s): {', '.join(sorted(kwargs))}"
+                            + (" (pass input_ids)" if "inputs_embeds" in kwargs else ""))
+        if input_ids is None:
+            raise TypeError(f"{type(self).__name__}.forward needs input_ids [batch, length]")
+        if cache is not None and past is not None and cache is not past:
+            raise ValueError("pass the cache once: `cache` and `past_key_values` name the same thing")
+        cache = cache if cache is not None else past
+        if cache is not None and not isinstance(cache, DTLabCache):
+            raise TypeError(f"cache must be the DTLabCache a previous call returned, not {type(cache).__name__}: "
+                            "a routed block's cache holds only the tokens it processed")
+        if labels is not None and logits_to_keep:
+            raise ValueError("logits_to_keep with labels: the loss needs the logits of every position")
+        if cache is None and not use_cache:
+            return None
+        if use_cache is False:
+            raise ValueError("use_cache=False with a cache: drop one")
+        if self.training:
+            raise ValueError("a KV cache is for inference: call model.eval() first")
+        if self.config.routing_mode != "causal":
+            raise ValueError(f"a KV cache needs causal routing, not {self.config.routing_mode!r}: top-k routing "
+                             "looks at the whole row (use `with model.routing('causal'):`; generate() does)")
+        if cache is None:
+            return DTLabCache(len(self.model.layers), input_ids.shape[0])
+        if cache.batch != input_ids.shape[0]:
+            raise ValueError(f"input_ids has batch {input_ids.shape[0]}; the cache was made for {cache.batch}")
+        return cache
+
+    # ---- generation (transformers' GenerationMixin) ----------------------------------------------
+
+    @classmethod
+    def _supports_default_dynamic_cache(cls) -> bool:
+        return False  # the model makes its own DTLabCache on the first call (use_cache=True)
+
+    def generate(self, *args: Any, **kwargs: Any):
+        """transformers' `generate`, always in `causal` routing (top-k would read future tokens)."""
+        with self.routing("causal"):
+            return super().generate(*args, **kwargs)
+
+    def prepare_inputs_for_generation(self, input_ids: torch.LongTensor, attention_mask=None, **kwargs: Any):
+        """The columns the cache has not seen, the full attention mask, and the cache."""
+        cache = kwargs.pop("cache", None)
+        past = kwargs.pop("past_key_values", None)
+        cache = cache if cache is not None else past
+        for name in _GENERATION_INTERNALS:
+            kwargs.pop(name, None)
+        if kwargs.get("inputs_embeds", 0) is None:
+            del kwargs["inputs_embeds"]  # given: left for forward to refuse
+        if cache is not None:
+            input_ids = input_ids[:, cache.seen:]
+        position_ids = kwargs.pop("position_ids", None)
+        if position_ids is not None:
+            position_ids = position_ids[:, -input_ids.shape[1]:]
+        return {"input_ids": input_ids.contiguous(), "attention_mask": attention_mask, "position_ids": position_ids,
+                "cache": cache, **kwargs}
+
+
+# What transformers' generate passes to `prepare_inputs_for_generation` for its own bookkeeping.
+_GENERATION_INTERNALS = ("next_sequence_length", "is_first_iteration", "cache_position")
 
 
 class StandardForCausalLM(DTLabForCausalLM):

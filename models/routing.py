@@ -18,7 +18,7 @@ import torch
 import torch.nn.functional as F
 
 from .flops import capacity_k
-from .layers import DecoderBlock, Rope, sdpa_mask
+from .layers import DecoderBlock, KVStore, Rope, Slots, sdpa_mask
 
 
 class Context(NamedTuple):
@@ -30,6 +30,7 @@ class Context(NamedTuple):
     routing_mode: str  # "topk" | "causal"
     step: torch.Tensor  # training step (scalar tensor), read by scheduled DTF temperatures
     training: bool
+    real_BT: torch.Tensor | None = None  # cached inference only: key_mask_BT, or all True
 
 
 class LayerOutput(NamedTuple):
@@ -67,7 +68,8 @@ class RoutedLayer(DecoderBlock):
         self.capacity = config.capacity
         self.force_unit_gate = config.force_unit_gate  # ablation: gate = 1 (contract item 4)
 
-    def route(self, x_BTD: torch.Tensor, ctx: Context, carry: tuple | None) -> Routing:
+    def route(self, x_BTD: torch.Tensor, ctx: Context, carry: tuple | None, store: KVStore | None) -> Routing:
+        """Score the tokens. `store` is set in cached inference (a router may keep state in `extra`)."""
         raise NotImplementedError
 
     def on_topk(self, routing: Routing, idx_BK: torch.Tensor, topk_BT: torch.Tensor,
@@ -75,9 +77,14 @@ class RoutedLayer(DecoderBlock):
         """After `route`: what the router learns from the top-k decision (auxiliary losses)."""
         return {}
 
-    def forward(self, x_BTD: torch.Tensor, ctx: Context, carry: tuple | None) -> LayerOutput:
+    def forward(self, x_BTD: torch.Tensor, ctx: Context, carry: tuple | None,
+                store: KVStore | None = None) -> LayerOutput:
         T, key_mask = x_BTD.shape[1], ctx.key_mask_BT
-        r = self.route(x_BTD, ctx, carry)
+        r = self.route(x_BTD, ctx, carry, store)
+        if store is not None:  # cached inference: causal routing, nothing learnt, no statistics
+            causal_BT = r.causal_BT if key_mask is None else r.causal_BT & key_mask
+            gate_BT = torch.ones_like(r.gate_BT) if self.force_unit_gate else r.gate_BT
+            return LayerOutput(causal_update(self, x_BTD, gate_BT, causal_BT, ctx, store), None, {}, {}, causal_BT)
         idx_BK = topk_sorted(r.score_BT, capacity_k(self.capacity, T), key_mask)
         topk_BT = membership(idx_BK, T)
         aux = self.on_topk(r, idx_BK, topk_BT, ctx)
@@ -86,7 +93,7 @@ class RoutedLayer(DecoderBlock):
         if ctx.routing_mode == "topk":
             x_BTD, sel_BT = routed_update(self, x_BTD, gate_BT, ctx, idx_BK=idx_BK), topk_BT
         else:
-            x_BTD, sel_BT = routed_update(self, x_BTD, gate_BT, ctx, sel_BT=causal_BT), causal_BT
+            x_BTD, sel_BT = causal_update(self, x_BTD, gate_BT, causal_BT, ctx), causal_BT
         stats = selection_stats(sel_BT, topk_BT, causal_BT, r.gate_BT.detach(), r.logit_BT.detach(), key_mask)
         stats.update(r.stats)
         stats.update({k: v.detach() for k, v in aux.items()})
@@ -112,30 +119,61 @@ def routed_update(
     x_BTD: torch.Tensor,
     gate_BT: torch.Tensor,
     ctx: Context,
-    idx_BK: torch.Tensor | None = None,
-    sel_BT: torch.Tensor | None = None,
+    idx_BK: torch.Tensor,
 ) -> torch.Tensor:
-    """Selected tokens: `x + gate * (Block(x) - x)`; others: `x`, bit for bit.
+    """Top-k routing: the k tokens `idx_BK` of each row get `x + gate * (Block(x) - x)`; others
+    keep `x`, bit for bit. The block sees only the selected tokens [B, K, D]: they attend to each
+    other, causally in their original order, with RoPE at their original positions."""
+    B, K = idx_BK.shape
+    idx_BKD = idx_BK[..., None].expand(B, K, x_BTD.shape[-1])
+    x_BKD = x_BTD.gather(1, idx_BKD)
+    key_ok_BK = None if ctx.key_mask_BT is None else ctx.key_mask_BT.gather(1, idx_BK)
+    y_BKD = layer.block(x_BKD, ctx.rope.gather(idx_BK), sdpa_mask(key_ok_BK, K, x_BTD.device))
+    g_BK1 = gate_BT.gather(1, idx_BK)[..., None]
+    return x_BTD.scatter(1, idx_BKD, x_BKD + (g_BK1 * (y_BKD - x_BKD)).to(x_BTD.dtype))
 
-    The block sees only the selected tokens: they attend to each other, causally in their
-    original order, with RoPE at their original positions. Two paths with one meaning:
-    `idx_BK` (static k per row, training's top-k) gathers the tokens and runs the block on
-    [B, K, D]; `sel_BT` (a variable number per row, causal routing) runs the block over all
-    T tokens with attention masked to the selected keys and keeps only selected outputs.
+
+def causal_update(
+    layer: DecoderBlock,
+    x_BTD: torch.Tensor,
+    gate_BT: torch.Tensor,
+    sel_BT: torch.Tensor,
+    ctx: Context,
+    store: KVStore | None = None,
+) -> torch.Tensor:
+    """Causal routing: a variable number of tokens per row, `sel_BT` (real tokens only), get the
+    routed update; the others keep `x`, bit for bit, and cost the block nothing.
+
+    The selected tokens are gathered in order into [R, N, D], N the largest count of a row, R the
+    rows that selected any (rows that selected nothing are not computed at all), and the block runs
+    on them alone, with RoPE at their original positions; with a KV `store` they also attend to the
+    tokens this block processed before, and are stored. Reads the counts on the host (one sync).
     """
-    if idx_BK is not None:
-        B, K = idx_BK.shape
-        idx_BKD = idx_BK[..., None].expand(B, K, x_BTD.shape[-1])
-        x_BKD = x_BTD.gather(1, idx_BKD)
-        key_ok_BK = None if ctx.key_mask_BT is None else ctx.key_mask_BT.gather(1, idx_BK)
-        y_BKD = layer.block(x_BKD, ctx.rope.gather(idx_BK), sdpa_mask(key_ok_BK, K, x_BTD.device))
-        g_BK1 = gate_BT.gather(1, idx_BK)[..., None]
-        return x_BTD.scatter(1, idx_BKD, x_BKD + (g_BK1 * (y_BKD - x_BKD)).to(x_BTD.dtype))
-    assert sel_BT is not None
-    key_ok_BT = sel_BT if ctx.key_mask_BT is None else sel_BT & ctx.key_mask_BT
-    y_BTD = layer.block(x_BTD, ctx.rope, sdpa_mask(key_ok_BT, x_BTD.shape[1], x_BTD.device))
-    update_BTD = x_BTD + (gate_BT[..., None] * (y_BTD - x_BTD)).to(x_BTD.dtype)
-    return torch.where(sel_BT[..., None], update_BTD, x_BTD)
+    B, T, D = x_BTD.shape
+    n_B = sel_BT.sum(1)
+    counts = n_B.tolist()
+    N = max(counts)
+    if N == 0:
+        return x_BTD
+    rows = None if min(counts) > 0 else torch.tensor([b for b, n in enumerate(counts) if n > 0], device=x_BTD.device)
+    # selected positions first, in their original order (a stable sort of "not selected")
+    idx_BN = torch.sort((~sel_BT).to(torch.uint8), dim=1, stable=True).indices[:, :N]
+    x_in, idx, n = (x_BTD, idx_BN, n_B) if rows is None else (x_BTD[rows], idx_BN[rows], n_B[rows])
+    R = idx.shape[0]
+    ok_RN = torch.arange(N, device=x_BTD.device) < n[:, None]
+    rope = ctx.rope if rows is None or ctx.rope.cos.shape[0] == 1 else Rope(ctx.rope.cos[rows], ctx.rope.sin[rows])
+    idx_RND = idx[..., None].expand(R, N, D)
+    x_RND = x_in.gather(1, idx_RND)
+    if store is None:
+        y_RND = layer.block(x_RND, rope.gather(idx), sdpa_mask(ok_RN, N, x_BTD.device))
+    else:
+        y_RND = layer.block(x_RND, rope.gather(idx), None, store, Slots(ok_RN, rows, n))
+    g_RN1 = gate_BT[rows if rows is not None else slice(None)].gather(1, idx)[..., None]
+    new_RND = torch.where(ok_RN[..., None], x_RND + (g_RN1 * (y_RND - x_RND)).to(x_BTD.dtype), x_RND)
+    out_RTD = x_in.scatter(1, idx_RND, new_RND)
+    if rows is None:
+        return out_RTD
+    return x_BTD.index_copy(0, rows, out_RTD)
 
 
 def router_logits(weight_1D: torch.Tensor, x_BTD: torch.Tensor) -> torch.Tensor:

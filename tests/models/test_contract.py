@@ -9,7 +9,7 @@ import torch.nn.functional as F
 from dtlab import models
 from dtlab.models.flops import capacity_k
 from dtlab.models.layers import Rope, RotaryEmbedding
-from dtlab.models.routing import Context, membership, routed_update, topk_sorted
+from dtlab.models.routing import Context, causal_update, membership, routed_update, topk_sorted
 from tests.models.helpers import VARIANT_MODES, VARIANTS, build, max_diff, routed_layers, tokens
 
 
@@ -201,9 +201,9 @@ def test_topk_sorted_strictly_increasing_and_top():
         assert set(idx[row].tolist()) == set(scores[row].topk(12).indices.tolist())
 
 
-def test_gather_path_equals_masked_path():
-    """The two attention paths (gather top-k; mask over all tokens) give the same update,
-    so the gather path keeps original order and RoPE positions."""
+def test_topk_and_causal_gather_paths_agree():
+    """The two gather paths (top-k, k per row; causal, a variable number per row padded to the
+    largest) give the same update, so both keep original order and RoPE positions."""
     torch.manual_seed(0)
     model = build("mod")
     layer = model.model.layers[1]
@@ -215,9 +215,14 @@ def test_gather_path_equals_masked_path():
     for key_mask in (None, torch.arange(T).expand(B, T) >= torch.tensor([[0], [4], [0]])):
         ctx = Context(rope, key_mask, None, "topk", torch.tensor(0), False)
         a = routed_update(layer, x, gate, ctx, idx_BK=idx)
-        b = routed_update(layer, x, gate, ctx, sel_BT=membership(idx, T))
         ok = torch.ones(B, T, dtype=torch.bool) if key_mask is None else key_mask
+        b = causal_update(layer, x, gate, membership(idx, T) & ok, ctx)
         assert torch.allclose(a[ok], b[ok], atol=1e-5), max_diff(a[ok], b[ok])
+        # a row that selects nothing is not computed and keeps x bit for bit; the others are unchanged
+        sel = membership(idx, T) & ok
+        sel[1] = False
+        c = causal_update(layer, x, gate, sel, ctx)
+        assert torch.equal(c[1], x[1]) and torch.allclose(c[[0, 2]], b[[0, 2]], atol=1e-6)
     # and a gather at the wrong positions would be caught: RoPE of slots 0..k-1 differs
     wrong = Rope(*rope).gather(torch.arange(9).expand(B, 9))
     assert not torch.allclose(wrong.cos, Rope(*rope).gather(idx).cos)

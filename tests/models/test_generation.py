@@ -1,0 +1,182 @@
+"""Generation and the routed KV cache (spec section 4): cached decoding reproduces the
+full-sequence `causal` forward; a routed block stores and computes only the tokens it selects."""
+
+import pytest
+import torch
+
+from .helpers import VARIANTS, build, routed_layers, tokens
+
+STEPS = 32
+
+
+def left_padded(lengths: list[int], vocab: int = 97, seed: int = 0) -> tuple[torch.Tensor, torch.Tensor]:
+    """A batch of prompts of the given lengths, left-padded with token 0."""
+    T = max(lengths)
+    ids = tokens(len(lengths), T, vocab, seed).clamp_min(1)
+    mask = (torch.arange(T) >= T - torch.tensor(lengths)[:, None]).long()
+    return ids * mask, mask
+
+
+def full_forward(model, ids, mask):
+    with torch.no_grad(), model.routing("causal"):
+        return model(ids, attention_mask=mask)
+
+
+def cached_greedy(model, ids, mask, steps: int = STEPS):
+    """Prefill, then `steps` single-token cached steps; returns the sequence, the attention mask,
+    the logits of every step [B, V] and the cache."""
+    seq, am, logits = ids, mask, []
+    with torch.no_grad(), model.routing("causal"):
+        out = model(ids, attention_mask=mask, use_cache=True)
+        for _ in range(steps):
+            logits.append(out.logits[:, -1])
+            nxt = out.logits[:, -1].argmax(-1, keepdim=True)
+            seq, am = torch.cat([seq, nxt], 1), torch.cat([am, torch.ones_like(nxt)], 1)
+            out = model(nxt, attention_mask=am, cache=out.cache)
+    return seq, am, logits, out.cache
+
+
+@pytest.mark.parametrize("variant", VARIANTS)
+@pytest.mark.parametrize("lengths", [[9], [9, 5, 2]], ids=["one-row", "left-padded"])
+def test_cached_greedy_decoding_matches_full_causal_forwards(variant, lengths):
+    model = build(variant, "causal")
+    ids, mask = left_padded(lengths)
+    seq, am, logits, cache = cached_greedy(model, ids, mask)
+    P = ids.shape[1]
+    for step, step_logits in enumerate(logits):  # every step against a full forward of the prefix
+        ref = full_forward(model, seq[:, :P + step], am[:, :P + step]).logits[:, -1]
+        assert torch.equal(step_logits.argmax(-1), ref.argmax(-1)), f"step {step}: greedy tokens differ"
+        assert torch.allclose(step_logits, ref, atol=1e-4), f"step {step}: {(step_logits - ref).abs().max():.2e}"
+    # A routed block's cache holds exactly the tokens it processed, row by row.
+    masks = full_forward(model, seq, am).routing_masks
+    for i in routed_layers(model):
+        processed = masks[i].sum(1)
+        assert torch.equal(cache.stored(i), processed), (i, cache.stored(i), processed)
+        real = am.sum(1)
+        assert (processed < real).any() and (processed > 0).any(), "precondition: routing skipped some tokens"
+    for i in set(range(model.config.num_hidden_layers)) - set(routed_layers(model)):
+        assert torch.equal(cache.stored(i), torch.full((len(lengths),), seq.shape[1])), i  # dense: every column
+
+
+@pytest.mark.parametrize("variant", VARIANTS)
+def test_a_left_padded_row_generates_what_it_would_alone(variant):
+    model = build(variant, "causal")
+    ids, mask = left_padded([9, 4])
+    together = model.generate(ids, attention_mask=mask, max_new_tokens=12, do_sample=False, pad_token_id=0)
+    alone = model.generate(ids[1:, -4:], attention_mask=mask[1:, -4:], max_new_tokens=12, do_sample=False,
+                           pad_token_id=0)
+    assert torch.equal(together[1, -12:], alone[0, -12:])
+
+
+@pytest.mark.parametrize("variant", VARIANTS)
+def test_generate_is_cached_causal_decoding_whatever_the_configured_mode(variant):
+    model = build(variant, "topk")  # trained models are configured top-k
+    if variant == "dtf":
+        from .helpers import calibrate_dtf_threshold
+
+        calibrate_dtf_threshold(model)
+    ids, mask = left_padded([7, 3])
+    seq, *_ = cached_greedy(model, ids, mask, steps=16)
+    out = model.generate(ids, attention_mask=mask, max_new_tokens=16, do_sample=False, pad_token_id=0)
+    assert torch.equal(out, seq)
+    assert model.config.routing_mode == "topk"  # restored
+    if variant != "standard":  # precondition: the modes differ here, so the test could fail
+        with torch.no_grad():
+            topk = model(seq, attention_mask=torch.ones_like(seq)).logits
+        assert not torch.allclose(topk, full_forward(model, seq, torch.ones_like(seq)).logits, atol=1e-4)
+
+
+@pytest.mark.parametrize("variant", VARIANTS)
+def test_sampling_is_seeded_and_top_k_1_is_greedy(variant):
+    model = build(variant, "causal")
+    ids, mask = left_padded([6, 6])
+    kw = dict(attention_mask=mask, max_new_tokens=10, pad_token_id=0)
+    runs = []
+    for _ in range(2):
+        torch.manual_seed(3)
+        runs.append(model.generate(ids, do_sample=True, temperature=1.5, top_p=0.95, **kw))
+    assert torch.equal(runs[0], runs[1])
+    greedy = model.generate(ids, do_sample=False, **kw)
+    assert not torch.equal(runs[0], greedy)  # sampling at temperature 1.5 over 97 tokens departs from greedy
+    torch.manual_seed(4)
+    assert torch.equal(model.generate(ids, do_sample=True, top_k=1, **kw), greedy)
+
+
+def test_generation_stops_at_eos():
+    model = build("mod", "causal")
+    ids, mask = left_padded([6])
+    greedy = model.generate(ids, attention_mask=mask, max_new_tokens=10, do_sample=False, pad_token_id=0)
+    eos = int(greedy[0, 6 + 3])
+    first = next(i for i in range(10) if int(greedy[0, 6 + i]) == eos)
+    out = model.generate(ids, attention_mask=mask, max_new_tokens=10, do_sample=False, pad_token_id=0,
+                         eos_token_id=eos)
+    assert out.shape[1] == 6 + first + 1 and int(out[0, -1]) == eos
+
+
+def _count_tokens_into(module: torch.nn.Module, seen: list[tuple[int, int]]):
+    return module.register_forward_hook(lambda m, args, out: seen.append(tuple(args[0].shape[:2])))
+
+
+@pytest.mark.parametrize("variant,seed", [("mod", 5), ("dtf", 0)])  # seeds where all three cases occur
+def test_a_skipped_token_costs_the_routed_block_nothing(variant, seed):
+    """Decode steps call a routed block's projections only for the rows that selected the token;
+    a step where no row selects it does not call the block at all."""
+    model = build(variant, "causal", **{f"{variant}_capacity": 0.25})
+    ids, mask = left_padded([8, 8], seed=seed)
+    layer = routed_layers(model)[0]
+    seen: list[tuple[int, int]] = []
+    with torch.no_grad(), model.routing("causal"):
+        out = model(ids, attention_mask=mask, use_cache=True)
+        hook = _count_tokens_into(model.model.layers[layer].self_attn.q_proj, seen)
+        seq, am = ids, mask
+        for _ in range(16):
+            nxt = out.logits[:, -1].argmax(-1, keepdim=True)
+            seq, am = torch.cat([seq, nxt], 1), torch.cat([am, torch.ones_like(nxt)], 1)
+            out = model(nxt, attention_mask=am, cache=out.cache)
+        hook.remove()
+    selected = full_forward(model, seq, am).routing_masks[layer][:, ids.shape[1]:]  # [B, 16] decode steps
+    want = [(int(col.sum()), 1) for col in selected.T if col.any()]
+    assert seen == want
+    counts = selected.sum(0)
+    assert (counts == 1).any() and (counts == 0).any() and (counts == 2).any(), f"precondition: {counts}"
+
+
+@pytest.mark.parametrize("variant", ["mod", "dtf"])
+def test_causal_routing_runs_a_block_on_its_selected_tokens_only(variant):
+    """Full-sequence `causal` mode: the routed block's input is [rows that select, largest count], not [B, T]."""
+    model = build(variant, "causal")
+    x = tokens(3, 40, seed=2)
+    layer = routed_layers(model)[0]
+    seen: list[tuple[int, int]] = []
+    hook = _count_tokens_into(model.model.layers[layer].self_attn.q_proj, seen)
+    masks = full_forward(model, x, None).routing_masks
+    hook.remove()
+    counts = masks[layer].sum(1)
+    assert seen == [(int((counts > 0).sum()), int(counts.max()))]
+    assert int(counts.max()) < 40, "precondition: the block skipped tokens"
+
+
+# ---- forward refuses what it does not support --------------------------------------------------
+def test_forward_refuses_what_it_does_not_support():
+    from transformers import DynamicCache
+
+    model = build("mod", "causal")
+    x = tokens(2, 8)
+    with pytest.raises(TypeError, match="inputs_embeds"):
+        model(x, inputs_embeds=torch.zeros(2, 8, 32))
+    with pytest.raises(TypeError, match="head_mask"):
+        model(x, head_mask=torch.ones(2))
+    with pytest.raises(TypeError, match="DTLabCache"):
+        model(x, past_key_values=DynamicCache())
+    with pytest.raises(ValueError, match="output_attentions"):
+        model(x, output_attentions=True)
+    with pytest.raises(ValueError, match="causal routing"):
+        build("mod", "topk")(x, use_cache=True)
+    with pytest.raises(ValueError, match="inference"):
+        model.train()(x, use_cache=True)
+    model.eval()
+    cache = model(x, use_cache=True).cache
+    with pytest.raises(ValueError, match="attention_mask"):
+        model(x[:, :1], attention_mask=torch.ones(2, 1), cache=cache)  # must cover the 8 columns seen too
+    with pytest.raises(ValueError, match="batch"):
+        model(x[:1, :1], cache=cache)
