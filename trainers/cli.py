@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import math
 import sys
 
 
@@ -63,17 +64,73 @@ def _bench(args: argparse.Namespace) -> int:
         print(f"dtlab bench: --out {args.out} already exists; pass --force to replace it", file=sys.stderr)
         return 2
     try:
-        rows = run_bench(preset=args.preset, device=args.device, batch=args.batch, seq=args.seq,
-                         compile=args.compile, steps=args.steps, warmup=args.warmup,
-                         capacities=tuple(args.capacities), variants=tuple(args.variants))
+        if args.decode:
+            from .decode_bench import format_decode_table, run_decode_bench
+
+            variants = [v for v in args.variants if v != "hf-qwen2"]
+            rows = run_decode_bench(preset=args.preset, device=args.device,
+                                    batches=(args.batch,) if args.batch else (1, 8), prompt=args.prompt_tokens,
+                                    new_tokens=args.new_tokens, repeats=args.steps, capacity=min(args.capacities),
+                                    variants=tuple(variants))
+            table = format_decode_table(rows)
+        else:
+            rows = run_bench(preset=args.preset, device=args.device, batch=args.batch, seq=args.seq,
+                             compile=args.compile, steps=args.steps, warmup=args.warmup,
+                             capacities=tuple(args.capacities), variants=tuple(args.variants))
+            table = format_table(rows)
     except ValueError as err:
         print(f"dtlab bench: {err}", file=sys.stderr)
         return 2
-    print(format_table(rows))
+    print(table)
     if args.out:
         write_rows(rows, args.out)
         print(f"wrote {args.out}")
     return 0
+
+
+def _sample(args: argparse.Namespace) -> int:
+    from pathlib import Path
+
+    from .device import detect_device
+    from .sample import generate_text, load_run, routed_fractions
+    from .spec import SpecError
+
+    prompt = args.prompt or ""
+    if args.prompt_file:
+        try:
+            prompt = Path(args.prompt_file).read_text(encoding="utf-8")
+        except UnicodeDecodeError as err:
+            raise SpecError(f"--prompt-file {args.prompt_file}: not UTF-8 text ({err.reason})") from err
+    run = load_run(args.run_dir, device=detect_device(args.device))
+    text, ids, prompt_len = generate_text(run, prompt, args.max_new_tokens, args.temperature, args.top_k,
+                                          args.top_p, args.seed)
+    print(prompt + text)
+    if args.stats:
+        new = ids.shape[1] - prompt_len
+        print(f"\n[{run.checkpoint} (step {run.step}), causal routing, {new} tokens generated]", file=sys.stderr)
+        for layer, frac in routed_fractions(run.model, ids, prompt_len).items():
+            print(f"  layer {layer}: processed {frac:.3f} of the generated tokens", file=sys.stderr)
+    return 0
+
+
+def _temperature(text: str) -> float:
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a number") from None
+    if not math.isfinite(value) or value < 0:
+        raise argparse.ArgumentTypeError(f"{text!r}: expected a finite number >= 0 (0 = greedy)")
+    return value
+
+
+def _probability(text: str) -> float:
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a number") from None
+    if not 0 < value <= 1:
+        raise argparse.ArgumentTypeError(f"{text!r}: expected a probability in (0, 1]")
+    return value
 
 
 def _positive(text: str) -> int:
@@ -153,9 +210,30 @@ def build_parser() -> argparse.ArgumentParser:
     bench.add_argument("--warmup", type=_non_negative, default=3)
     bench.add_argument("--capacities", type=_capacity, nargs="+", default=[0.125, 0.25, 0.5])
     bench.add_argument("--variants", nargs="+", default=["hf-qwen2", "standard", "mod", "dtf"])
+    bench.add_argument("--decode", action="store_true",
+                       help="time generation instead: prefill and per-token decode with the KV cache, batch 1 and 8 "
+                            "(or --batch), at the smallest --capacities; --steps is the number of repeats")
+    bench.add_argument("--prompt-tokens", type=_positive, help="--decode: prompt length (default 128 CPU, 512 CUDA)")
+    bench.add_argument("--new-tokens", type=_positive, help="--decode: tokens generated (default 64 CPU, 128 CUDA)")
     bench.add_argument("--out", help="JSON file for the rows")
     bench.add_argument("--force", action="store_true", help="replace an existing --out file")
     bench.set_defaults(func=_bench)
+
+    sample = sub.add_parser("sample", help="generate text from a run's best checkpoint (causal routing)")
+    _debug_flag(sample)
+    sample.add_argument("run_dir", help="a run directory (`dtlab train --out`, or one run of an experiment)")
+    given = sample.add_mutually_exclusive_group()
+    given.add_argument("--prompt", help="text to continue (default: start of a document)")
+    given.add_argument("--prompt-file", help="a UTF-8 file whose text to continue")
+    sample.add_argument("--max-new-tokens", type=_positive, default=64)
+    sample.add_argument("--temperature", type=_temperature, default=0.0, help="0 (default): greedy")
+    sample.add_argument("--top-k", type=_positive, help="sample from the k likeliest tokens")
+    sample.add_argument("--top-p", type=_probability, help="nucleus sampling")
+    sample.add_argument("--seed", type=_non_negative, default=0)
+    sample.add_argument("--device", choices=["cpu", "cuda", "mps"], help="default: what is there")
+    sample.add_argument("--stats", action="store_true",
+                        help="also print, per routed layer, the fraction of generated tokens its block processed")
+    sample.set_defaults(func=_sample)
     return parser
 
 

@@ -1,0 +1,96 @@
+"""`dtlab sample`: text from a trained run's best checkpoint, always in `causal` routing.
+
+A run directory holds `run.json` (which tokenizer), `tokenizer.json` when the tokenizer was trained
+here, and `checkpoints/best` (a `save_pretrained` folder). Generation is transformers' `generate`
+on the dtlab model, with its routed KV cache.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Any, NamedTuple
+
+import torch
+
+from .checkpoint import CheckpointError, problem
+from .data import Tokenizer, load_hf_tokenizer
+from .spec import SpecError
+
+
+class LoadedRun(NamedTuple):
+    model: Any  # a DTLabForCausalLM in eval mode
+    tokenizer: Tokenizer
+    checkpoint: Path
+    step: int
+
+
+def load_run(run_dir: str | Path, device: str = "cpu") -> LoadedRun:
+    """The run's best checkpoint (its last when no best was kept) and its tokenizer."""
+    from transformers import AutoModelForCausalLM
+
+    from dtlab import models
+
+    run_dir = Path(run_dir)
+    info_path = run_dir / "run.json"
+    if not info_path.is_file():
+        raise SpecError(f"{run_dir}: not a dtlab run directory (no run.json); expected the --out of `dtlab train` "
+                        "or one run folder inside an experiment")
+    try:
+        info = json.loads(info_path.read_text(encoding="utf-8"))
+    except (UnicodeDecodeError, json.JSONDecodeError) as err:
+        raise SpecError(f"{info_path}: not readable JSON ({err})") from err
+    ckpt = next((run_dir / "checkpoints" / n for n in ("best", "last") if (run_dir / "checkpoints" / n).exists()),
+                None)
+    if ckpt is None:
+        raise CheckpointError(f"{run_dir}: no checkpoint yet (checkpoints/best or checkpoints/last)")
+    if (why := problem(ckpt)) is not None:
+        raise CheckpointError(f"{ckpt}: {why}")
+    from transformers.utils import logging as hf_logging
+
+    models.register_auto_classes()
+    hf_logging.disable_progress_bar()
+    model = AutoModelForCausalLM.from_pretrained(ckpt).to(device).eval()
+    state = json.loads((ckpt.resolve() / "trainer_state.json").read_text(encoding="utf-8"))
+    return LoadedRun(model, run_tokenizer(run_dir, info), ckpt, int(state.get("step", 0)))
+
+
+def run_tokenizer(run_dir: Path, info: dict[str, Any]) -> Tokenizer:
+    """The tokenizer file trained for the run, or the Hugging Face tokenizer it names."""
+    local = run_dir / "tokenizer.json"
+    if local.is_file():
+        import tokenizers
+
+        return Tokenizer(tokenizers.Tokenizer.from_file(str(local)), False, "tokenizer.json (trained for the run)")
+    name = (info.get("data") or {}).get("tokenizer")
+    if not name or "trained here" in str(name):
+        raise SpecError(f"{run_dir}: no tokenizer.json and run.json names no Hugging Face tokenizer")
+    return load_hf_tokenizer(name)
+
+
+def generate_text(run: LoadedRun, prompt: str, max_new_tokens: int = 64, temperature: float = 0.0,
+                  top_k: int | None = None, top_p: float | None = None, seed: int = 0) -> tuple[str, torch.Tensor, int]:
+    """The continuation of `prompt` (greedy at temperature 0), the full token ids [1, P + n] and P."""
+    tok, model = run.tokenizer, run.model
+    ids = tok.encode_batch([prompt])[0] if prompt else []
+    ids = ids or [tok.eot_id]  # an empty prompt starts from the end-of-text token, as documents do
+    x = torch.tensor([ids], device=model.device)
+    torch.manual_seed(seed)
+    kwargs: dict[str, Any] = dict(max_new_tokens=max_new_tokens, pad_token_id=tok.eot_id, eos_token_id=tok.eot_id)
+    if temperature > 0:
+        kwargs.update(do_sample=True, temperature=temperature, top_k=top_k or 0, top_p=top_p or 1.0)
+    else:
+        kwargs.update(do_sample=False)
+    with torch.no_grad():
+        out = model.generate(x, attention_mask=torch.ones_like(x), **kwargs)
+    return tok.decode(out[0, len(ids):].tolist()), out, len(ids)
+
+
+def routed_fractions(model, ids: torch.Tensor, prompt_len: int) -> dict[int, float]:
+    """Per routed layer, the fraction of generated tokens its block processed (the decisions of the
+    full-sequence causal forward, which cached decoding reproduces)."""
+    if ids.shape[1] <= prompt_len:
+        return {}
+    with torch.no_grad(), model.routing("causal"):
+        masks = model(ids).routing_masks
+    return {i: float(m[:, prompt_len:].float().mean()) for i, m in sorted(masks.items())}
