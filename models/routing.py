@@ -93,7 +93,11 @@ class RoutedLayer(DecoderBlock):
         if ctx.routing_mode == "topk":
             x_BTD, sel_BT = routed_update(self, x_BTD, gate_BT, ctx, idx_BK=idx_BK), topk_BT
         else:
-            x_BTD, sel_BT = causal_update(self, x_BTD, gate_BT, causal_BT, ctx), causal_BT
+            # Gathering a variable number of tokens reads counts on the host: inference only. With
+            # gradients or under torch.compile, the same update runs over all T tokens, masked.
+            static = torch.is_grad_enabled() or torch.compiler.is_compiling()
+            update = masked_causal_update if static else causal_update
+            x_BTD, sel_BT = update(self, x_BTD, gate_BT, causal_BT, ctx), causal_BT
         stats = selection_stats(sel_BT, topk_BT, causal_BT, r.gate_BT.detach(), r.logit_BT.detach(), key_mask)
         stats.update(r.stats)
         stats.update({k: v.detach() for k, v in aux.items()})
@@ -131,6 +135,15 @@ def routed_update(
     y_BKD = layer.block(x_BKD, ctx.rope.gather(idx_BK), sdpa_mask(key_ok_BK, K, x_BTD.device))
     g_BK1 = gate_BT.gather(1, idx_BK)[..., None]
     return x_BTD.scatter(1, idx_BKD, x_BKD + (g_BK1 * (y_BKD - x_BKD)).to(x_BTD.dtype))
+
+
+def masked_causal_update(layer: DecoderBlock, x_BTD: torch.Tensor, gate_BT: torch.Tensor, sel_BT: torch.Tensor,
+                         ctx: Context) -> torch.Tensor:
+    """`causal_update` with static shapes (no host sync, compilable, differentiable): the block runs
+    over all T tokens with attention restricted to the selected keys; only selected outputs are kept."""
+    y_BTD = layer.block(x_BTD, ctx.rope, sdpa_mask(sel_BT, x_BTD.shape[1], x_BTD.device))
+    update_BTD = x_BTD + (gate_BT[..., None] * (y_BTD - x_BTD)).to(x_BTD.dtype)
+    return torch.where(sel_BT[..., None], update_BTD, x_BTD)
 
 
 def causal_update(

@@ -128,6 +128,11 @@ def build_for_training(spec: Spec, vocab_size: int) -> models.DTLabForCausalLM:
     return models.build_model(variant, pretrained=spec.model.pretrained, **overrides)
 
 
+def compiles(spec: Spec, device_type: str) -> bool:
+    """`training.compile`: on, off, or auto (on CUDA only: CPU compile time outweighs the gain)."""
+    return spec.training.compile == "on" or (spec.training.compile == "auto" and device_type == "cuda")
+
+
 def total_steps(spec: Spec, n_rows: int, world: int) -> int:
     if spec.training.max_steps:
         return spec.training.max_steps
@@ -188,6 +193,7 @@ def run_info(state: RunState, seq_len: int) -> dict[str, Any]:
     config, tcfg = state.target.config, state.spec.training
     return {"variant": config.variant, "capacity": config.capacity, "routing_modes": list(config.routing_modes),
             "device": str(state.device), "precision": state.precision.name, "world_size": state.world,
+            "compiled": compiles(state.spec, state.device.type),
             "total_steps": state.total_steps, "seq_len": seq_len,
             "tokens_per_step": tcfg.batch_size * tcfg.grad_accum_steps * state.world * seq_len,
             "parameters": sum(p.numel() for p in state.target.parameters()),
@@ -207,6 +213,10 @@ def setup(config: dict[str, Any], hooks: Hooks) -> RunState:
     data = load_prepared(config["data_dir"])
     torch.manual_seed(spec.seed)
     model = build_for_training(spec, data.vocab_size).to(device).train()
+    if compiles(spec, device.type):
+        # in place (parameter names and checkpoints unchanged); one graph each for training and for
+        # evaluation per routing mode (causal routing then runs its static, masked form)
+        model.compile(fullgraph=True, backend=os.environ.get("DTLAB_COMPILE_BACKEND", "inductor"))
     if world > 1:
         from torch.nn.parallel import DistributedDataParallel as DDP
 

@@ -115,6 +115,16 @@ class TrainingSpec(Strict):
     eval_causal: bool = True  # routed variants: also the validation loss in `causal` routing
     log_every: int = Field(10, ge=1)
     checkpoint: bool = True
+    # torch.compile the model (fullgraph) for training and evaluation; auto: on CUDA only
+    compile: Literal["auto", "on", "off"] = "auto"
+
+    @model_validator(mode="before")
+    @classmethod
+    def _yaml_on_off(cls, data: Any) -> Any:
+        """YAML reads a bare `on`/`off` as true/false."""
+        if isinstance(data, dict) and isinstance(data.get("compile"), bool):
+            data = {**data, "compile": "on" if data["compile"] else "off"}
+        return data
 
 
 class ResourcesSpec(Strict):

@@ -9,7 +9,14 @@ import torch.nn.functional as F
 from dtlab import models
 from dtlab.models.flops import capacity_k
 from dtlab.models.layers import Rope, RotaryEmbedding
-from dtlab.models.routing import Context, causal_update, membership, routed_update, topk_sorted
+from dtlab.models.routing import (
+    Context,
+    causal_update,
+    masked_causal_update,
+    membership,
+    routed_update,
+    topk_sorted,
+)
 from tests.models.helpers import VARIANT_MODES, VARIANTS, build, max_diff, routed_layers, tokens
 
 
@@ -218,6 +225,8 @@ def test_topk_and_causal_gather_paths_agree():
         ok = torch.ones(B, T, dtype=torch.bool) if key_mask is None else key_mask
         b = causal_update(layer, x, gate, membership(idx, T) & ok, ctx)
         assert torch.allclose(a[ok], b[ok], atol=1e-5), max_diff(a[ok], b[ok])
+        m = masked_causal_update(layer, x, gate, membership(idx, T) & ok, ctx)  # compiled/training form
+        assert torch.allclose(m[ok], b[ok], atol=1e-5), max_diff(m[ok], b[ok])
         # a row that selects nothing is not computed and keeps x bit for bit; the others are unchanged
         sel = membership(idx, T) & ok
         sel[1] = False
