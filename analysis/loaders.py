@@ -39,6 +39,7 @@ class RunSet:
     positions: pd.DataFrame
     problems: list[str] = field(default_factory=list)
     benches: pd.DataFrame = field(default_factory=pd.DataFrame)
+    samples: pd.DataFrame = field(default_factory=pd.DataFrame)  # greedy samples (samples.json) per run
 
     @property
     def empty(self) -> bool:
@@ -199,10 +200,20 @@ def load_bench(path: Path, problems: list[str]) -> list[dict[str, Any]]:
     return [r for r in rows if isinstance(r, dict) and "variant" in r] if isinstance(rows, list) else []
 
 
+def load_samples(path: Path, run_id: str, problems: list[str]) -> list[dict[str, Any]]:
+    """A run's `samples.json` (written by `dtlab run` from its best checkpoint), one row per prompt."""
+    if not (path / "samples.json").is_file():
+        return []
+    data = _read_json(path / "samples.json", problems, "samples")
+    return [{"run_id": run_id, "step": data.get("step"), "routing_mode": data.get("routing_mode"),
+             "prompt": str(s.get("prompt", "")), "text": str(s.get("text", ""))}
+            for s in data.get("samples", []) if isinstance(s, dict)]
+
+
 def load(paths: list[str | Path]) -> RunSet:
     """Every run under `paths` (run, sweep or experiment directories) as DataFrames."""
     problems: list[str] = []
-    runs, steps, evals, routing, positions, benches = [], [], [], [], [], []
+    runs, steps, evals, routing, positions, benches, samples = [], [], [], [], [], [], []
     seen: set[Path] = set()
     for p in map(Path, paths):
         if not p.exists():
@@ -221,6 +232,7 @@ def load(paths: list[str | Path]) -> RunSet:
             evals += e
             routing += r
             positions += pos
+            samples += load_samples(run, row["run_id"], problems)
         for bench in (sorted(p.rglob("bench*.json")) if p.is_dir() else []):
             benches += load_bench(bench, problems)
     runs_df = pd.DataFrame(runs)
@@ -240,4 +252,4 @@ def load(paths: list[str | Path]) -> RunSet:
         if missing_variant.any():
             problems.append(f"runs with no known variant: {list(runs_df.loc[missing_variant, 'run_id'])}")
     return RunSet(runs_df, pd.DataFrame(steps), pd.DataFrame(evals), pd.DataFrame(routing), pd.DataFrame(positions),
-                  problems, pd.DataFrame(benches))
+                  problems, pd.DataFrame(benches), pd.DataFrame(samples))

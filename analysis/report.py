@@ -84,9 +84,17 @@ def build_sections(rs: RunSet, space: dict) -> tuple[list[Section], dict[str, pd
                      [figures.pareto(runs) or "no run has both a final loss and a FLOP count"]))
     s.append(Section("Speed and memory", "Median training tokens/s of each variant's runs, the time per token "
                      "relative to Standard next to the FLOP ratio, and peak memory (GPU runs: allocated; CPU "
-                     "runs: resident set). Ratios compare runs of one machine only.",
+                     "runs: resident set); then `dtlab bench` files found in these directories, decode "
+                     "benchmarks (`--decode`: generated tokens/s, routed blocks at their realised capacity) "
+                     "included. Ratios compare runs of one machine only.",
                      [x for x in (figures.speed_bars(speed), speed) if x is not None]))
     s += _routing_sections(rs, runs)
+    shown = tables.samples(runs, rs.samples)
+    if not shown.empty:
+        out["samples"] = shown
+        s.append(Section("Samples", "Greedy continuations of fixed prompts by each variant's best checkpoint "
+                         "(first seed), generated with the KV cache in causal routing, as `dtlab sample` does.",
+                         [shown]))
     if runs["params"].notna().any():
         s.append(Section("Sweep: best configurations and what mattered",
                          "The best run per variant with its hyperparameters, and Optuna's fANOVA importance of "
@@ -134,7 +142,7 @@ def _markdown(df: pd.DataFrame) -> str:
     def cell(v):
         if isinstance(v, float):
             return "" if v != v else f"{v:.4g}"
-        return _md_text(str(v)).replace("|", "\\|")
+        return _md_text(str(v)).replace("|", "\\|").replace("\r", "").replace("\n", " ⏎ ")  # one line per row
 
     head = "| " + " | ".join(cell(str(c)) for c in df.columns) + " |\n|" + "---|" * len(df.columns) + "\n"
     return head + "".join("| " + " | ".join(cell(v) for v in row) + " |\n" for row in df.itertuples(index=False))

@@ -170,6 +170,9 @@ def speed(runs: pd.DataFrame, benches: pd.DataFrame) -> pd.DataFrame:
     if not benches.empty:
         for _, b in benches.iterrows():
             cap = b.get("capacity")
+            if b.get("bench") == "decode":
+                rows.append(_decode_row(b, cap))
+                continue
             rows.append({"source": f"dtlab bench ({b.get('device')}, {b.get('preset')})",
                          "label": b["variant"]
                          + (f" c={cap:g}" if isinstance(cap, (int, float)) and cap == cap else ""),
@@ -177,6 +180,30 @@ def speed(runs: pd.DataFrame, benches: pd.DataFrame) -> pd.DataFrame:
                          "time_ratio_vs_dense": b.get("step_ratio_vs_dense"), "peak_mem_gib": b.get("peak_mem_gib"),
                          "peak_rss_gib": float("nan"), "devices": b.get("device")})
     return pd.DataFrame(rows)
+
+
+def _decode_row(b: pd.Series, cap) -> dict:
+    """A `dtlab bench --decode` row: generated tokens/s, the time per token relative to Standard."""
+    label = b["variant"] + (f" c={cap:g}" if isinstance(cap, (int, float)) and cap == cap else "")
+    speedup = b.get("decode_speedup_vs_standard")
+    realised = b.get("realised_capacity_mean")
+    if isinstance(realised, float) and realised == realised:
+        label += f" (realised {realised:.3f})"
+    return {"source": f"dtlab bench --decode ({b.get('device')}, {b.get('preset')}, batch {b.get('batch')})",
+            "label": label,
+            "flop_ratio_vs_dense": float("nan"), "tokens_per_s": b.get("decode_tokens_per_s"),
+            "time_ratio_vs_dense": 1 / speedup if speedup else float("nan"), "peak_mem_gib": float("nan"),
+            "peak_rss_gib": float("nan"), "devices": b.get("device")}
+
+
+def samples(runs: pd.DataFrame, samples_df: pd.DataFrame) -> pd.DataFrame:
+    """Greedy continuations of fixed prompts, from each label's first seed (causal routing)."""
+    if samples_df.empty or runs.empty:
+        return pd.DataFrame()
+    first = runs.sort_values(["label", "seed"], na_position="last").groupby("label", sort=True).head(1)
+    merged = samples_df.merge(first[["run_id", "label", "seed"]], on="run_id")
+    cols = ["prompt", "label", "seed", "step", "text"]
+    return merged.sort_values(["prompt", "label"])[cols].rename(columns={"text": "continuation"})
 
 
 def best_configs(runs: pd.DataFrame, mode: str = "min") -> pd.DataFrame:

@@ -51,8 +51,16 @@ def load_run(run_dir: str | Path, device: str = "cpu") -> LoadedRun:
     models.register_auto_classes()
     hf_logging.disable_progress_bar()
     model = AutoModelForCausalLM.from_pretrained(ckpt).to(device).eval()
-    state = json.loads((ckpt.resolve() / "trainer_state.json").read_text(encoding="utf-8"))
-    return LoadedRun(model, run_tokenizer(run_dir, info), ckpt, int(state.get("step", 0)))
+    return LoadedRun(model, run_tokenizer(run_dir, info), ckpt, _step(ckpt.resolve()))
+
+
+def _step(ckpt: Path) -> int:
+    """The training step a checkpoint holds (`step-NNNNNNN`; older dtlab: its trainer state)."""
+    if ckpt.name.startswith("step-") and ckpt.name[5:].isdigit():
+        return int(ckpt.name[5:])
+    from .checkpoint import _trainer_state
+
+    return int(_trainer_state(ckpt).get("step", 0))
 
 
 def run_tokenizer(run_dir: Path, info: dict[str, Any]) -> Tokenizer:
@@ -94,3 +102,25 @@ def routed_fractions(model, ids: torch.Tensor, prompt_len: int) -> dict[int, flo
     with torch.no_grad(), model.routing("causal"):
         masks = model(ids).routing_masks
     return {i: float(m[:, prompt_len:].float().mean()) for i, m in sorted(masks.items())}
+
+
+# Fixed prompts for the samples a report shows (the builtin corpus is Python's docs and sources).
+SAMPLE_PROMPTS = ("The", "def ", "import ")
+SAMPLES = "samples.json"
+
+
+def write_samples(run_dir: str | Path, prompts=SAMPLE_PROMPTS, max_new_tokens: int = 32) -> Path:
+    """Greedy samples of the run's best checkpoint from fixed prompts, into `samples.json`."""
+    from .runner import write_atomic
+
+    run = load_run(run_dir)
+    samples = []
+    for prompt in prompts:
+        text, ids, prompt_len = generate_text(run, prompt, max_new_tokens=max_new_tokens)
+        fractions = routed_fractions(run.model, ids, prompt_len)
+        samples.append({"prompt": prompt, "text": text, "tokens": int(ids.shape[1] - prompt_len),
+                        "routed_fraction": {str(k): v for k, v in fractions.items()}})
+    path = Path(run_dir) / SAMPLES
+    write_atomic(path, json.dumps({"step": run.step, "checkpoint": run.checkpoint.resolve().name,
+                                   "routing_mode": "causal", "decoding": "greedy", "samples": samples}, indent=1))
+    return path

@@ -132,3 +132,25 @@ def test_report_renders_in_headless_chromium(tmp_path):
     shot = ARTIFACTS / "report.png"
     _chromium(["--window-size=1400,5000", f"--screenshot={shot}"], report.html.as_uri(), tmp_path)
     assert shot.is_file() and shot.stat().st_size > 50_000
+
+
+def test_report_shows_samples_and_decode_speed(tmp_path):
+    exp = experiment(tmp_path / "exp")
+    for run, text in (("standard-seed0", "first line\nsecond | <b>bold</b>"), ("mod-seed0", "mod text"),
+                      ("mod-seed1", "seed 1 is not shown")):
+        (exp / run / "samples.json").write_text(json.dumps({
+            "step": 20, "routing_mode": "causal", "samples": [{"prompt": "The", "text": text}]}))
+    (exp / "bench-decode.json").write_text(json.dumps([
+        {"bench": "decode", "variant": "standard", "capacity": None, "batch": 1, "decode_tokens_per_s": 100.0,
+         "decode_speedup_vs_standard": 1.0, "realised_capacity_mean": None, "device": "cpu", "preset": "small"},
+        {"bench": "decode", "variant": "mod", "capacity": 0.125, "batch": 1, "decode_tokens_per_s": 150.0,
+         "decode_speedup_vs_standard": 1.5, "realised_capacity_mean": 0.13, "device": "cpu", "preset": "small"}]))
+    report = write_report([exp])
+    md = report.markdown.read_text()
+    rows = [line for line in md.splitlines() if line.startswith("| The |")]
+    assert len(rows) == 2 and "mod text" in rows[0] + rows[1] and "seed 1 is not shown" not in md
+    assert "first line ⏎ second \\| &lt;b&gt;bold&lt;/b&gt;" in md  # one table row, escaped
+    decode = [line for line in md.splitlines() if "bench --decode" in line]
+    assert len(decode) == 2 and "mod c=0.125 (realised 0.130)" in decode[1] and "| 150 |" in decode[1]
+    assert "0.6667" in decode[1]  # time per token relative to Standard
+    assert "<b>bold</b>" not in report.html.read_text()

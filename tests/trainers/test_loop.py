@@ -227,6 +227,11 @@ def test_dtlab_run_trains_every_variant_then_reports(tmp_path):
     exp = tmp_path / "exp"
     assert sorted(p.name for p in exp.glob("*-seed0")) == ["dtf-seed0", "mod-seed0", "standard-seed0"]
     assert Path(result["report"]).is_file() and result["charts"] >= 6 and result["problems"] == []
+    for run in ("standard-seed0", "mod-seed0", "dtf-seed0"):  # greedy samples of each best checkpoint
+        samples = json.loads((exp / run / "samples.json").read_text())
+        assert samples["routing_mode"] == "causal" and samples["step"] == 4 and len(samples["samples"]) == 3
+    assert (exp / "report_tables" / "samples.csv").is_file()
+    written = (exp / "mod-seed0" / "samples.json").stat().st_mtime_ns
     before = (exp / "mod-seed0" / "metrics.jsonl").read_text()
     with pytest.raises(SpecError, match="already holds an experiment"):
         run_experiment(spec, exp, use_ray=False, log=lambda s: None)
@@ -234,6 +239,7 @@ def test_dtlab_run_trains_every_variant_then_reports(tmp_path):
     run_experiment(spec, exp, resume=True, use_ray=False, log=lines.append)
     assert (exp / "mod-seed0" / "metrics.jsonl").read_text() == before
     assert sum("finished earlier, kept" in line for line in lines) == 3
+    assert (exp / "mod-seed0" / "samples.json").stat().st_mtime_ns == written  # kept, not regenerated
 
 
 @pytest.mark.parametrize("variant", ["mod", "dtf"])

@@ -51,6 +51,11 @@ def test_quick_spec_target_from_the_command_line(tmp_path, variant):
     records = evals(out)
     assert records[0]["val_loss"] - records[-1]["val_loss"] > 0.3, [r["val_loss"] for r in records]
     assert all(r["routing_mode"] == ("topk" if variant == "standard" else "causal") for r in records)
+    # and the run generates text (best checkpoint, its tokenizer, causal routing with the KV cache)
+    proc = subprocess.run([sys.executable, "-m", "dtlab.trainers.cli", "sample", str(out), "--prompt", "The",
+                           "--max-new-tokens", "16", "--stats"], cwd=ROOT, capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0 and proc.stdout.startswith("The") and len(proc.stdout) > len("The\n"), proc.stderr
+    assert ("processed" in proc.stderr) is (variant != "standard")
 
 
 def _listening(init) -> list[tuple[str, str, int]]:
