@@ -43,6 +43,8 @@ class DTFDecisionLayer(DecoderBlock):
         # = mean((update(H) - F)^2): its gradient reaches H through the block's update only.
         h_in = x_BTD.detach()
         f_BTD = self.prior(self.prior_norm(h_in))
+        if store is not None:  # cached inference: no loss, no statistics
+            return LayerOutput(h_post, (x_BTD, x_BTD + f_BTD), {}, {})
         err_BT = ((h_in + f_BTD).float() - h_post.detach().float()).pow(2).mean(-1)
         prior_loss = masked_mean(err_BT, ctx.key_mask_BT)
         return LayerOutput(h_post, (x_BTD, x_BTD + f_BTD), {"dtf_prior": prior_loss},
@@ -152,12 +154,14 @@ class DTFDynamicLayer(RoutedLayer):
         h_BTD, h_prior_BTD = carry
         parts = self.router(h_BTD, x_BTD, h_prior_BTD, ctx, store)
         g_BT, key_mask = parts["gate"], ctx.key_mask_BT
+        causal_BT = g_BT >= self.router.threshold  # the threshold as it stood before this pass
+        if store is not None:  # cached inference: the decision only, no statistics
+            return Routing(g_BT, g_BT, causal_BT, g_BT, {})
         stats = {name: masked_mean(parts[name].detach(), key_mask) for name in ("d_st", "d_ch", "ce", "cu",
                                                                                  "s_ce", "s_cu")}
         stats.update({name: torch.as_tensor(parts[name]).detach().float()
                       for name in ("temp_ce", "temp_cu", "o_ce", "m_cu")})
         stats["threshold"] = self.router.threshold.detach().clone()
-        causal_BT = g_BT >= self.router.threshold  # the threshold as it stood before this pass
         logit_BT = torch.logit(g_BT.detach().clamp(1e-6, 1 - 1e-6))
         return Routing(g_BT, g_BT, causal_BT, logit_BT, stats)
 

@@ -120,17 +120,20 @@ class Attention(nn.Module):
         k = self.k_proj(x_BSD).view(B, S, self.num_kv_heads, self.head_dim).transpose(1, 2)
         v = self.v_proj(x_BSD).view(B, S, self.num_kv_heads, self.head_dim).transpose(1, 2)
         q, k = apply_rope(q, rope), apply_rope(k, rope)
+        causal = True
         if store is not None:
-            k, v, mask = store.extend(k, v, slots)
-        return self.o_proj(attend(q, k, v, mask).transpose(1, 2).reshape(B, S, -1))
+            k, v, mask, causal = store.extend(k, v, slots)
+        return self.o_proj(attend(q, k, v, mask, causal).transpose(1, 2).reshape(B, S, -1))
 
 
-def attend(q_BHSd: torch.Tensor, k_BHLd: torch.Tensor, v_BHLd: torch.Tensor, mask: torch.Tensor | None) -> torch.Tensor:
-    """SDPA, causal when `mask` is None. With a mask, grouped KV heads are expanded first: CUDA's
-    SDPA takes the slow math kernel when given both a mask and `enable_gqa`."""
+def attend(q_BHSd: torch.Tensor, k_BHLd: torch.Tensor, v_BHLd: torch.Tensor, mask: torch.Tensor | None,
+           causal: bool = True) -> torch.Tensor:
+    """SDPA; without a mask, causal (or, for one query after the keys, `causal=False`: every key).
+    With a mask, grouped KV heads are expanded first: CUDA's SDPA takes the slow math kernel when
+    given both a mask and `enable_gqa`."""
     H, Hkv = q_BHSd.shape[1], k_BHLd.shape[1]
     if mask is None:
-        return F.scaled_dot_product_attention(q_BHSd, k_BHLd, v_BHLd, is_causal=True, enable_gqa=H != Hkv)
+        return F.scaled_dot_product_attention(q_BHSd, k_BHLd, v_BHLd, is_causal=causal, enable_gqa=H != Hkv)
     if H != Hkv:
         k_BHLd, v_BHLd = k_BHLd.repeat_interleave(H // Hkv, 1), v_BHLd.repeat_interleave(H // Hkv, 1)
     return F.scaled_dot_product_attention(q_BHSd, k_BHLd, v_BHLd, attn_mask=mask)
@@ -139,7 +142,7 @@ def attend(q_BHSd: torch.Tensor, k_BHLd: torch.Tensor, v_BHLd: torch.Tensor, mas
 class Slots(NamedTuple):
     """Which of S new tokens a KV store keeps, for cached inference."""
 
-    ok_RS: torch.Tensor  # bool: a real token (not padding, and selected when routed)
+    ok_RS: torch.Tensor | None  # bool: a real token (not padding, and selected when routed); None: all are
     rows: torch.Tensor | None = None  # the batch rows these R rows are (None: all rows, in order)
     kept_R: torch.Tensor | None = None  # routed: slots kept per row, ok ones first (None: all S)
 
@@ -160,6 +163,7 @@ class KVStore:
         self.ok_BC: torch.Tensor | None = None
         self.len_B: torch.Tensor | None = None
         self.bound = 0  # host-side upper bound of len_B.max(): no sync to size reads
+        self.dense = True  # every row holds the same real tokens, no padding: attention needs no mask
         self.extra: dict[str, torch.Tensor] = {}
 
     def _reserve(self, like: torch.Tensor, need: int) -> None:
@@ -178,11 +182,17 @@ class KVStore:
             self.ok_BC = F.pad(self.ok_BC, (0, grow), value=False)
 
     def extend(self, k_RHSd: torch.Tensor, v_RHSd: torch.Tensor,
-               slots: Slots) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+               slots: Slots) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None, bool]:
         """Store S new tokens of `slots.rows`; returns the keys and values to attend over
-        [R, Hkv, L, d] and the SDPA mask [R, 1, S, L]: causal, real stored keys, and each query itself."""
+        [R, Hkv, L, d], the SDPA mask [R, 1, S, L] (causal, real stored keys, and each query itself)
+        and whether SDPA's causal flag applies; no mask where every stored key is real and shared by
+        all rows and the queries are all the new keys or a single one."""
         R, _, S, _ = k_RHSd.shape
         ok_RS, rows = slots.ok_RS, slots.rows
+        # a single row holds only real tokens once its padding slots are cut (routed: ok slots first)
+        self.dense &= ok_RS is None or (self.batch == 1 and slots.kept_R is not None)
+        if ok_RS is None:
+            ok_RS = torch.ones(R, S, dtype=torch.bool, device=k_RHSd.device)
         self._reserve(k_RHSd, self.bound + S)
         ar = torch.arange(R, device=k_RHSd.device) if rows is None else rows
         start_R = self.len_B[ar]
@@ -198,11 +208,14 @@ class KVStore:
             k_all, v_all, ok_RL = self.k[:, :, :L], self.v[:, :, :L], self.ok_BC[:, :L]
         else:
             k_all, v_all, ok_RL = self.k[rows, :, :L], self.v[rows, :, :L], self.ok_BC[rows, :L]
-        ok_RL = ok_RL & (key_L < (start_R + n_R)[:, None])
-        mask = (key_L <= pos_RS[..., None]) & ok_RL[:, None, :] | (key_L == pos_RS[..., None])
+        first = self.bound == 0
         self.len_B[ar] = start_R + n_R
         self.bound = L
-        return k_all, v_all, mask[:, None]
+        if self.dense and (S == 1 or first):
+            return k_all, v_all, None, first
+        ok_RL = ok_RL & (key_L < (start_R + n_R)[:, None])
+        mask = (key_L <= pos_RS[..., None]) & ok_RL[:, None, :] | (key_L == pos_RS[..., None])
+        return k_all, v_all, mask[:, None], True
 
 
 class MLP(nn.Module):

@@ -149,8 +149,8 @@ class DTLabModel(DTLabPreTrainedModel):
         elif position_ids is None:
             position_ids = torch.arange(past, past + T, device=input_ids.device)[None]
         key_mask = None if attention_mask is None else attention_mask[:, past:].to(torch.bool)
-        real = None if cache is None else (torch.ones_like(input_ids, dtype=torch.bool) if key_mask is None
-                                           else key_mask)
+        # cached inference: None when every new token is real (one host read: lets attention skip masks)
+        real = None if cache is None or key_mask is None or bool(key_mask.all()) else key_mask
         ctx = Context(
             rope=self.rotary_emb(position_ids, x.dtype),
             key_mask_BT=key_mask,

@@ -30,7 +30,7 @@ class Context(NamedTuple):
     routing_mode: str  # "topk" | "causal"
     step: torch.Tensor  # training step (scalar tensor), read by scheduled DTF temperatures
     training: bool
-    real_BT: torch.Tensor | None = None  # cached inference only: key_mask_BT, or all True
+    real_BT: torch.Tensor | None = None  # cached inference: key_mask_BT, None when every token is real
 
 
 class LayerOutput(NamedTuple):
@@ -169,6 +169,8 @@ def causal_update(
     if N == 0:
         return x_BTD
     rows = None if min(counts) > 0 else torch.tensor([b for b, n in enumerate(counts) if n > 0], device=x_BTD.device)
+    if all(c in (0, T) for c in counts):  # rows take all their tokens or none (every decode step): no gather
+        return _whole_rows_update(layer, x_BTD, gate_BT, ctx, store, rows)
     # selected positions first, in their original order (a stable sort of "not selected")
     idx_BN = torch.sort((~sel_BT).to(torch.uint8), dim=1, stable=True).indices[:, :N]
     x_in, idx, n = (x_BTD, idx_BN, n_B) if rows is None else (x_BTD[rows], idx_BN[rows], n_B[rows])
@@ -187,6 +189,21 @@ def causal_update(
     if rows is None:
         return out_RTD
     return x_BTD.index_copy(0, rows, out_RTD)
+
+
+def _whole_rows_update(layer: DecoderBlock, x_BTD: torch.Tensor, gate_BT: torch.Tensor, ctx: Context,
+                       store: KVStore | None, rows: torch.Tensor | None) -> torch.Tensor:
+    """`causal_update` where each of `rows` (None: all) selected every one of its T tokens."""
+    x_in, g_RT = (x_BTD, gate_BT) if rows is None else (x_BTD[rows], gate_BT[rows])
+    rope = ctx.rope if rows is None or ctx.rope.cos.shape[0] == 1 else Rope(ctx.rope.cos[rows], ctx.rope.sin[rows])
+    R, T = g_RT.shape
+    if store is None:
+        y = layer.block(x_in, rope, None)
+    else:
+        ok_RT = torch.ones(R, T, dtype=torch.bool, device=x_BTD.device)
+        y = layer.block(x_in, rope, None, store, Slots(ok_RT, rows, torch.full((R,), T, device=x_BTD.device)))
+    out = x_in + (g_RT[..., None] * (y - x_in)).to(x_BTD.dtype)
+    return out if rows is None else x_BTD.index_copy(0, rows, out)
 
 
 def router_logits(weight_1D: torch.Tensor, x_BTD: torch.Tensor) -> torch.Tensor:

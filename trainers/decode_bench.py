@@ -24,7 +24,7 @@ DEFAULTS = {"cpu": dict(preset="small", prompt=128, new_tokens=64),
             "mps": dict(preset="small", prompt=128, new_tokens=64)}
 
 
-def calibrate_routing(model, prompt: torch.Tensor, new_tokens: int, capacity: float, rounds: int = 2) -> None:
+def calibrate_routing(model, prompt: torch.Tensor, new_tokens: int, capacity: float, rounds: int = 3) -> None:
     """Fit a fresh model's causal routing to `capacity` on the text it decodes (random routers route
     arbitrary fractions), layer by layer in order, since a layer's input depends on the layers before:
     DTF's threshold becomes the (1 - c) quantile of G over the decoded tokens (what its running
