@@ -166,14 +166,20 @@ class KVStore:
         self.dense = True  # every row holds the same real tokens, no padding: attention needs no mask
         self.extra: dict[str, torch.Tensor] = {}
 
-    def _reserve(self, like: torch.Tensor, need: int) -> None:
-        B = self.batch
-        if self.k is None:
-            Hkv, d = like.shape[1], like.shape[-1]
-            self.k = like.new_zeros(B, Hkv, max(need, 16), d)
-            self.v, self.ok_BC = torch.zeros_like(self.k), torch.zeros(B, max(need, 16), dtype=torch.bool,
-                                                                        device=like.device)
-            self.len_B = torch.zeros(B, dtype=torch.long, device=like.device)
+    def reorder(self, idx_B: torch.Tensor) -> None:
+        """Rows `idx_B` of the batch become its rows 0..B-1 (beam search)."""
+        if self.k is not None:
+            self.k, self.v = self.k.index_select(0, idx_B), self.v.index_select(0, idx_B)
+            self.ok_BC, self.len_B = self.ok_BC.index_select(0, idx_B), self.len_B.index_select(0, idx_B)
+        self.extra = {name: t.index_select(0, idx_B) for name, t in self.extra.items()}
+
+    def _reserve(self, k: torch.Tensor, v: torch.Tensor, need: int) -> None:
+        B, cap = self.batch, max(need, 16)
+        if self.k is None:  # keys and values keep their own dtypes (under autocast RoPE leaves keys fp32)
+            self.k = k.new_zeros(B, k.shape[1], cap, k.shape[-1])
+            self.v = v.new_zeros(B, v.shape[1], cap, v.shape[-1])
+            self.ok_BC = torch.zeros(B, cap, dtype=torch.bool, device=k.device)
+            self.len_B = torch.zeros(B, dtype=torch.long, device=k.device)
         cap = self.k.shape[2]
         if need > cap:
             grow = max(need, 2 * cap) - cap
@@ -193,7 +199,7 @@ class KVStore:
         self.dense &= ok_RS is None or (self.batch == 1 and slots.kept_R is not None)
         if ok_RS is None:
             ok_RS = torch.ones(R, S, dtype=torch.bool, device=k_RHSd.device)
-        self._reserve(k_RHSd, self.bound + S)
+        self._reserve(k_RHSd, v_RHSd, self.bound + S)
         ar = torch.arange(R, device=k_RHSd.device) if rows is None else rows
         start_R = self.len_B[ar]
         pos_RS = start_R[:, None] + torch.arange(S, device=k_RHSd.device)

@@ -71,6 +71,7 @@ class DTLabCache:
         self.layers = [KVStore(batch) for _ in range(num_layers)]
         self.batch = batch
         self.seen = 0
+        self.real_B: torch.Tensor | None = None  # real (not padding) tokens seen per row: the next position
 
     @property
     def is_linear(self) -> list[bool]:
@@ -78,6 +79,11 @@ class DTLabCache:
 
     def get_seq_length(self, layer_idx: int = 0) -> int:
         return self.seen
+
+    def reorder_cache(self, beam_idx: torch.LongTensor) -> None:
+        """Beam search: keep, for each row, the cache of the beam it continues."""
+        for store in self.layers:
+            store.reorder(beam_idx.to(store.len_B.device) if store.len_B is not None else beam_idx)
 
     def stored(self, layer: int) -> torch.Tensor:
         """[B] tokens layer `layer` holds per row (for a routed block: those it processed)."""
@@ -137,6 +143,9 @@ class DTLabModel(DTLabPreTrainedModel):
         left-padded row reads as the same row unpadded) unless `position_ids` [B, T] say otherwise."""
         B, T = input_ids.shape
         past = 0 if cache is None else cache.seen
+        if T == 0:
+            raise ValueError(f"input_ids has no columns to process (the cache has seen {past}): pass the columns "
+                             "after those, with an attention_mask over all of them")
         if past + T > self.config.max_position_embeddings:
             raise ValueError(f"sequence length {past + T} exceeds max_position_embeddings="
                              f"{self.config.max_position_embeddings}")
@@ -144,11 +153,12 @@ class DTLabModel(DTLabPreTrainedModel):
             raise ValueError(f"attention_mask has shape {tuple(attention_mask.shape)}; expected {(B, past + T)} "
                              f"(batch, columns seen before + input_ids' {T})")
         x = self.embed_tokens(input_ids)
-        if position_ids is None and attention_mask is not None:
-            position_ids = (attention_mask.long().cumsum(-1) - 1).clamp_min(0)[:, past:]
-        elif position_ids is None:
-            position_ids = torch.arange(past, past + T, device=input_ids.device)[None]
         key_mask = None if attention_mask is None else attention_mask[:, past:].to(torch.bool)
+        if position_ids is None:
+            position_ids = self.positions(input_ids, attention_mask, cache)
+        if cache is not None:
+            new_real = torch.full_like(input_ids[:, 0], T) if key_mask is None else key_mask.sum(1)
+            cache.real_B = new_real if cache.real_B is None else cache.real_B + new_real
         # cached inference: None when every new token is real (one host read: lets attention skip masks)
         real = None if cache is None or key_mask is None or bool(key_mask.all()) else key_mask
         ctx = Context(
@@ -178,6 +188,17 @@ class DTLabModel(DTLabPreTrainedModel):
         # Aux losses are averaged over the layers that produce them (spec sections 2 and 3).
         aux_mean = {name: torch.stack(values).mean() for name, values in aux.items()}
         return BackboneOutput(self.norm(x), aux_mean, stats, masks)
+
+    @staticmethod
+    def positions(input_ids, attention_mask, cache: DTLabCache | None) -> torch.Tensor:
+        """RoPE positions of the new columns: real tokens counted from 0 in each row (with a cache,
+        from the real tokens it has seen when no attention_mask is given)."""
+        B, T = input_ids.shape
+        past = 0 if cache is None else cache.seen
+        if attention_mask is not None:
+            return (attention_mask.long().cumsum(-1) - 1).clamp_min(0)[:, past:]
+        start = 0 if cache is None or cache.real_B is None else cache.real_B[:, None]
+        return torch.arange(T, device=input_ids.device)[None] + start
 
 
 def lm_loss_from_logits(logits_BTV: torch.Tensor, labels_BT: torch.Tensor) -> torch.Tensor:
@@ -371,8 +392,9 @@ class DTLabForCausalLM(DTLabPreTrainedModel, GenerationMixin):
             kwargs.pop(name, None)
         if kwargs.get("inputs_embeds", 0) is None:
             del kwargs["inputs_embeds"]  # given: left for forward to refuse
-        if cache is not None:
-            input_ids = input_ids[:, cache.seen:]
+        if cache is not None:  # new columns: the mask covers every column; input_ids all, or only the new ones
+            new = (attention_mask.shape[1] if attention_mask is not None else input_ids.shape[1]) - cache.seen
+            input_ids = input_ids[:, input_ids.shape[1] - max(new, 0):]
         position_ids = kwargs.pop("position_ids", None)
         if position_ids is not None:
             position_ids = position_ids[:, -input_ids.shape[1]:]

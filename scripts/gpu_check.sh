@@ -6,7 +6,8 @@
 #   3. a short compiled training run of the loop (the quick experiment's data, no Ray);
 #   4. the decode bench (prefill and per-token decode at batch 1 and 8, Standard as baseline).
 # Everything goes into one folder: scripts/gpu_check.sh [OUT_DIR] (default $OUT, else gpu-check-DATE).
-# Each step has its own time limit and its exit status is recorded; the script goes on after a failure.
+# Each step has its own time limit (460 s together) and its exit status is recorded; the script goes on
+# after a failure. `dtlab report OUT_DIR` shows the short run with the bench-*.json files beside it.
 set -uo pipefail
 cd "$(dirname "$0")/.."
 OUT_DIR="${1:-${OUT:-gpu-check-$(date +%Y%m%d-%H%M%S)}}"
@@ -43,15 +44,15 @@ print(json.dumps(info, indent=1))
 PY
 cat "$OUT_DIR/env.json"
 
-step gpu_tests 150 python -m pytest -q -m gpu tests/models/test_gpu.py -p no:cacheprovider \
+step gpu_tests 100 python -m pytest -q -m gpu tests/models/test_gpu.py -p no:cacheprovider \
   --junitxml="$OUT_DIR/gpu_tests.xml"
-step bench_eager 90 python -m dtlab.trainers bench --preset 0.5B --capacities 0.125 --steps 5 --warmup 2 \
-  --out "$OUT_DIR/bench_eager.json" --force
-step bench_compiled 150 python -m dtlab.trainers bench --preset 0.5B --capacities 0.125 --steps 5 --warmup 2 \
-  --compile --variants standard mod dtf --out "$OUT_DIR/bench_compiled.json" --force
-step train_compiled 120 python -m dtlab.trainers train experiments/quick.yaml training.compile=on \
+step bench_eager 70 python -m dtlab.trainers bench --preset 0.5B --capacities 0.125 --steps 5 --warmup 2 \
+  --out "$OUT_DIR/bench-eager.json" --force
+step bench_compiled 110 python -m dtlab.trainers bench --preset 0.5B --capacities 0.125 --steps 5 --warmup 2 \
+  --compile --variants standard mod dtf --out "$OUT_DIR/bench-compiled.json" --force
+step train_compiled 80 python -m dtlab.trainers train experiments/quick.yaml training.compile=on \
   resources.device=cuda training.max_steps=60 resources.use_ray=false --no-ray --out "$OUT_DIR/train" --force
-step decode_bench 90 python -m dtlab.trainers bench --decode --preset 0.5B --steps 3 \
-  --out "$OUT_DIR/decode.json" --force
+step decode_bench 100 python -m dtlab.trainers bench --decode --preset 0.5B --steps 2 --new-tokens 64 \
+  --out "$OUT_DIR/bench-decode.json" --force
 echo "results in $OUT_DIR"
 ! grep -v "rc=0 " "$STATUS"

@@ -113,21 +113,23 @@ def _sample(args: argparse.Namespace) -> int:
     return 0
 
 
-def _temperature(text: str) -> float:
+def _number(text: str) -> float:
     try:
         value = float(text)
     except ValueError:
         raise argparse.ArgumentTypeError(f"{text!r} is not a number") from None
+    return value
+
+
+def _temperature(text: str) -> float:
+    value = _number(text)
     if not math.isfinite(value) or value < 0:
         raise argparse.ArgumentTypeError(f"{text!r}: expected a finite number >= 0 (0 = greedy)")
     return value
 
 
 def _probability(text: str) -> float:
-    try:
-        value = float(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"{text!r} is not a number") from None
+    value = _number(text)
     if not 0 < value <= 1:
         raise argparse.ArgumentTypeError(f"{text!r}: expected a probability in (0, 1]")
     return value

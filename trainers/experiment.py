@@ -47,6 +47,7 @@ def check_experiment_dir(out: Path, resume: bool, force: bool) -> None:
 def train_all(spec: Spec, out: Path, resume: bool, force: bool, use_ray: bool | None, source: str, log) -> None:
     from .data import prepare_data
     from .runner import RunFailed, check_fit, check_resources, holds_run, prepare_run_dir, run_training
+    from .sample import ensure_samples
 
     plan = [(v, s) for v in spec.variant_list() for s in spec.seed_list()]
     specs = {(v, s): spec.for_run(v, s) for v, s in plan}
@@ -68,26 +69,14 @@ def train_all(spec: Spec, out: Path, resume: bool, force: bool, use_ray: bool | 
         run_dir = out / f"{variant}-seed{seed}"
         if holds_run(run_dir) and finished(run_dir):
             log(f"{run_dir.name}: finished earlier, kept")
-        else:
-            log(f"== {variant}, seed {seed} -> {run_dir}")
-            try:
-                run_training(sub, run_dir, resume=holds_run(run_dir), use_ray=use_ray, log=log)
-            except RunFailed as err:  # the experiment resumes as a whole
-                raise RunFailed(f"{run_dir.name}: {str(err).split('; continue with')[0]}; continue with: dtlab "
-                                f"run {source} --out {out} --resume") from err
-        _samples(run_dir, log)
-
-
-def _samples(run_dir: Path, log) -> None:
-    """Greedy samples of a finished run for the report (kept when already written)."""
-    from .sample import SAMPLES, write_samples
-
-    if (run_dir / SAMPLES).is_file() or not (run_dir / "checkpoints").is_dir():
-        return
-    try:
-        write_samples(run_dir)
-    except Exception as err:  # samples illustrate; a run that trained is not failed by them
-        log(f"{run_dir.name}: no samples ({type(err).__name__}: {err})")
+            ensure_samples(run_dir, log)  # a run finished by an older dtlab has none yet
+            continue
+        log(f"== {variant}, seed {seed} -> {run_dir}")
+        try:
+            run_training(sub, run_dir, resume=holds_run(run_dir), use_ray=use_ray, log=log)
+        except RunFailed as err:  # the experiment resumes as a whole
+            raise RunFailed(f"{run_dir.name}: {str(err).split('; continue with')[0]}; continue with: dtlab run "
+                            f"{source} --out {out} --resume") from err
 
 
 def _report(out: Path, log):

@@ -281,6 +281,9 @@ def run_training(spec: Spec, out: str | Path | None = None, resume: bool = False
               "resume": resume}
     log(f"run directory: {run_dir}")
     result = launch(config, spec, run_dir, use_ray, hooks, log)
+    from .sample import ensure_samples
+
+    ensure_samples(run_dir, log, replace=True)  # greedy samples of the best checkpoint, for the report
     record = {k: v for k, v in (result or {}).items() if not isinstance(v, dict)}
     if record:
         log("final: " + ", ".join(f"{k} {v:.4f}" if isinstance(v, float) else f"{k} {v}" for k, v in record.items()))

@@ -124,3 +124,14 @@ def write_samples(run_dir: str | Path, prompts=SAMPLE_PROMPTS, max_new_tokens: i
     write_atomic(path, json.dumps({"step": run.step, "checkpoint": run.checkpoint.resolve().name,
                                    "routing_mode": "causal", "decoding": "greedy", "samples": samples}, indent=1))
     return path
+
+
+def ensure_samples(run_dir: Path, log=print, replace: bool = False) -> None:
+    """`samples.json` for a trained run, unless it has one (or `replace`: it was just trained further).
+    Samples illustrate: a failure is logged, never raised, since the run itself trained."""
+    if ((Path(run_dir) / SAMPLES).is_file() and not replace) or not (Path(run_dir) / "checkpoints").is_dir():
+        return
+    try:
+        write_samples(run_dir)
+    except Exception as err:
+        log(f"{Path(run_dir).name}: no samples ({type(err).__name__}: {err})")

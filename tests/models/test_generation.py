@@ -37,7 +37,7 @@ def cached_greedy(model, ids, mask, steps: int = STEPS):
 
 
 @pytest.mark.parametrize("variant", VARIANTS)
-@pytest.mark.parametrize("lengths", [[9], [9, 5, 2]], ids=["one-row", "left-padded"])
+@pytest.mark.parametrize("lengths", [[9], [9, 9, 9], [9, 5, 2]], ids=["one-row", "rows", "left-padded"])
 def test_cached_greedy_decoding_matches_full_causal_forwards(variant, lengths):
     model = build(variant, "causal")
     ids, mask = left_padded(lengths)
@@ -56,6 +56,50 @@ def test_cached_greedy_decoding_matches_full_causal_forwards(variant, lengths):
         assert (processed < real).any() and (processed > 0).any(), "precondition: routing skipped some tokens"
     for i in set(range(model.config.num_hidden_layers)) - set(routed_layers(model)):
         assert torch.equal(cache.stored(i), torch.full((len(lengths),), seq.shape[1])), i  # dense: every column
+
+
+def test_dtf_moving_average_carries_across_decode_steps():
+    """With a window shorter than the sequence, MA(D_st) reads the cache's surprise history."""
+    model = build("dtf", "causal", ma_window=3)
+    ids, mask = left_padded([9, 5])
+    seq, am, logits, _ = cached_greedy(model, ids, mask, steps=12)
+    for step, step_logits in enumerate(logits):
+        ref = full_forward(model, seq[:, :9 + step], am[:, :9 + step]).logits[:, -1]
+        assert torch.allclose(step_logits, ref, atol=1e-4), step
+
+
+@pytest.mark.parametrize("variant", VARIANTS)
+def test_prefill_in_chunks_and_decoding_without_a_mask(variant):
+    """A cache continued by chunks of several columns equals one prefill; a decode step without
+    attention_mask continues each row's positions from the real tokens it has seen."""
+    model = build(variant, "causal")
+    ids, mask = left_padded([12, 7])
+    whole = full_forward(model, ids, mask).logits
+    with torch.no_grad(), model.routing("causal"):
+        cache, seen = None, 0
+        for size in (5, 4, 3):
+            out = model(ids[:, seen:seen + size], attention_mask=mask[:, :seen + size], cache=cache, use_cache=True)
+            cache, seen = out.cache, seen + size
+            assert torch.allclose(out.logits, whole[:, seen - size:seen], atol=1e-4), seen
+        nxt = out.logits[:, -1:].argmax(-1)
+        unmasked = model(nxt, cache=cache).logits[:, -1]
+    ref = full_forward(model, torch.cat([ids, nxt], 1), torch.cat([mask, torch.ones_like(nxt)], 1)).logits[:, -1]
+    assert torch.allclose(unmasked, ref, atol=1e-4)
+    with pytest.raises(ValueError, match="no columns"), torch.no_grad(), model.routing("causal"):
+        model(ids[:, :0], cache=cache)
+
+
+@pytest.mark.parametrize("variant", VARIANTS)
+def test_cached_decoding_under_bf16_autocast(variant):
+    """Under autocast RoPE leaves keys fp32 and values bf16: the cache keeps each in its own dtype."""
+    model = build(variant, "causal")
+    ids, mask = left_padded([9, 5, 2])
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        seq, am, logits, _ = cached_greedy(model, ids, mask, steps=8)
+        for step, step_logits in enumerate(logits):
+            ref = full_forward(model, seq[:, :9 + step], am[:, :9 + step]).logits[:, -1]
+            assert torch.equal(step_logits.argmax(-1), ref.argmax(-1)), step
+            assert torch.allclose(step_logits.float(), ref.float(), atol=0.05), step
 
 
 @pytest.mark.parametrize("variant", VARIANTS)
@@ -180,3 +224,15 @@ def test_forward_refuses_what_it_does_not_support():
         model(x[:, :1], attention_mask=torch.ones(2, 1), cache=cache)  # must cover the 8 columns seen too
     with pytest.raises(ValueError, match="batch"):
         model(x[:1, :1], cache=cache)
+
+
+@pytest.mark.parametrize("variant", VARIANTS)
+def test_beam_search_with_the_cache_equals_beam_search_without(variant):
+    """Beam search reorders the cache's rows (each beam keeps the routed tokens of its own history);
+    at this size a cache that is not reordered gives other beams for every variant (checked)."""
+    model = build(variant, "causal")
+    ids, mask = left_padded([7, 4])
+    kw = dict(attention_mask=mask, max_new_tokens=16, num_beams=4, do_sample=False, pad_token_id=0)
+    cached = model.generate(ids, use_cache=True, **kw)
+    recomputed = model.generate(ids, use_cache=False, **kw)
+    assert torch.equal(cached, recomputed)

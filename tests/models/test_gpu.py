@@ -71,7 +71,7 @@ def _sdpa_kernels(fn) -> list[str]:
         torch.cuda.synchronize()
     names = {e.name for e in prof.events() if e.device_type.name == "CUDA"}
     return sorted(n for n in names if any(k in n.lower() for k in ("flash", "fmha", "efficient", "attention",
-                                                                     "softmax", "bmm", "gemm")))
+                                                                     "cudnn")))
 
 
 @pytest.mark.parametrize("variant", ["standard", "mod", "dtf"])
@@ -99,4 +99,5 @@ def test_padded_and_routed_attention_never_takes_the_math_kernel(variant):
         out = os.path.join(os.environ["DTLAB_GPU_OUT"], f"sdpa_kernels_{variant}.json")
         with open(out, "w") as f:
             json.dump(kernels, f, indent=1)
-    assert all(kernels.values())
+    # the guard is SDPA raising with the math kernel disabled; the lists say which fused kernel ran
+    assert all(kernels.values()), kernels

@@ -55,6 +55,8 @@ def test_run_writes_records_checkpoints_and_facts(tmp_path, variant):
         assert "prior_loss" in train[-1]["routing"]["0"]
     for name in ("last", "best"):
         assert (run / "checkpoints" / name / "model.safetensors").is_file()
+    samples = json.loads((run / "samples.json").read_text())  # greedy, from the best checkpoint
+    assert samples["step"] == 12 and [s["prompt"] for s in samples["samples"]] == ["The", "def ", "import "]
     facts = json.loads((run / "run.json").read_text())
     assert facts["seed"] == 0 and "commit" in facts and facts["training"]["precision"] == "fp32"
     assert facts["training"]["device"] == "cpu" and facts["data"]["vocab_size"] == 512
@@ -247,14 +249,20 @@ def test_compiled_training_matches_eager(tmp_path, monkeypatch, variant):
     """training.compile=on compiles the model in place with fullgraph=True (a graph break would raise):
     training, top-k and causal evaluation, and the checkpoints are those of the eager run. The eager
     backend keeps the test fast; the GPU check compiles with inductor."""
+    from torch._dynamo.utils import counters
+
     monkeypatch.setenv("DTLAB_COMPILE_BACKEND", "eager")
     torch._dynamo.reset()
-    runs = {}
+    runs, graphs = {}, {}
     for mode in ("off", "on"):
         spec = spec_from_dict(tiny_spec(model={"type": variant}, training={"max_steps": 6, "compile": mode}))
+        before = counters["stats"]["unique_graphs"]
         run_training(spec, tmp_path / mode, log=lambda s: None)
+        graphs[mode] = counters["stats"]["unique_graphs"] - before
         runs[mode] = records(tmp_path / mode, "eval")
         assert json.loads((tmp_path / mode / "run.json").read_text())["training"]["compiled"] is (mode == "on")
+    # dynamo traced the model only when asked: training, then evaluation in top-k and in causal routing
+    assert graphs["off"] == 0 and graphs["on"] >= 3, graphs
     for eager, compiled in zip(runs["off"], runs["on"], strict=True):
         for key in ("val_loss_topk", "val_loss_causal"):
             assert compiled[key] == pytest.approx(eager[key], abs=1e-5), key

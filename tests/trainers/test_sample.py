@@ -43,6 +43,8 @@ def test_sampling_is_seeded(trained, capsys):
                      "--max-new-tokens", "16"]) == 0
         outs.append(capsys.readouterr().out)
     assert outs[0] == outs[1] and outs[0].strip()
+    assert main(["sample", str(trained), "--max-new-tokens", "16"]) == 0
+    assert capsys.readouterr().out != outs[0]  # sampled at temperature 1.2, not greedy
 
 
 def test_sample_reads_a_hugging_face_tokenizer_named_in_run_json(trained, tmp_path, capsys):
