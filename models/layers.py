@@ -129,14 +129,21 @@ class Attention(nn.Module):
 def attend(q_BHSd: torch.Tensor, k_BHLd: torch.Tensor, v_BHLd: torch.Tensor, mask: torch.Tensor | None,
            causal: bool = True) -> torch.Tensor:
     """SDPA; without a mask, causal (or, for one query after the keys, `causal=False`: every key).
-    With a mask, grouped KV heads are expanded first: CUDA's SDPA takes the slow math kernel when
-    given both a mask and `enable_gqa`."""
-    H, Hkv = q_BHSd.shape[1], k_BHLd.shape[1]
+
+    CUDA's SDPA takes the slow math kernel when given both a mask and `enable_gqa`, so with a mask
+    the G query heads that share a KV head are folded into the query axis instead ([B, Hkv, G*S, d],
+    the mask repeated per head): no copy of the keys and values, and a fused kernel.
+    """
+    B, H, S, d = q_BHSd.shape
+    Hkv = k_BHLd.shape[1]
     if mask is None:
         return F.scaled_dot_product_attention(q_BHSd, k_BHLd, v_BHLd, is_causal=causal, enable_gqa=H != Hkv)
-    if H != Hkv:
-        k_BHLd, v_BHLd = k_BHLd.repeat_interleave(H // Hkv, 1), v_BHLd.repeat_interleave(H // Hkv, 1)
-    return F.scaled_dot_product_attention(q_BHSd, k_BHLd, v_BHLd, attn_mask=mask)
+    if H == Hkv:
+        return F.scaled_dot_product_attention(q_BHSd, k_BHLd, v_BHLd, attn_mask=mask)
+    G, L = H // Hkv, k_BHLd.shape[2]
+    q = q_BHSd.reshape(B, Hkv, G * S, d)  # head h = kv * G + g reads KV head kv
+    m = mask.expand(B, 1, S, L)[:, :, None].expand(B, 1, G, S, L).reshape(B, 1, G * S, L)
+    return F.scaled_dot_product_attention(q, k_BHLd, v_BHLd, attn_mask=m).reshape(B, H, S, d)
 
 
 class Slots(NamedTuple):
