@@ -70,6 +70,27 @@ def pareto(runs: pd.DataFrame) -> go.Figure | None:
     return _layout(fig, "Loss against training FLOPs", "training FLOPs", "final val loss (nats)")
 
 
+def task_vs_flops(runs: pd.DataFrame, scores: pd.DataFrame) -> go.Figure | None:
+    """Downstream accuracy of each run against its training FLOPs, one marker per run and task."""
+    if scores.empty or runs.empty:
+        return None
+    df = scores[scores["metric"] == "acc"].merge(runs[["run_id", "label", "train_flops"]], on="run_id")
+    df = df.dropna(subset=["value", "train_flops"])
+    df = df[df["train_flops"] > 0]
+    if df.empty:
+        return None
+    colors, fig = _colors(df["label"]), go.Figure()
+    symbols = dict(zip(sorted(df["task"].unique()), ["circle", "square", "diamond", "triangle-up", "x", "star"] * 9,
+                       strict=False))
+    for (lab, task), g in df.groupby(["label", "task"], sort=True):
+        fig.add_trace(go.Scatter(x=g["train_flops"], y=g["value"], mode="markers", name=f"{lab}: {task}",
+                                 marker=dict(size=10, color=colors[lab], symbol=symbols[task]), text=g["run_id"],
+                                 hovertemplate="%{text}<br>%{x:.3g} FLOPs: %{y:.3f}<extra></extra>"))
+    fig.update_xaxes(type="log")
+    return _layout(fig, "Downstream accuracy against training FLOPs (causal routing)", "training FLOPs",
+                   "accuracy")
+
+
 def speed_bars(table: pd.DataFrame) -> go.Figure | None:
     df = table[table["source"] == "training runs"] if not table.empty else table
     if df.empty or df["tokens_per_s"].isna().all():

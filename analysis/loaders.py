@@ -40,6 +40,7 @@ class RunSet:
     problems: list[str] = field(default_factory=list)
     benches: pd.DataFrame = field(default_factory=pd.DataFrame)
     samples: pd.DataFrame = field(default_factory=pd.DataFrame)  # greedy samples (samples.json) per run
+    downstream: pd.DataFrame = field(default_factory=pd.DataFrame)  # lm-eval task scores (eval_tasks.jsonl)
 
     @property
     def empty(self) -> bool:
@@ -210,10 +211,17 @@ def load_samples(path: Path, run_id: str, problems: list[str]) -> list[dict[str,
             for s in data.get("samples", []) if isinstance(s, dict)]
 
 
+def load_downstream(path: Path, run_id: str, problems: list[str]) -> list[dict[str, Any]]:
+    """A run's `eval_tasks.jsonl` (`dtlab eval`): one row per task and metric."""
+    keys = ("task", "metric", "value", "stderr", "routing_mode", "step", "limit", "samples")
+    return [{"run_id": run_id, **{k: r.get(k) for k in keys}}
+            for r in read_jsonl(path / "eval_tasks.jsonl", problems) if "task" in r and "metric" in r]
+
+
 def load(paths: list[str | Path]) -> RunSet:
     """Every run under `paths` (run, sweep or experiment directories) as DataFrames."""
     problems: list[str] = []
-    runs, steps, evals, routing, positions, benches, samples = [], [], [], [], [], [], []
+    runs, steps, evals, routing, positions, benches, samples, downstream = [], [], [], [], [], [], [], []
     seen: set[Path] = set()
     for p in map(Path, paths):
         if not p.exists():
@@ -233,6 +241,7 @@ def load(paths: list[str | Path]) -> RunSet:
             routing += r
             positions += pos
             samples += load_samples(run, row["run_id"], problems)
+            downstream += load_downstream(run, row["run_id"], problems)
         for bench in (sorted(p.rglob("bench*.json")) if p.is_dir() else []):
             benches += load_bench(bench, problems)
     runs_df = pd.DataFrame(runs)
@@ -252,4 +261,4 @@ def load(paths: list[str | Path]) -> RunSet:
         if missing_variant.any():
             problems.append(f"runs with no known variant: {list(runs_df.loc[missing_variant, 'run_id'])}")
     return RunSet(runs_df, pd.DataFrame(steps), pd.DataFrame(evals), pd.DataFrame(routing), pd.DataFrame(positions),
-                  problems, pd.DataFrame(benches), pd.DataFrame(samples))
+                  problems, pd.DataFrame(benches), pd.DataFrame(samples), pd.DataFrame(downstream))

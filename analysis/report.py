@@ -89,6 +89,15 @@ def build_sections(rs: RunSet, space: dict) -> tuple[list[Section], dict[str, pd
                      "included. Ratios compare runs of one machine only.",
                      [x for x in (figures.speed_bars(speed), speed) if x is not None]))
     s += _routing_sections(rs, runs)
+    tasks = tables.downstream(runs, rs.downstream)
+    if not tasks.empty:
+        out["downstream"] = tasks
+        s.append(Section("Downstream tasks", "lm-evaluation-harness scores of each run's best checkpoint (`dtlab "
+                         "eval`), always in causal routing (top-k routing would look at the answers): mean over "
+                         "seeds with a 95% Student-t interval when there are two or more; a single run shows "
+                         "lm-eval's standard error. The shipped offline tasks come from the builtin corpus, so "
+                         "a model trained on it has seen their text.",
+                         [x for x in (tasks, figures.task_vs_flops(runs, rs.downstream)) if x is not None]))
     shown = tables.samples(runs, rs.samples)
     if not shown.empty:
         out["samples"] = shown

@@ -196,6 +196,26 @@ def _decode_row(b: pd.Series, cap) -> dict:
             "peak_rss_gib": float("nan"), "devices": b.get("device")}
 
 
+def downstream(runs: pd.DataFrame, scores: pd.DataFrame) -> pd.DataFrame:
+    """Downstream task scores (lm-eval, causal routing) per task, metric and label: mean over seeds and
+    a 95% Student-t interval (two seeds or more), with the routing mode and example count stated."""
+    if scores.empty or runs.empty:
+        return pd.DataFrame()
+    df = scores.merge(runs[["run_id", "label", "variant", "seed"]], on="run_id").dropna(subset=["value"])
+    rows = []
+    for (task, metric, label), g in df.groupby(["task", "metric", "label"], sort=True):
+        x = g["value"].astype(float)
+        n = len(x)
+        half = t95(n) * float(x.std(ddof=1)) / math.sqrt(n) if n > 1 else float("nan")
+        rows.append({"task": task, "metric": metric, "label": label, "routing": ",".join(sorted(
+            set(g["routing_mode"].dropna().astype(str)))) or "?", "seeds": n, "mean": float(x.mean()),
+            "ci95_low": float(x.mean()) - half, "ci95_high": float(x.mean()) + half,
+            "stderr (single run)": float(g["stderr"].iloc[0]) if n == 1 and g["stderr"].notna().any()
+            else float("nan"),
+            "examples": g["samples"].iloc[0] if "samples" in g else None})
+    return pd.DataFrame(rows)
+
+
 def samples(runs: pd.DataFrame, samples_df: pd.DataFrame) -> pd.DataFrame:
     """Greedy continuations of fixed prompts, from each label's first seed (causal routing)."""
     if samples_df.empty or runs.empty:

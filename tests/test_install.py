@@ -88,6 +88,7 @@ def test_wheel_holds_only_the_dtlab_package(tmp_path):
     for pkg in TOP:
         assert f"dtlab/{pkg}/__init__.py" in names
     assert "dtlab/dashboards/grafana_dtlab.json" in names
+    assert {"dtlab/trainers/tasks/dtlab_next_line.jsonl", "dtlab/trainers/tasks/dtlab_cloze.jsonl"} <= set(names)
 
 
 def test_the_repository_explains_itself():

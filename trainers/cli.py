@@ -113,6 +113,45 @@ def _sample(args: argparse.Namespace) -> int:
     return 0
 
 
+def _eval(args: argparse.Namespace) -> int:
+    from pathlib import Path
+
+    from .device import detect_device
+    from .downstream import check_tasks, evaluate_run
+    from .spec import SpecError
+
+    tasks = [t.strip() for t in args.tasks.split(",")] if args.tasks else None
+    check_tasks(tasks or ["default"], args.routing)
+    runs = []
+    for d in map(Path, args.run_dirs):  # a run directory, or an experiment holding run directories
+        found = [d] if (d / "run.json").is_file() else sorted(p.parent for p in d.glob("*/run.json"))
+        if not found:
+            raise SpecError(f"{d}: no dtlab run here (no run.json in it or in its subfolders)")
+        runs += found
+    device = detect_device(args.device)
+    _quiet_lm_eval()
+    for run in runs:
+        kwargs = {"tasks": tasks} if tasks else {}
+        records = evaluate_run(run, limit=args.limit, batch_size=args.batch_size, out=args.out, device=device,
+                               **kwargs)
+        for r in records:
+            err = "" if r["stderr"] is None else f" ± {r['stderr']:.4f}"
+            print(f"{run}: {r['task']} {r['metric']} {r['value']:.4f}{err} (causal routing, step {r['step']})")
+    return 0
+
+
+def _quiet_lm_eval() -> None:
+    """lm-eval's warnings about a model passed as an object, and its progress bars, say nothing here."""
+    import logging
+    import os
+
+    os.environ.setdefault("TQDM_DISABLE", "1")
+    logging.getLogger("lm_eval").setLevel(logging.ERROR)
+    from datasets.utils.logging import disable_progress_bar
+
+    disable_progress_bar()
+
+
 def _number(text: str) -> float:
     try:
         value = float(text)
@@ -220,6 +259,19 @@ def build_parser() -> argparse.ArgumentParser:
     bench.add_argument("--out", help="JSON file for the rows")
     bench.add_argument("--force", action="store_true", help="replace an existing --out file")
     bench.set_defaults(func=_bench)
+
+    ev = sub.add_parser("eval", help="downstream tasks with lm-evaluation-harness on runs' best checkpoints "
+                                     "(causal routing)")
+    _debug_flag(ev)
+    ev.add_argument("run_dirs", nargs="+", help="run directories, or experiments holding them")
+    ev.add_argument("--tasks", help="comma-separated lm-eval task names (default: the shipped offline tasks "
+                                    "dtlab_next_line,dtlab_cloze; hub tasks need the network)")
+    ev.add_argument("--limit", type=_positive, help="examples per task (default: all)")
+    ev.add_argument("--batch-size", type=_positive, default=8)
+    ev.add_argument("--out", help="folder for lm-eval's results JSON (default: each run directory)")
+    ev.add_argument("--device", choices=["cpu", "cuda", "mps"], help="default: what is there")
+    ev.add_argument("--routing", default="causal", help="causal only: top-k routing would look at the answers")
+    ev.set_defaults(func=_eval)
 
     sample = sub.add_parser("sample", help="generate text from a run's best checkpoint (causal routing)")
     _debug_flag(sample)

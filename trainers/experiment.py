@@ -70,13 +70,27 @@ def train_all(spec: Spec, out: Path, resume: bool, force: bool, use_ray: bool | 
         if holds_run(run_dir) and finished(run_dir):
             log(f"{run_dir.name}: finished earlier, kept")
             ensure_samples(run_dir, log)  # a run finished by an older dtlab has none yet
-            continue
-        log(f"== {variant}, seed {seed} -> {run_dir}")
-        try:
-            run_training(sub, run_dir, resume=holds_run(run_dir), use_ray=use_ray, log=log)
-        except RunFailed as err:  # the experiment resumes as a whole
-            raise RunFailed(f"{run_dir.name}: {str(err).split('; continue with')[0]}; continue with: dtlab run "
-                            f"{source} --out {out} --resume") from err
+        else:
+            log(f"== {variant}, seed {seed} -> {run_dir}")
+            try:
+                run_training(sub, run_dir, resume=holds_run(run_dir), use_ray=use_ray, log=log)
+            except RunFailed as err:  # the experiment resumes as a whole
+                raise RunFailed(f"{run_dir.name}: {str(err).split('; continue with')[0]}; continue with: dtlab "
+                                f"run {source} --out {out} --resume") from err
+        if spec.eval is not None:
+            downstream(run_dir, spec.eval, log)
+
+
+def downstream(run_dir: Path, cfg, log) -> None:
+    """The spec's `eval:` tasks on a trained run, in causal routing (kept when already scored)."""
+    from .downstream import RECORDS, evaluate_run
+    from .records import read_jsonl
+
+    done = {r.get("task") for r in read_jsonl(run_dir / RECORDS).records}
+    todo = [t for t in cfg.tasks if t not in done]
+    if todo:
+        log(f"{run_dir.name}: downstream tasks {', '.join(todo)} (lm-eval, causal routing)")
+        evaluate_run(run_dir, todo, limit=cfg.limit, batch_size=cfg.batch_size)
 
 
 def _report(out: Path, log):

@@ -214,6 +214,23 @@ class SweepSpec(Strict):
         return list(self.objectives or [Objective(metric=self.metric, mode=self.mode)])
 
 
+class EvalSpec(Strict):
+    """Downstream tasks (lm-evaluation-harness) that `dtlab run` scores each run on after training."""
+
+    tasks: list[Annotated[str, Field(min_length=1)]] = Field(["dtlab_next_line", "dtlab_cloze"], min_length=1)
+    limit: int | None = Field(None, ge=1)  # examples per task (None: all)
+    batch_size: int = Field(8, ge=1)
+    routing: str = "causal"
+
+    @model_validator(mode="after")
+    def _causal_only(self) -> EvalSpec:
+        if self.routing != "causal":
+            raise ValueError(f"eval.routing={self.routing!r}: downstream tasks are scored only in causal routing; "
+                             "top-k routing chooses each token's blocks by looking at the whole row, answer "
+                             "tokens included")
+        return self
+
+
 class Spec(Strict):
     name: str = "experiment"
     description: str = ""
@@ -227,6 +244,7 @@ class Spec(Strict):
     training: TrainingSpec = TrainingSpec()
     resources: ResourcesSpec = ResourcesSpec()
     sweep: SweepSpec | None = None
+    eval: EvalSpec | None = None  # downstream tasks after training (`dtlab run`)
 
     @model_validator(mode="after")
     def _check_model_keys(self) -> Spec:
