@@ -117,26 +117,25 @@ def _eval(args: argparse.Namespace) -> int:
     from pathlib import Path
 
     from .device import detect_device
-    from .downstream import check_tasks, evaluate_run
+    from .downstream import LOCAL_TASKS, check_tasks, evaluate_run
     from .spec import SpecError
 
-    tasks = [t.strip() for t in args.tasks.split(",")] if args.tasks else None
-    check_tasks(tasks or ["default"], args.routing)
+    tasks = [t.strip() for t in args.tasks.split(",")] if args.tasks else list(LOCAL_TASKS)
+    check_tasks(tasks, args.routing, known=False)  # what needs no lm-eval first
     runs = []
-    for d in map(Path, args.run_dirs):  # a run directory, or an experiment holding run directories
-        found = [d] if (d / "run.json").is_file() else sorted(p.parent for p in d.glob("*/run.json"))
+    for d in map(Path, args.run_dirs):  # a run, or an experiment or sweep holding runs
+        found = [d] if (d / "run.json").is_file() else sorted(p.parent for p in d.rglob("run.json"))
         if not found:
-            raise SpecError(f"{d}: no dtlab run here (no run.json in it or in its subfolders)")
+            raise SpecError(f"{d}: no dtlab run here (no run.json in it or below it)")
         runs += found
     device = detect_device(args.device)
     _quiet_lm_eval()
+    check_tasks(tasks, args.routing)
     for run in runs:
-        kwargs = {"tasks": tasks} if tasks else {}
-        records = evaluate_run(run, limit=args.limit, batch_size=args.batch_size, out=args.out, device=device,
-                               **kwargs)
-        for r in records:
+        for r in evaluate_run(run, tasks, limit=args.limit, batch_size=args.batch_size, out=args.out, device=device):
+            value = "n/a" if r["value"] is None else f"{r['value']:.4f}"
             err = "" if r["stderr"] is None else f" ± {r['stderr']:.4f}"
-            print(f"{run}: {r['task']} {r['metric']} {r['value']:.4f}{err} (causal routing, step {r['step']})")
+            print(f"{run}: {r['task']} {r['metric']} {value}{err} ({r['routing_mode']} routing, step {r['step']})")
     return 0
 
 

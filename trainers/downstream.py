@@ -71,23 +71,32 @@ def hf_tokenizer(tok):
 
 
 class RoutingProbe:
-    """Counts, over every forward lm-eval makes, the routing mode used and the tokens each routed
-    block processed (its realised capacity)."""
+    """Counts, over the forwards lm-eval makes, the routing modes used and the real tokens each routed
+    block processed (its realised capacity). Padding is not counted: generation passes an attention
+    mask; log-likelihood batches are right-padded with token 0 after each row's last real token."""
 
     def __init__(self, model) -> None:
         self.modes: set[str] = set()
         self.processed: dict[int, float] = {}
         self.tokens = 0.0
-        self.model = model
-        self.handle = model.register_forward_hook(self._hook)
+        self.handle = model.register_forward_hook(self._hook, with_kwargs=True)
 
-    def _hook(self, module, args, output) -> None:
+    def _hook(self, module, args, kwargs, output) -> None:
         self.modes.add(module.config.routing_mode)
         masks = output.routing_masks or {}
-        if masks:
-            self.tokens += float(next(iter(masks.values())).numel())
-        for layer, mask in masks.items():
-            self.processed[layer] = self.processed.get(layer, 0.0) + float(mask.sum())
+        if not masks:
+            return
+        ids = args[0] if args else kwargs["input_ids"]
+        mask = kwargs.get("attention_mask")
+        if mask is not None:
+            real = mask[:, -ids.shape[1]:].bool()
+        else:  # positions up to each row's last non-zero token
+            pos = torch.arange(ids.shape[1], device=ids.device)
+            last = torch.where(ids != 0, pos, -1).amax(1, keepdim=True)
+            real = pos <= last
+        self.tokens += float(real.sum())
+        for layer, m in masks.items():
+            self.processed[layer] = self.processed.get(layer, 0.0) + float((m & real).sum())
 
     def capacity(self) -> dict[str, float]:
         return {str(k): v / self.tokens for k, v in sorted(self.processed.items())} if self.tokens else {}
@@ -96,21 +105,46 @@ class RoutingProbe:
         self.handle.remove()
 
 
-def check_tasks(tasks: list[str], routing: str = "causal") -> None:
-    """Refused before any work: top-k routing, and an empty task list."""
+_MANAGER: list = []
+
+
+def task_manager():
+    """lm-eval's task index with the shipped offline tasks added (built once per process: ~5 s)."""
+    if not _MANAGER:
+        import atexit
+        import shutil
+
+        from lm_eval.tasks import TaskManager
+
+        folder = Path(tempfile.mkdtemp(prefix="dtlab-tasks-"))
+        atexit.register(shutil.rmtree, folder, ignore_errors=True)
+        _MANAGER.append(TaskManager(include_path=str(write_task_dir(folder, local_task_configs()))))
+    return _MANAGER[0]
+
+
+def check_tasks(tasks: list[str], routing: str = "causal", known: bool = True) -> None:
+    """Refused before any work: top-k routing, an empty task list, and (`known`) a name lm-eval does
+    not know as a task, group or tag."""
     if routing != "causal":
         raise SpecError(f"routing {routing!r}: downstream tasks are scored only in causal routing; top-k routing "
                         "chooses each token's blocks by looking at the whole row, answer tokens included")
     if not tasks or any(not t.strip() for t in tasks):
         raise SpecError(f"tasks {tasks!r}: expected task names, e.g. {','.join(LOCAL_TASKS)}")
+    if known:
+        names = set(task_manager().all_tasks)
+        unknown = [t for t in tasks if t not in names]
+        if unknown:
+            from dtlab.models.config import did_you_mean
+
+            raise SpecError(f"unknown lm-eval task {unknown[0]!r}{did_you_mean(unknown[0], names)}; offline tasks "
+                            f"shipped with dtlab: {', '.join(LOCAL_TASKS)} (others load their data from the hub)")
 
 
 def evaluate_run(run_dir: str | Path, tasks=LOCAL_TASKS, limit: int | None = None, batch_size: int = 8,
                  out: str | Path | None = None, device: str = "cpu", seed: int = 0) -> list[dict[str, Any]]:
-    """Score one run's best checkpoint on `tasks` in causal routing; returns (and writes) its records."""
-    import lm_eval
+    """Score one run's best checkpoint on `tasks` in causal routing, task by task; returns (and
+    writes) its records."""
     from lm_eval.models.huggingface import HFLM
-    from lm_eval.tasks import TaskManager
 
     from .sample import load_run
 
@@ -119,28 +153,52 @@ def evaluate_run(run_dir: str | Path, tasks=LOCAL_TASKS, limit: int | None = Non
     model = run.model
     model.config.routing_mode = "causal"  # the loaded copy only: never top-k (see the module doc)
     lm = HFLM(pretrained=model, tokenizer=hf_tokenizer(run.tokenizer), batch_size=batch_size, backend="causal",
-              max_length=model.config.max_position_embeddings, device=device)
-    probe = RoutingProbe(model)
-    with tempfile.TemporaryDirectory() as tmp:
-        manager = TaskManager(include_path=str(write_task_dir(Path(tmp), local_task_configs())))
-        try:
-            results = lm_eval.simple_evaluate(model=lm, tasks=list(tasks), limit=limit, task_manager=manager,
-                                              log_samples=False, bootstrap_iters=1000, random_seed=seed,
-                                              numpy_random_seed=seed, torch_random_seed=seed,
-                                              fewshot_random_seed=seed)
-        finally:
-            probe.close()
-    if probe.modes - {"causal"}:
-        raise RuntimeError(f"lm-eval ran the model in {sorted(probe.modes)} routing; expected causal only")
-    records = task_records(results, run.step, probe.capacity(), limit)
+              max_length=_context_length(Path(run_dir), model), device=device, add_bos_token=False)
+    records, results = [], {}
+    for task in tasks:  # one at a time: each task's records carry its own realised capacity
+        res, probe = _score(lm, model, task, limit, seed)
+        results = _merge(results, res)
+        records += task_records(res, run.step, probe, limit)
     write_results(Path(run_dir), Path(out) if out else Path(run_dir), results, records)
     return records
 
 
-def task_records(results: dict[str, Any], step: int, capacity: dict[str, float],
+def _score(lm, model, task: str, limit: int | None, seed: int):
+    import lm_eval
+
+    probe = RoutingProbe(model)
+    try:
+        res = lm_eval.simple_evaluate(model=lm, tasks=[task], limit=limit, task_manager=task_manager(),
+                                      log_samples=False, bootstrap_iters=1000, random_seed=seed,
+                                      numpy_random_seed=seed, torch_random_seed=seed, fewshot_random_seed=seed)
+    finally:
+        probe.close()
+    return res, probe
+
+
+def _merge(a: dict[str, Any], b: dict[str, Any]) -> dict[str, Any]:
+    """lm-eval results of several calls as one: their per-task sections joined."""
+    if not a:
+        return b
+    for key in ("results", "n-samples", "configs", "versions", "higher_is_better", "group_subtasks"):
+        if isinstance(b.get(key), dict):
+            a.setdefault(key, {}).update(b[key])
+    return a
+
+
+def _context_length(run_dir: Path, model) -> int:
+    """The sequence length the run trained on (positions beyond it were never seen in training)."""
+    try:
+        return int(json.loads((run_dir / "run.json").read_text())["data"]["block_size"])
+    except (OSError, KeyError, TypeError, ValueError):
+        return int(model.config.max_position_embeddings)
+
+
+def task_records(results: dict[str, Any], step: int, probe: RoutingProbe,
                  limit: int | None) -> list[dict[str, Any]]:
-    """One record per task and metric from lm-eval's results."""
+    """One record per task and metric from lm-eval's results, with the routing the probe saw."""
     records = []
+    mode, capacity = ",".join(sorted(probe.modes)) or "none", probe.capacity()
     for task, metrics in sorted(results.get("results", {}).items()):
         n = (results.get("n-samples", {}).get(task) or {}).get("effective")
         for key, value in metrics.items():
@@ -149,7 +207,7 @@ def task_records(results: dict[str, Any], step: int, capacity: dict[str, float],
             metric, filt = key.split(",", 1)
             stderr = metrics.get(f"{metric}_stderr,{filt}")
             records.append({"task": task, "metric": metric, "value": _num(value), "stderr": _num(stderr),
-                            "routing_mode": "causal", "capacity": capacity, "step": step, "limit": limit,
+                            "routing_mode": mode, "capacity": capacity, "step": step, "limit": limit,
                             "samples": n})
     return records
 
@@ -169,8 +227,8 @@ def write_results(run_dir: Path, out: Path, results: dict[str, Any], records: li
     from .runner import write_atomic
 
     out.mkdir(parents=True, exist_ok=True)
-    name = RESULTS if out == run_dir else f"{run_dir.name}-{RESULTS}"
-    write_atomic(out / name, json.dumps(results, indent=1, default=str))
+    name = RESULTS if out == run_dir else f"{run_dir.parent.name}-{run_dir.name}-{RESULTS}"
+    write_atomic(out / name, json.dumps(results, indent=1, default=_plain))
     path = run_dir / RECORDS
     tasks = {r["task"] for r in records}
     if path.is_file() and read_jsonl(path).records:
@@ -179,5 +237,6 @@ def write_results(run_dir: Path, out: Path, results: dict[str, Any], records: li
         write_atomic(path, "".join(json.dumps(r) + "\n" for r in records))
 
 
-def torch_threads_note() -> int:
-    return torch.get_num_threads()
+def _plain(value: Any) -> Any:
+    """JSON for what lm-eval's results hold besides plain values (numpy scalars, objects)."""
+    return value.item() if hasattr(value, "item") else str(value)

@@ -56,6 +56,10 @@ def train_all(spec: Spec, out: Path, resume: bool, force: bool, use_ray: bool | 
         check_resources(sub, sub.resources.use_ray if use_ray is None else use_ray)
     for sub in specs.values():  # every run's input is checked before the first one starts
         check_fit(sub, prepare_data(sub.data), sub.resources.num_workers)
+    if spec.eval is not None:  # task names too, before any training
+        from .downstream import check_tasks
+
+        check_tasks(spec.eval.tasks, spec.eval.routing)
     if force and (out / MARKER).is_file():
         prepare_run_dir(out, False, True, log)
     out.mkdir(parents=True, exist_ok=True)
@@ -78,19 +82,25 @@ def train_all(spec: Spec, out: Path, resume: bool, force: bool, use_ray: bool | 
                 raise RunFailed(f"{run_dir.name}: {str(err).split('; continue with')[0]}; continue with: dtlab "
                                 f"run {source} --out {out} --resume") from err
         if spec.eval is not None:
-            downstream(run_dir, spec.eval, log)
+            downstream(run_dir, sub, log)
 
 
-def downstream(run_dir: Path, cfg, log) -> None:
-    """The spec's `eval:` tasks on a trained run, in causal routing (kept when already scored)."""
+def downstream(run_dir: Path, spec: Spec, log) -> None:
+    """The spec's `eval:` tasks on a trained run, in causal routing. Kept when already scored on the
+    same checkpoint step with the same limit (a resumed experiment does not score them again)."""
+    from .device import detect_device
     from .downstream import RECORDS, evaluate_run
     from .records import read_jsonl
+    from .sample import best_step
 
-    done = {r.get("task") for r in read_jsonl(run_dir / RECORDS).records}
+    cfg, step = spec.eval, best_step(run_dir)
+    done = {r.get("task") for r in read_jsonl(run_dir / RECORDS).records
+            if r.get("step") == step and r.get("limit") == cfg.limit}
     todo = [t for t in cfg.tasks if t not in done]
     if todo:
         log(f"{run_dir.name}: downstream tasks {', '.join(todo)} (lm-eval, causal routing)")
-        evaluate_run(run_dir, todo, limit=cfg.limit, batch_size=cfg.batch_size)
+        evaluate_run(run_dir, todo, limit=cfg.limit, batch_size=cfg.batch_size,
+                     device=detect_device(spec.resources.device))
 
 
 def _report(out: Path, log):

@@ -54,6 +54,13 @@ def load_run(run_dir: str | Path, device: str = "cpu") -> LoadedRun:
     return LoadedRun(model, run_tokenizer(run_dir, info), ckpt, _step(ckpt.resolve()))
 
 
+def best_step(run_dir: str | Path) -> int | None:
+    """The step of the checkpoint `load_run` would load, or None when there is none."""
+    ckpt = next((Path(run_dir) / "checkpoints" / n for n in ("best", "last")
+                 if (Path(run_dir) / "checkpoints" / n).exists()), None)
+    return None if ckpt is None else _step(ckpt.resolve())
+
+
 def _step(ckpt: Path) -> int:
     """The training step a checkpoint holds (`step-NNNNNNN`; older dtlab: its trainer state)."""
     if ckpt.name.startswith("step-") and ckpt.name[5:].isdigit():

@@ -247,6 +247,13 @@ class Spec(Strict):
     eval: EvalSpec | None = None  # downstream tasks after training (`dtlab run`)
 
     @model_validator(mode="after")
+    def _eval_not_in_sweeps(self) -> Spec:
+        if self.eval is not None and self.sweep is not None:
+            raise ValueError("eval: scores the runs of `dtlab run` without a sweep; for a sweep's trials run "
+                             "`dtlab eval SWEEP_DIR` once it has finished")
+        return self
+
+    @model_validator(mode="after")
     def _check_model_keys(self) -> Spec:
         from dtlab.models.config import PRESETS, make_config
 
