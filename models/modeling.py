@@ -141,35 +141,9 @@ class DTLabModel(DTLabPreTrainedModel):
         """input_ids [B, T]: the next T columns. attention_mask [B, past + T] (1 real, 0 padding),
         covering the columns a `cache` has seen too; positions count real tokens from 0 (so a
         left-padded row reads as the same row unpadded) unless `position_ids` [B, T] say otherwise."""
-        B, T = input_ids.shape
-        past = 0 if cache is None else cache.seen
-        if T == 0:
-            raise ValueError(f"input_ids has no columns to process (the cache has seen {past}): pass the columns "
-                             "after those, with an attention_mask over all of them")
-        if past + T > self.config.max_position_embeddings:
-            raise ValueError(f"sequence length {past + T} exceeds max_position_embeddings="
-                             f"{self.config.max_position_embeddings}")
-        if attention_mask is not None and tuple(attention_mask.shape) != (B, past + T):
-            raise ValueError(f"attention_mask has shape {tuple(attention_mask.shape)}; expected {(B, past + T)} "
-                             f"(batch, columns seen before + input_ids' {T})")
+        self._check_lengths(input_ids, attention_mask, cache)
         x = self.embed_tokens(input_ids)
-        key_mask = None if attention_mask is None else attention_mask[:, past:].to(torch.bool)
-        if position_ids is None:
-            position_ids = self.positions(input_ids, attention_mask, cache)
-        if cache is not None:
-            new_real = torch.full_like(input_ids[:, 0], T) if key_mask is None else key_mask.sum(1)
-            cache.real_B = new_real if cache.real_B is None else cache.real_B + new_real
-        # cached inference: None when every new token is real (one host read: lets attention skip masks)
-        real = None if cache is None or key_mask is None or bool(key_mask.all()) else key_mask
-        ctx = Context(
-            rope=self.rotary_emb(position_ids, x.dtype),
-            key_mask_BT=key_mask,
-            dense_mask=None if cache is not None else sdpa_mask(key_mask, T, x.device),
-            routing_mode=self.config.routing_mode,
-            step=self.schedule_step,
-            training=self.training,
-            real_BT=real,
-        )
+        ctx = self._context(input_ids, attention_mask, position_ids, cache, x.dtype)
         aux: dict[str, list[torch.Tensor]] = {}
         stats: dict[int, dict[str, torch.Tensor]] = {}
         masks: dict[int, torch.Tensor] = {}
@@ -184,10 +158,40 @@ class DTLabModel(DTLabPreTrainedModel):
             if selected is not None:
                 masks[i] = selected
         if cache is not None:
-            cache.seen += T
+            cache.seen += input_ids.shape[1]
         # Aux losses are averaged over the layers that produce them (spec sections 2 and 3).
         aux_mean = {name: torch.stack(values).mean() for name, values in aux.items()}
         return BackboneOutput(self.norm(x), aux_mean, stats, masks)
+
+    def _check_lengths(self, input_ids, attention_mask, cache: DTLabCache | None) -> None:
+        B, T = input_ids.shape
+        past = 0 if cache is None else cache.seen
+        if T == 0:
+            raise ValueError(f"input_ids has no columns to process (the cache has seen {past}): pass the columns "
+                             "after those, with an attention_mask over all of them")
+        if past + T > self.config.max_position_embeddings:
+            raise ValueError(f"sequence length {past + T} exceeds max_position_embeddings="
+                             f"{self.config.max_position_embeddings}")
+        if attention_mask is not None and tuple(attention_mask.shape) != (B, past + T):
+            raise ValueError(f"attention_mask has shape {tuple(attention_mask.shape)}; expected {(B, past + T)} "
+                             f"(batch, columns seen before + input_ids' {T})")
+
+    def _context(self, input_ids, attention_mask, position_ids, cache: DTLabCache | None, dtype) -> Context:
+        """What every layer needs for these columns; counts a cache's real tokens."""
+        T = input_ids.shape[1]
+        key_mask = None if attention_mask is None else attention_mask[:, -T:].to(torch.bool)
+        if position_ids is None:
+            position_ids = self.positions(input_ids, attention_mask, cache)
+        real = None
+        if cache is not None:
+            new_real = torch.full_like(input_ids[:, 0], T) if key_mask is None else key_mask.sum(1)
+            cache.real_B = new_real if cache.real_B is None else cache.real_B + new_real
+            # None when every new token is real (one host read: lets attention skip masks)
+            real = None if key_mask is None or bool(key_mask.all()) else key_mask
+        return Context(rope=self.rotary_emb(position_ids, dtype), key_mask_BT=key_mask,
+                       dense_mask=None if cache is not None else sdpa_mask(key_mask, T, input_ids.device),
+                       routing_mode=self.config.routing_mode, step=self.schedule_step, training=self.training,
+                       real_BT=real)
 
     @staticmethod
     def positions(input_ids, attention_mask, cache: DTLabCache | None) -> torch.Tensor:

@@ -162,48 +162,58 @@ def causal_update(
     on them alone, with RoPE at their original positions; with a KV `store` they also attend to the
     tokens this block processed before, and are stored. Reads the counts on the host (one sync).
     """
-    B, T, D = x_BTD.shape
+    T = x_BTD.shape[1]
     n_B = sel_BT.sum(1)
     counts = n_B.tolist()
-    N = max(counts)
-    if N == 0:
+    if max(counts) == 0:
         return x_BTD
     rows = None if min(counts) > 0 else torch.tensor([b for b, n in enumerate(counts) if n > 0], device=x_BTD.device)
     if all(c in (0, T) for c in counts):  # rows take all their tokens or none (every decode step): no gather
-        return _whole_rows_update(layer, x_BTD, gate_BT, ctx, store, rows)
-    # selected positions first, in their original order (a stable sort of "not selected")
-    idx_BN = torch.sort((~sel_BT).to(torch.uint8), dim=1, stable=True).indices[:, :N]
-    x_in, idx, n = (x_BTD, idx_BN, n_B) if rows is None else (x_BTD[rows], idx_BN[rows], n_B[rows])
-    R = idx.shape[0]
-    ok_RN = torch.arange(N, device=x_BTD.device) < n[:, None]
-    rope = ctx.rope if rows is None or ctx.rope.cos.shape[0] == 1 else Rope(ctx.rope.cos[rows], ctx.rope.sin[rows])
-    idx_RND = idx[..., None].expand(R, N, D)
-    x_RND = x_in.gather(1, idx_RND)
-    if store is None:
-        y_RND = layer.block(x_RND, rope.gather(idx), sdpa_mask(ok_RN, N, x_BTD.device))
+        out_RTD = _whole_rows_update(layer, _rows(x_BTD, rows), _rows(gate_BT, rows), _rope_rows(ctx.rope, rows),
+                                     store, rows)
     else:
-        y_RND = layer.block(x_RND, rope.gather(idx), None, store, Slots(ok_RN, rows, n))
-    g_RN1 = gate_BT[rows if rows is not None else slice(None)].gather(1, idx)[..., None]
-    new_RND = torch.where(ok_RN[..., None], x_RND + (g_RN1 * (y_RND - x_RND)).to(x_BTD.dtype), x_RND)
-    out_RTD = x_in.scatter(1, idx_RND, new_RND)
-    if rows is None:
-        return out_RTD
-    return x_BTD.index_copy(0, rows, out_RTD)
+        out_RTD = _gathered_update(layer, _rows(x_BTD, rows), _rows(gate_BT, rows), _rows(sel_BT, rows),
+                                   _rows(n_B, rows), max(counts), _rope_rows(ctx.rope, rows), store, rows)
+    return out_RTD if rows is None else x_BTD.index_copy(0, rows, out_RTD)
 
 
-def _whole_rows_update(layer: DecoderBlock, x_BTD: torch.Tensor, gate_BT: torch.Tensor, ctx: Context,
+def _rows(t: torch.Tensor, rows: torch.Tensor | None) -> torch.Tensor:
+    return t if rows is None else t[rows]
+
+
+def _rope_rows(rope: Rope, rows: torch.Tensor | None) -> Rope:
+    """The RoPE tables of `rows` (tables shared by every row stay as they are)."""
+    return rope if rows is None or rope.cos.shape[0] == 1 else Rope(rope.cos[rows], rope.sin[rows])
+
+
+def _gathered_update(layer: DecoderBlock, x_RTD, gate_RT, sel_RT, n_R, N: int, rope: Rope,
+                     store: KVStore | None, rows: torch.Tensor | None) -> torch.Tensor:
+    """`causal_update` of rows that select some of their tokens: gathered in order into [R, N, D]."""
+    R, _, D = x_RTD.shape
+    # selected positions first, in their original order (a stable sort of "not selected")
+    idx = torch.sort((~sel_RT).to(torch.uint8), dim=1, stable=True).indices[:, :N]
+    ok_RN = torch.arange(N, device=x_RTD.device) < n_R[:, None]
+    idx_RND = idx[..., None].expand(R, N, D)
+    x_RND = x_RTD.gather(1, idx_RND)
+    if store is None:
+        y_RND = layer.block(x_RND, rope.gather(idx), sdpa_mask(ok_RN, N, x_RTD.device))
+    else:
+        y_RND = layer.block(x_RND, rope.gather(idx), None, store, Slots(ok_RN, rows, n_R))
+    g_RN1 = gate_RT.gather(1, idx)[..., None]
+    new_RND = torch.where(ok_RN[..., None], x_RND + (g_RN1 * (y_RND - x_RND)).to(x_RTD.dtype), x_RND)
+    return x_RTD.scatter(1, idx_RND, new_RND)
+
+
+def _whole_rows_update(layer: DecoderBlock, x_RTD: torch.Tensor, g_RT: torch.Tensor, rope: Rope,
                        store: KVStore | None, rows: torch.Tensor | None) -> torch.Tensor:
-    """`causal_update` where each of `rows` (None: all) selected every one of its T tokens."""
-    x_in, g_RT = (x_BTD, gate_BT) if rows is None else (x_BTD[rows], gate_BT[rows])
-    rope = ctx.rope if rows is None or ctx.rope.cos.shape[0] == 1 else Rope(ctx.rope.cos[rows], ctx.rope.sin[rows])
+    """`causal_update` of rows that each selected every one of their T tokens: no gather."""
     R, T = g_RT.shape
     if store is None:
-        y = layer.block(x_in, rope, None)
+        y = layer.block(x_RTD, rope, None)
     else:
-        ok_RT = torch.ones(R, T, dtype=torch.bool, device=x_BTD.device)
-        y = layer.block(x_in, rope, None, store, Slots(ok_RT, rows, torch.full((R,), T, device=x_BTD.device)))
-    out = x_in + (g_RT[..., None] * (y - x_in)).to(x_BTD.dtype)
-    return out if rows is None else x_BTD.index_copy(0, rows, out)
+        ok_RT = torch.ones(R, T, dtype=torch.bool, device=x_RTD.device)
+        y = layer.block(x_RTD, rope, None, store, Slots(ok_RT, rows, torch.full((R,), T, device=x_RTD.device)))
+    return x_RTD + (g_RT[..., None] * (y - x_RTD)).to(x_RTD.dtype)
 
 
 def router_logits(weight_1D: torch.Tensor, x_BTD: torch.Tensor) -> torch.Tensor:

@@ -209,6 +209,70 @@ def _debug_flag(parser: argparse.ArgumentParser) -> None:
                         help="show the traceback of an error")
 
 
+def _add_report(sub) -> None:
+    report = sub.add_parser("report", help="compare runs and sweeps in one HTML report with CSV/Markdown tables")
+    _debug_flag(report)
+    report.add_argument("dirs", nargs="+", help="run, sweep or experiment directories")
+    report.add_argument("--out", help="HTML file (default DIR/report.html for one directory, else report.html)")
+    report.add_argument("--force", action="store_true", help="replace an --out file not written by dtlab")
+    report.set_defaults(func=_report)
+
+
+def _add_bench(sub) -> None:
+    bench = sub.add_parser("bench", help="time training steps of every variant against transformers' Qwen2")
+    _debug_flag(bench)
+    bench.add_argument("--preset", help="model shape (default: debug on CPU, 0.5B on CUDA)")
+    bench.add_argument("--device", choices=["cpu", "cuda", "mps"], help="default: what is there")
+    bench.add_argument("--batch", type=_positive, help="default 8")
+    bench.add_argument("--seq", type=_positive, help="default 256 on CPU, 2048 on CUDA")
+    bench.add_argument("--compile", action="store_true", help="torch.compile every model, the baseline too")
+    bench.add_argument("--steps", type=_positive, default=10, help="timed steps (the median is reported)")
+    bench.add_argument("--warmup", type=_non_negative, default=3)
+    bench.add_argument("--capacities", type=_capacity, nargs="+", default=[0.125, 0.25, 0.5])
+    bench.add_argument("--variants", nargs="+", default=["hf-qwen2", "standard", "mod", "dtf"])
+    bench.add_argument("--decode", action="store_true",
+                       help="time generation instead: prefill and per-token decode with the KV cache, batch 1 and 8 "
+                            "(or --batch), at the smallest --capacities; --steps is the number of repeats")
+    bench.add_argument("--prompt-tokens", type=_positive, help="--decode: prompt length (default 128 CPU, 512 CUDA)")
+    bench.add_argument("--new-tokens", type=_positive, help="--decode: tokens generated (default 64 CPU, 128 CUDA)")
+    bench.add_argument("--out", help="JSON file for the rows")
+    bench.add_argument("--force", action="store_true", help="replace an existing --out file")
+    bench.set_defaults(func=_bench)
+
+
+def _add_eval(sub) -> None:
+    ev = sub.add_parser("eval", help="downstream tasks with lm-evaluation-harness on runs' best checkpoints "
+                                     "(causal routing)")
+    _debug_flag(ev)
+    ev.add_argument("run_dirs", nargs="+", help="run directories, or experiments holding them")
+    ev.add_argument("--tasks", help="comma-separated lm-eval task names (default: the shipped offline tasks "
+                                    "dtlab_next_line,dtlab_cloze; hub tasks need the network)")
+    ev.add_argument("--limit", type=_positive, help="examples per task (default: all)")
+    ev.add_argument("--batch-size", type=_positive, default=8)
+    ev.add_argument("--out", help="folder for lm-eval's results JSON (default: each run directory)")
+    ev.add_argument("--device", choices=["cpu", "cuda", "mps"], help="default: what is there")
+    ev.add_argument("--routing", default="causal", help="causal only: top-k routing would look at the answers")
+    ev.set_defaults(func=_eval)
+
+
+def _add_sample(sub) -> None:
+    sample = sub.add_parser("sample", help="generate text from a run's best checkpoint (causal routing)")
+    _debug_flag(sample)
+    sample.add_argument("run_dir", help="a run directory (`dtlab train --out`, or one run of an experiment)")
+    given = sample.add_mutually_exclusive_group()
+    given.add_argument("--prompt", help="text to continue (default: start of a document)")
+    given.add_argument("--prompt-file", help="a UTF-8 file whose text to continue")
+    sample.add_argument("--max-new-tokens", type=_positive, default=64)
+    sample.add_argument("--temperature", type=_temperature, default=0.0, help="0 (default): greedy")
+    sample.add_argument("--top-k", type=_positive, help="sample from the k likeliest tokens")
+    sample.add_argument("--top-p", type=_probability, help="nucleus sampling")
+    sample.add_argument("--seed", type=_non_negative, default=0)
+    sample.add_argument("--device", choices=["cpu", "cuda", "mps"], help="default: what is there")
+    sample.add_argument("--stats", action="store_true",
+                        help="also print, per routed layer, the fraction of generated tokens its block processed")
+    sample.set_defaults(func=_sample)
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = Parser(prog="dtlab", description=__doc__)
     parser.add_argument("--debug", action="store_true", help="show the traceback of an error")
@@ -232,61 +296,8 @@ def build_parser() -> argparse.ArgumentParser:
             cmd.add_argument("--no-ray", action="store_true", help="train in this process, without Ray")
         cmd.set_defaults(func=func)
 
-    report = sub.add_parser("report", help="compare runs and sweeps in one HTML report with CSV/Markdown tables")
-    _debug_flag(report)
-    report.add_argument("dirs", nargs="+", help="run, sweep or experiment directories")
-    report.add_argument("--out", help="HTML file (default DIR/report.html for one directory, else report.html)")
-    report.add_argument("--force", action="store_true", help="replace an --out file not written by dtlab")
-    report.set_defaults(func=_report)
-
-    bench = sub.add_parser("bench", help="time training steps of every variant against transformers' Qwen2")
-    _debug_flag(bench)
-    bench.add_argument("--preset", help="model shape (default: debug on CPU, 0.5B on CUDA)")
-    bench.add_argument("--device", choices=["cpu", "cuda", "mps"], help="default: what is there")
-    bench.add_argument("--batch", type=_positive, help="default 8")
-    bench.add_argument("--seq", type=_positive, help="default 256 on CPU, 2048 on CUDA")
-    bench.add_argument("--compile", action="store_true", help="torch.compile every model, the baseline too")
-    bench.add_argument("--steps", type=_positive, default=10, help="timed steps (the median is reported)")
-    bench.add_argument("--warmup", type=_non_negative, default=3)
-    bench.add_argument("--capacities", type=_capacity, nargs="+", default=[0.125, 0.25, 0.5])
-    bench.add_argument("--variants", nargs="+", default=["hf-qwen2", "standard", "mod", "dtf"])
-    bench.add_argument("--decode", action="store_true",
-                       help="time generation instead: prefill and per-token decode with the KV cache, batch 1 and 8 "
-                            "(or --batch), at the smallest --capacities; --steps is the number of repeats")
-    bench.add_argument("--prompt-tokens", type=_positive, help="--decode: prompt length (default 128 CPU, 512 CUDA)")
-    bench.add_argument("--new-tokens", type=_positive, help="--decode: tokens generated (default 64 CPU, 128 CUDA)")
-    bench.add_argument("--out", help="JSON file for the rows")
-    bench.add_argument("--force", action="store_true", help="replace an existing --out file")
-    bench.set_defaults(func=_bench)
-
-    ev = sub.add_parser("eval", help="downstream tasks with lm-evaluation-harness on runs' best checkpoints "
-                                     "(causal routing)")
-    _debug_flag(ev)
-    ev.add_argument("run_dirs", nargs="+", help="run directories, or experiments holding them")
-    ev.add_argument("--tasks", help="comma-separated lm-eval task names (default: the shipped offline tasks "
-                                    "dtlab_next_line,dtlab_cloze; hub tasks need the network)")
-    ev.add_argument("--limit", type=_positive, help="examples per task (default: all)")
-    ev.add_argument("--batch-size", type=_positive, default=8)
-    ev.add_argument("--out", help="folder for lm-eval's results JSON (default: each run directory)")
-    ev.add_argument("--device", choices=["cpu", "cuda", "mps"], help="default: what is there")
-    ev.add_argument("--routing", default="causal", help="causal only: top-k routing would look at the answers")
-    ev.set_defaults(func=_eval)
-
-    sample = sub.add_parser("sample", help="generate text from a run's best checkpoint (causal routing)")
-    _debug_flag(sample)
-    sample.add_argument("run_dir", help="a run directory (`dtlab train --out`, or one run of an experiment)")
-    given = sample.add_mutually_exclusive_group()
-    given.add_argument("--prompt", help="text to continue (default: start of a document)")
-    given.add_argument("--prompt-file", help="a UTF-8 file whose text to continue")
-    sample.add_argument("--max-new-tokens", type=_positive, default=64)
-    sample.add_argument("--temperature", type=_temperature, default=0.0, help="0 (default): greedy")
-    sample.add_argument("--top-k", type=_positive, help="sample from the k likeliest tokens")
-    sample.add_argument("--top-p", type=_probability, help="nucleus sampling")
-    sample.add_argument("--seed", type=_non_negative, default=0)
-    sample.add_argument("--device", choices=["cpu", "cuda", "mps"], help="default: what is there")
-    sample.add_argument("--stats", action="store_true",
-                        help="also print, per routed layer, the fraction of generated tokens its block processed")
-    sample.set_defaults(func=_sample)
+    for add in (_add_report, _add_bench, _add_eval, _add_sample):
+        add(sub)
     return parser
 
 

@@ -40,8 +40,7 @@ def load_run(run_dir: str | Path, device: str = "cpu") -> LoadedRun:
         info = json.loads(info_path.read_text(encoding="utf-8"))
     except (UnicodeDecodeError, json.JSONDecodeError) as err:
         raise SpecError(f"{info_path}: not readable JSON ({err})") from err
-    ckpt = next((run_dir / "checkpoints" / n for n in ("best", "last") if (run_dir / "checkpoints" / n).exists()),
-                None)
+    ckpt = run_checkpoint(run_dir)
     if ckpt is None:
         raise CheckpointError(f"{run_dir}: no checkpoint yet (checkpoints/best or checkpoints/last)")
     if (why := problem(ckpt)) is not None:
@@ -54,10 +53,14 @@ def load_run(run_dir: str | Path, device: str = "cpu") -> LoadedRun:
     return LoadedRun(model, run_tokenizer(run_dir, info), ckpt, _step(ckpt.resolve()))
 
 
+def run_checkpoint(run_dir: str | Path) -> Path | None:
+    """`checkpoints/best`, else `checkpoints/last`, else None."""
+    return next((p for n in ("best", "last") if (p := Path(run_dir) / "checkpoints" / n).exists()), None)
+
+
 def best_step(run_dir: str | Path) -> int | None:
     """The step of the checkpoint `load_run` would load, or None when there is none."""
-    ckpt = next((Path(run_dir) / "checkpoints" / n for n in ("best", "last")
-                 if (Path(run_dir) / "checkpoints" / n).exists()), None)
+    ckpt = run_checkpoint(run_dir)
     return None if ckpt is None else _step(ckpt.resolve())
 
 
