@@ -90,7 +90,7 @@ def spec_fingerprint(spec: dict[str, Any]) -> str:
     import copy
 
     s = copy.deepcopy(spec or {})
-    for key in ("name", "description", "seed", "seeds", "variants", "sweep"):
+    for key in ("name", "description", "seed", "seeds", "variants", "sweep", "tracking"):
         s.pop(key, None)
     s["model"] = {k: v for k, v in _dict(s.get("model")).items() if k in ("size", "pretrained")}
     s["resources"] = {"num_workers": _dict(s.get("resources")).get("num_workers", 1)}

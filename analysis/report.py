@@ -24,6 +24,10 @@ class Report:
     tables_dir: Path
     charts: int
     problems: list[str]
+    closing: pd.DataFrame | None = None  # the terminal's table (`tables.closing`)
+
+    def table_text(self) -> str:
+        return tables.text_table(self.closing if self.closing is not None else pd.DataFrame())
 
 
 HEADLINE = ("Validation losses of routed models (MoD, DTF) are in causal routing, the routing a model can use "
@@ -226,7 +230,9 @@ def write_report(paths: list[str | Path], out: str | Path | None = None, force: 
     md += [f"## {name.replace('_', ' ')}\n\n{_markdown(df)}" for name, df in frames.items()]
     written = _write_all(out, page, markdown, "\n".join(md), tables_dir, frames)
     _manifest_path(out).write_text(json.dumps({"generator": GENERATOR, "files": written}, indent=1))
-    return Report(out, markdown, tables_dir, charts, problems)
+    runs = tables.label_runs(rs.runs)
+    closing = tables.closing(runs, per_run=runs["params"].notna().any())
+    return Report(out, markdown, tables_dir, charts, problems, closing)
 
 
 def _write_all(out: Path, page: str, markdown: Path, md: str, tables_dir: Path,

@@ -288,3 +288,65 @@ def facts(runs: pd.DataFrame) -> pd.DataFrame:
     if "commit" in out:
         out["commit"] = out["commit"].map(lambda c: c[:10] if isinstance(c, str) else c)
     return out
+
+
+ORDER = {"standard": 0, "mod": 2, "dtf": 3}  # the dense control (Standard, shallower) comes second
+
+
+def closing(runs: pd.DataFrame, per_run: bool = False, limit: int = 12) -> pd.DataFrame:
+    """The table a command ends with in the terminal (and `dtlab report` prints): per variant (mean
+    over its runs), or per run for a sweep's trials (finished first, best first)."""
+    if runs.empty:
+        return pd.DataFrame()
+    runs = runs if "label" in runs else label_runs(runs)
+    mem = runs["peak_mem_gib"] if "peak_mem_gib" in runs else pd.Series(float("nan"), index=runs.index)
+    if "peak_rss_gib" in runs:
+        mem = mem.fillna(runs["peak_rss_gib"])
+    runs = runs.assign(_mem=mem)
+    rows = []
+    groups = ([(r["run_id"], runs.loc[[i]]) for i, r in runs.iterrows()] if per_run
+              else list(runs.groupby("label", sort=False)))
+    for name, g in groups:
+        row = {"run" if per_run else "variant": name}
+        if per_run:
+            row["variant"] = g["variant"].iloc[0]
+            row["steps"] = f"{_int(g['final_step'].iloc[0])}/{_int(g['total_steps'].iloc[0])}"
+        else:
+            row["runs"] = len(g)
+        routed = g["variant"].isin(["mod", "dtf"]).any()
+        row.update({"val loss": _mean(g, "val_loss"), "routing": _modes(g) if routed else "dense",
+                    "FLOP ratio": _mean(g, "flop_ratio_vs_dense"),
+                    "tokens/s": float(g["tokens_per_s"].astype(float).median()) if "tokens_per_s" in g else math.nan,
+                    "peak mem GiB": float(g["_mem"].astype(float).max())})
+        row["_rank"] = ORDER.get(g["variant"].iloc[0], 9) + str(g["label"].iloc[0]).startswith("dense control")
+        rows.append(row)
+    out = pd.DataFrame(rows).sort_values("_rank", kind="stable").drop(columns="_rank")
+    if per_run:
+        done = runs.set_index("run_id")["done"].reindex(out["run"]).fillna(False).to_numpy()
+        out = out.assign(_done=done).sort_values(["_done", "val loss"], ascending=[False, True]).drop(columns="_done")
+        out = out.head(limit)
+    return out.reset_index(drop=True)
+
+
+def _int(value) -> str:
+    return "?" if value is None or pd.isna(value) else str(int(value))
+
+
+FORMATS = {"val loss": "{:.4f}", "FLOP ratio": "{:.3f}", "tokens/s": "{:,.0f}", "peak mem GiB": "{:.2f}"}
+
+
+def text_table(df: pd.DataFrame) -> str:
+    """A DataFrame as aligned plain text (no colours, no box characters): what a terminal, a log or
+    CI shows alike."""
+    if df.empty:
+        return "(no runs)"
+    cells = [[str(c) for c in df.columns]]
+    for _, row in df.iterrows():
+        cells.append(["-" if isinstance(v, float) and math.isnan(v) else FORMATS.get(c, "{}").format(v)
+                      for c, v in row.items()])
+    widths = [max(len(r[i]) for r in cells) for i in range(len(df.columns))]
+    numeric = [pd.api.types.is_numeric_dtype(df[c]) for c in df.columns]
+    lines = ["  ".join(v.rjust(w) if num else v.ljust(w) for v, w, num in zip(r, widths, numeric, strict=True)).rstrip()
+             for r in cells]
+    lines.insert(1, "  ".join("-" * w for w in widths))
+    return "\n".join(lines)

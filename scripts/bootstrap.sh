@@ -19,7 +19,7 @@ if [ "$(cat "$STAMP" 2>/dev/null)" != "$WANT" ]; then
     if command -v nvidia-smi >/dev/null 2>&1; then TORCH_SPEC="torch"; else TORCH_SPEC="torch==2.13.0"; fi
   fi
   "$VENV/bin/python" -m pip install -q "$TORCH_SPEC"
-  "$VENV/bin/python" -m pip install -q -e "$ROOT[dev]"
+  "$VENV/bin/python" -m pip install -q -e "$ROOT[dev,tracking]"
   echo "$WANT" > "$STAMP"
 fi
 # shellcheck disable=SC1091

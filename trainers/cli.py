@@ -5,20 +5,30 @@ from __future__ import annotations
 import argparse
 import math
 import sys
+from pathlib import Path
 
 
 def _train(args: argparse.Namespace) -> int:
-    from .runner import run_training
+    from .progress import current
+    from .runner import default_run_dir, run_training
     from .spec import load_spec
 
-    run_training(load_spec(args.spec, args.overrides), out=args.out, resume=args.resume, force=args.force,
-                 use_ray=False if args.no_ray else None)
+    ui = current()
+    spec = load_spec(args.spec, args.overrides)
+    out = args.out or default_run_dir(spec)
+    run_training(spec, out=out, resume=args.resume, force=args.force, use_ray=False if args.no_ray else None, log=ui)
+    from dtlab.analysis import tables
+    from dtlab.analysis.loaders import load
+
+    ui.say("\n" + tables.text_table(tables.closing(load([out]).runs)), result=True)
+    ui.say(f"run: {Path(out).resolve()} (dtlab report {out} compares it with others)", result=True)
     return 0
 
 
 def _sweep(args: argparse.Namespace) -> int:
     import time
 
+    from .progress import current
     from .spec import SpecError, load_spec
     from .sweep import run_sweep
 
@@ -26,7 +36,14 @@ def _sweep(args: argparse.Namespace) -> int:
     if args.resume and not args.out:
         raise SpecError("--resume needs --out DIR: the sweep to continue")
     out = args.out or f"runs/sweep-{spec.name}-{time.strftime('%Y%m%d-%H%M%S')}"
-    summary = run_sweep(spec, out, resume=args.resume, force=args.force, source=args.spec)
+    summary = run_sweep(spec, out, resume=args.resume, force=args.force, source=args.spec, log=current())
+    if (Path(out) / "trials").is_dir():
+        from dtlab.analysis import tables
+        from dtlab.analysis.loaders import load
+
+        runs = load([Path(out) / "trials"]).runs
+        current().say("\n" + tables.text_table(tables.closing(runs, per_run=True)), result=True)
+        current().say(f"sweep: {Path(out).resolve()} (summary.json; dtlab report {out} for the report)", result=True)
     if summary.get("interrupted"):
         print(f"dtlab sweep: interrupted; continue with: dtlab sweep {args.spec} --out {out} --resume", file=sys.stderr)
         return 130
@@ -35,10 +52,11 @@ def _sweep(args: argparse.Namespace) -> int:
 
 def _run(args: argparse.Namespace) -> int:
     from .experiment import run_experiment
+    from .progress import current
     from .spec import load_spec
 
     run_experiment(load_spec(args.spec, args.overrides), args.out, resume=args.resume, force=args.force,
-                   use_ray=False if args.no_ray else None, source=args.spec)
+                   use_ray=False if args.no_ray else None, source=args.spec, log=current())
     return 0
 
 
@@ -48,13 +66,12 @@ def _report(args: argparse.Namespace) -> int:
     report = write_report(args.dirs, args.out, force=args.force)
     for p in report.problems:
         print(f"note: {p}", file=sys.stderr)
+    print(report.table_text())
     print(f"report: {report.html} ({report.charts} charts); tables: {report.markdown}, {report.tables_dir}/")
     return 0
 
 
 def _bench(args: argparse.Namespace) -> int:
-    from pathlib import Path
-
     from .bench import format_table, run_bench, write_rows
 
     if args.out and Path(args.out).is_dir():
@@ -89,8 +106,6 @@ def _bench(args: argparse.Namespace) -> int:
 
 
 def _sample(args: argparse.Namespace) -> int:
-    from pathlib import Path
-
     from .device import detect_device
     from .sample import generate_text, load_run, routed_fractions
     from .spec import SpecError
@@ -114,8 +129,6 @@ def _sample(args: argparse.Namespace) -> int:
 
 
 def _eval(args: argparse.Namespace) -> int:
-    from pathlib import Path
-
     from .device import detect_device
     from .downstream import LOCAL_TASKS, check_tasks, evaluate_run
     from .spec import SpecError
@@ -255,6 +268,29 @@ def _add_eval(sub) -> None:
     ev.set_defaults(func=_eval)
 
 
+def _ls(args: argparse.Namespace) -> int:
+    from .listing import format_listing, listing
+    from .spec import SpecError
+
+    root = Path(args.dir)
+    if not root.is_dir():
+        raise SpecError(f"{root}: no such directory (dtlab ls lists the runs, experiments and sweeps under one)")
+    rows = listing(root)
+    if not rows:
+        print(f"no dtlab runs under {root}")
+        return 0
+    print(format_listing(rows))
+    return 0
+
+
+def _add_ls(sub) -> None:
+    ls = sub.add_parser("ls", help="the runs, experiments and sweeps under a directory: status, steps, best "
+                                   "validation loss, age")
+    _debug_flag(ls)
+    ls.add_argument("dir", nargs="?", default="runs", help="default: runs/")
+    ls.set_defaults(func=_ls)
+
+
 def _add_sample(sub) -> None:
     sample = sub.add_parser("sample", help="generate text from a run's best checkpoint (causal routing)")
     _debug_flag(sample)
@@ -294,9 +330,12 @@ def build_parser() -> argparse.ArgumentParser:
         cmd.add_argument("--force", action="store_true", help=f"set an existing {what} in --out aside, start afresh")
         if ray:
             cmd.add_argument("--no-ray", action="store_true", help="train in this process, without Ray")
+        cmd.add_argument("-v", "--verbose", action="store_true",
+                         help="show every log line (Ray's, the training loop's, lm-eval's) instead of progress; "
+                              "without it they go to output.log in the output directory")
         cmd.set_defaults(func=func)
 
-    for add in (_add_report, _add_bench, _add_eval, _add_sample):
+    for add in (_add_report, _add_bench, _add_eval, _add_sample, _add_ls):
         add(sub)
     return parser
 
@@ -307,7 +346,8 @@ def main(argv: list[str] | None = None) -> int:
     `dtlab --debug ...` shows the traceback instead."""
     args = build_parser().parse_args(argv)
     try:
-        return args.func(args)
+        with _console(args):
+            return args.func(args)
     except KeyboardInterrupt:
         print(f"dtlab {args.command}: interrupted; --resume continues (with the same --out)", file=sys.stderr)
         return 130
@@ -317,6 +357,17 @@ def main(argv: list[str] | None = None) -> int:
         code, line = explain(err)
         print(f"dtlab {args.command}: {line}", file=sys.stderr)
         return code
+
+
+def _console(args: argparse.Namespace):
+    """train, run and sweep show progress (their libraries' output goes to a file); the rest print."""
+    import contextlib
+
+    from .progress import console
+
+    if not hasattr(args, "verbose"):
+        return contextlib.nullcontext()
+    return console(verbose=args.verbose, stop_ray=True)
 
 
 def explain(err: Exception) -> tuple[int, str]:

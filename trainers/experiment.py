@@ -14,17 +14,28 @@ MARKER = "experiment.json"
 
 
 def run_experiment(spec: Spec, out: str | Path | None, resume: bool = False, force: bool = False,
-                   use_ray: bool | None = None, source: str = "spec", log=print) -> dict[str, Any]:
+                   use_ray: bool | None = None, source: str = "spec", log=None) -> dict[str, Any]:
     """Train every variant x seed of `spec` (or sweep, when it has a sweep section) into `out`, then
     write the report there. Everything that can be refused is refused before the first write."""
-    out = Path(out or f"runs/{spec.name}-{time.strftime('%Y%m%d-%H%M%S')}")
-    if spec.sweep is not None:
-        from .sweep import run_sweep
+    from .progress import current
+    from .tracking import Tracking
 
-        run_sweep(spec, out, resume=resume, force=force, source=source, log=log)
-    else:
-        train_all(spec, out, resume, force, use_ray, source, log)
-    report = _report(out, log)
+    log = log or current()
+    out = Path(out or f"runs/{spec.name}-{time.strftime('%Y%m%d-%H%M%S')}")
+    tracking = Tracking(out)
+    report = None
+    try:
+        if spec.sweep is not None:
+            from .sweep import run_sweep
+
+            run_sweep(spec, out, resume=resume, force=force, source=source, log=log, tracking=tracking)
+        else:
+            train_all(spec, out, resume, force, use_ray, source, log, tracking)
+        report = _report(out, log)
+    finally:
+        tracking.close(report.html if report is not None else None)
+    current().say("\n" + report.table_text(), result=True)
+    current().say(f"report: {report.html.resolve()}", result=True)
     return {"out": str(out), "report": str(report.html), "charts": report.charts, "problems": report.problems}
 
 
@@ -44,14 +55,18 @@ def check_experiment_dir(out: Path, resume: bool, force: bool) -> None:
         raise SpecError(f"--resume: {out} holds no experiment to continue")
 
 
-def train_all(spec: Spec, out: Path, resume: bool, force: bool, use_ray: bool | None, source: str, log) -> None:
+def train_all(spec: Spec, out: Path, resume: bool, force: bool, use_ray: bool | None, source: str, log,
+              tracking=None) -> None:
     from .data import prepare_data
+    from .progress import current
     from .runner import RunFailed, check_fit, check_resources, holds_run, prepare_run_dir, run_training
     from .sample import ensure_samples
+    from .tracking import check_tracking
 
     plan = [(v, s) for v in spec.variant_list() for s in spec.seed_list()]
     specs = {(v, s): spec.for_run(v, s) for v, s in plan}
     check_experiment_dir(out, resume, force)  # what needs no data first
+    check_tracking(spec)
     for sub in specs.values():
         check_resources(sub, sub.resources.use_ray if use_ray is None else use_ray)
     for sub in specs.values():  # every run's input is checked before the first one starts
@@ -63,6 +78,7 @@ def train_all(spec: Spec, out: Path, resume: bool, force: bool, use_ray: bool | 
     if force and (out / MARKER).is_file():
         prepare_run_dir(out, False, True, log)
     out.mkdir(parents=True, exist_ok=True)
+    current().capture(out)  # what the libraries print goes to out/output.log
     if resume and (out / "spec.yaml").read_text() != dump_spec(spec):  # the experiment's own spec stays
         (out / f"spec.resumed-{time.strftime('%Y%m%d-%H%M%S')}.yaml").write_text(dump_spec(spec))
     if not resume:
@@ -73,11 +89,10 @@ def train_all(spec: Spec, out: Path, resume: bool, force: bool, use_ray: bool | 
         run_dir = out / f"{variant}-seed{seed}"
         if holds_run(run_dir) and finished(run_dir):
             log(f"{run_dir.name}: finished earlier, kept")
-            ensure_samples(run_dir, log)  # a run finished by an older dtlab has none yet
+            ensure_samples(run_dir, current().note)  # a run finished by an older dtlab has none yet
         else:
-            log(f"== {variant}, seed {seed} -> {run_dir}")
             try:
-                run_training(sub, run_dir, resume=holds_run(run_dir), use_ray=use_ray, log=log)
+                run_training(sub, run_dir, resume=holds_run(run_dir), use_ray=use_ray, log=log, tracking=tracking)
             except RunFailed as err:  # the experiment resumes as a whole
                 raise RunFailed(f"{run_dir.name}: {str(err).split('; continue with')[0]}; continue with: dtlab "
                                 f"run {source} --out {out} --resume") from err
@@ -98,9 +113,11 @@ def downstream(run_dir: Path, spec: Spec, log) -> None:
             if r.get("step") == step and r.get("limit") == cfg.limit}
     todo = [t for t in cfg.tasks if t not in done]
     if todo:
-        log(f"{run_dir.name}: downstream tasks {', '.join(todo)} (lm-eval, causal routing)")
-        evaluate_run(run_dir, todo, limit=cfg.limit, batch_size=cfg.batch_size,
-                     device=detect_device(spec.resources.device))
+        rows = evaluate_run(run_dir, todo, limit=cfg.limit, batch_size=cfg.batch_size,
+                            device=detect_device(spec.resources.device))
+        scores = [f"{r['task']} {r['metric']} {'n/a' if r['value'] is None else format(r['value'], '.4f')}"
+                  for r in rows]
+        log(f"{run_dir.name}: downstream (lm-eval, causal routing): {'; '.join(scores)}")
 
 
 def _report(out: Path, log):
@@ -114,6 +131,4 @@ def _report(out: Path, log):
     except ReportError:
         target = out / f"report-{time.strftime('%Y%m%d-%H%M%S')}.html"
         log(f"{out / 'report.html'} is not dtlab's own (or was changed): writing {target.name} beside it")
-    report = write_report([out], target)
-    log(f"report: {report.html.resolve()}")
-    return report
+    return write_report([out], target)

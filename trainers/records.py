@@ -73,6 +73,32 @@ def finished(run_dir: str | os.PathLike) -> bool:
     return bool(evals and evals[-1].get("done"))
 
 
+STATUS = "status.json"
+
+
+def write_status(run_dir: str | os.PathLike, state: str, **extra: Any) -> None:
+    """What the driver last knew of a run (`running` with its process, or how it ended), for
+    `dtlab ls`. A run directory that does not exist yet gets none."""
+    import platform
+    import time
+
+    run_dir = Path(run_dir)
+    if not run_dir.is_dir():
+        return
+    record = {"state": state, "pid": os.getpid(), "host": platform.node(), "time": time.time(), **extra}
+    tmp = run_dir / f".{STATUS}.tmp"
+    tmp.write_text(json.dumps(record))
+    os.replace(tmp, run_dir / STATUS)
+
+
+def read_status(run_dir: str | os.PathLike) -> dict[str, Any]:
+    try:
+        status = json.loads((Path(run_dir) / STATUS).read_text())
+    except (OSError, ValueError):
+        return {}
+    return status if isinstance(status, dict) else {}
+
+
 class JsonlWriter:
     """Appends one record per line, flushed at once (a crash loses at most the line being written)."""
 

@@ -19,7 +19,7 @@ from typing import Any
 
 from .checkpoint import CheckpointError
 from .data import Prepared, prepare_data
-from .records import METRICS
+from .records import METRICS, write_status
 from .spec import Spec, SpecError, dump_spec
 
 RUN_MARKERS = (METRICS, "spec.yaml", "run.json", "checkpoints")
@@ -260,11 +260,17 @@ def _cause(err: BaseException) -> BaseException:
 
 
 def run_training(spec: Spec, out: str | Path | None = None, resume: bool = False, force: bool = False,
-                 use_ray: bool | None = None, hooks=None, log=print) -> dict[str, Any]:
-    """Check, lay out and run one training run; returns the last evaluation record."""
+                 use_ray: bool | None = None, hooks=None, log=print, tracking=None) -> dict[str, Any]:
+    """Check, lay out and run one training run; returns the last evaluation record. Its progress
+    shows on the command's console; `tracking` (a `tracking.Tracking`, else one of the run's own)
+    sends its records to the spec's trackers."""
+    from .progress import current
+    from .tracking import Tracking, check_tracking
+
     use_ray = spec.resources.use_ray if use_ray is None else use_ray
     run_dir = Path(out) if out else default_run_dir(spec)
     check_resources(spec, use_ray)  # what needs no data is refused before data are prepared
+    check_tracking(spec)
     check_run_dir(run_dir, resume, force, spec)
     shape = model_shape(spec)  # a checkpoint that is not there is said before data are prepared
     data = prepare_data(spec.data)
@@ -279,12 +285,33 @@ def run_training(spec: Spec, out: str | Path | None = None, resume: bool = False
         raise RunFailed(f"could not write the run directory {run_dir} ({err.strerror or err})") from err
     config = {"spec": spec.model_dump(mode="json"), "run_dir": str(run_dir.resolve()), "data_dir": str(data.path),
               "resume": resume}
-    log(f"run directory: {run_dir}")
-    result = launch(config, spec, run_dir, use_ray, hooks, log)
+    ui = current()
+    ui.capture(run_dir)  # from here on, what the libraries print goes to the run's output.log
+    own = tracking is None
+    tracking = tracking or Tracking(run_dir)
+    tracker = tracking.start(spec, run_dir)
+    status, error = "failed", None
+    write_status(run_dir, "running")
+    try:
+        with ui.following(run_dir, sinks=[tracker.record] if tracker else []):
+            result = launch(config, spec, run_dir, use_ray, hooks, log)
+        status = "finished"
+    except KeyboardInterrupt:
+        status = "interrupted"
+        raise
+    except Exception as err:
+        error = " ".join(str(err).split())[:300]
+        raise
+    finally:
+        write_status(run_dir, status, **({"error": error} if error else {}))
+        tracking.end(run_dir, status)
+        if own:
+            tracking.close()
     from .sample import ensure_samples
 
-    ensure_samples(run_dir, log, replace=True)  # greedy samples of the best checkpoint, for the report
+    ensure_samples(run_dir, ui.note, replace=True)  # greedy samples of the best checkpoint, for the report
     record = {k: v for k, v in (result or {}).items() if not isinstance(v, dict)}
     if record:
-        log("final: " + ", ".join(f"{k} {v:.4f}" if isinstance(v, float) else f"{k} {v}" for k, v in record.items()))
+        ui.note("final: " + ", ".join(f"{k} {v:.4f}" if isinstance(v, float) else f"{k} {v}"
+                                      for k, v in record.items()))
     return result or {}

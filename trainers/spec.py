@@ -231,6 +231,27 @@ class EvalSpec(Strict):
         return self
 
 
+class TrackingSpec(Strict):
+    """Experiment trackers that receive each run's records (`tracking.py`). In a spec either a list,
+    `tracking: [tensorboard, mlflow]`, or this mapping. None by default."""
+
+    backends: list[Literal["tensorboard", "mlflow", "wandb"]] = Field(default_factory=list)
+    mlflow_uri: str | None = None  # default: sqlite:///OUT/mlflow.db (offline)
+    mlflow_experiment: str | None = None  # default: the spec's name
+    wandb_project: str = "dtlab"
+    wandb_mode: Literal["offline", "online"] = "offline"
+
+    @model_validator(mode="before")
+    @classmethod
+    def _from_list(cls, raw: Any) -> Any:
+        if isinstance(raw, str):
+            raw = [raw]
+        raw = {"backends": raw} if isinstance(raw, list) else raw
+        if isinstance(raw, dict) and isinstance(raw.get("backends"), list):  # each once
+            raw = {**raw, "backends": list(dict.fromkeys(map(str, raw["backends"])))}
+        return raw
+
+
 class Spec(Strict):
     name: str = "experiment"
     description: str = ""
@@ -245,6 +266,7 @@ class Spec(Strict):
     resources: ResourcesSpec = ResourcesSpec()
     sweep: SweepSpec | None = None
     eval: EvalSpec | None = None  # downstream tasks after training (`dtlab run`)
+    tracking: TrackingSpec = TrackingSpec()  # tensorboard, mlflow, wandb (none by default)
 
     @model_validator(mode="after")
     def _eval_not_in_sweeps(self) -> Spec:

@@ -22,7 +22,7 @@ import yaml
 
 from dtlab.models.config import CONFIG_CLASSES, did_you_mean
 
-from .records import METRICS, read_jsonl
+from .records import METRICS, read_jsonl, write_status
 from .spec import DENSE_CONTROL, MODEL_KEYS, Distribution, Spec, SpecError, dump_spec
 
 TUNE_DIR, EXPERIMENT = "tune", "sweep"
@@ -279,14 +279,113 @@ def trial_resources(spec: Spec, gpus: float) -> tuple[float, float]:
 
 
 def run_sweep(spec: Spec, out: str | Path, resume: bool = False, force: bool = False, source: str = "spec",
-              log=print) -> dict[str, Any]:
-    """Check everything, lay out `out`, run the trials through Tune, write `summary.json`."""
+              log=print, tracking=None) -> dict[str, Any]:
+    """Check everything, lay out `out`, run the trials through Tune, write `summary.json`. The trials'
+    progress shows on the command's console and their records go to the spec's trackers."""
+    from .progress import current
+    from .tracking import Tracking, check_tracking
+
     plan = plan_sweep(spec, source)
+    check_tracking(spec)
     out = Path(out)
     lay_out(plan, out, resume, force, log)
-    concurrent = start_cluster(plan, out, log)
-    results = make_tuner(plan, out, resume, concurrent, log).fit()
+    current().capture(out)  # Ray's and Tune's output goes to out/output.log
+    own = tracking is None
+    tracking = tracking or Tracking(out)
+    try:
+        concurrent = start_cluster(plan, out, log)
+        results = make_tuner(plan, out, resume, concurrent, log, [trial_progress(plan, out, tracking)]).fit()
+    finally:
+        if own:
+            tracking.close()
     return finish(plan, out, results, log)
+
+
+def _harmless(method, ui):
+    """The display and the trackers never stop a sweep: what fails is said in output.log."""
+    import functools
+
+    @functools.wraps(method)
+    def guarded(self, *args, **kwargs):
+        try:
+            return method(self, *args, **kwargs)
+        except Exception as err:
+            ui.note(f"sweep progress/tracking: {method.__name__} failed: {type(err).__name__}: {err}")
+            return None
+
+    return guarded
+
+
+def _dropped_callback():
+    from ray.tune import Callback
+
+    return Callback()
+
+
+def trial_progress(plan: Plan, out: Path, tracking):
+    """A Tune callback (on the driver): each trial's progress on the console, its records to the
+    trackers, and a line of counts: running, finished, stopped (by ASHA), failed, and the best."""
+    from ray.tune import Callback
+
+    from .progress import current
+
+    ui, first = current(), plan.spec.sweep.objective_list()[0]
+
+    class TrialProgress(Callback):
+        def __reduce__(self):  # Tune pickles its run config: this callback is rebuilt on --resume instead
+            return (_dropped_callback, ())
+
+        def __init__(self) -> None:
+            self.states: dict[str, str] = {}
+            self.best: tuple[float, str] | None = None
+            ui.header = self.line
+
+        def line(self) -> str:
+            counts = {s: sum(1 for v in self.states.values() if v == s)
+                      for s in ("running", "finished", "stopped", "failed")}
+            best = f" | best {first.metric} {self.best[0]:.4f} ({self.best[1]})" if self.best else ""
+            return "sweep: " + ", ".join(f"{n} {s}" for s, n in counts.items()) + best
+
+        def on_trial_start(self, iteration, trials, trial, **info):
+            run_dir = out / "trials" / trial.trial_id
+            params = {k: v for k, v in trial.config.items() if "." in k}
+            spec = trial_spec(plan.spec, params, trial.config.get("seed"))
+            tracker = tracking.start(spec, run_dir, name=f"trial-{trial.trial_id}") if spec.tracking.backends else None
+            label = f"{trial.trial_id} {params.get('model.type', plan.spec.model.type)}"
+            ui.follow(trial.trial_id, run_dir, label, sinks=[tracker.record] if tracker else [])
+            self.states[trial.trial_id] = "running"
+            write_status(run_dir, "running")
+
+        def on_trial_result(self, iteration, trials, trial, result, **info):
+            value = result.get(first.metric)
+            if isinstance(value, (int, float)) and math.isfinite(value):
+                sign = 1 if first.mode == "min" else -1
+                if self.best is None or sign * value < sign * self.best[0]:
+                    self.best = (float(value), trial.trial_id)
+
+        def _end(self, trial, status: str) -> None:
+            def said(watch) -> str:  # a trial that completes before its last step was stopped (ASHA)
+                early = status == "finished" and (not watch.total or watch.step < watch.total)
+                return "stopped" if early else status
+
+            watch = ui.unfollow(trial.trial_id, said)
+            status = watch.status if watch is not None else status
+            self.states[trial.trial_id] = status
+            write_status(out / "trials" / trial.trial_id, status)
+            tracking.end(out / "trials" / trial.trial_id, status)
+            if not ui.live:
+                ui.say(self.line())
+
+        def on_trial_complete(self, iteration, trials, trial, **info):
+            self._end(trial, "finished")
+
+        def on_trial_error(self, iteration, trials, trial, **info):
+            self._end(trial, "failed")
+
+    for name in ("on_trial_start", "on_trial_result", "on_trial_complete", "on_trial_error"):
+        setattr(TrialProgress, name, _harmless(getattr(TrialProgress, name), ui))
+
+    return TrialProgress()
 
 
 def lay_out(plan: Plan, out: Path, resume: bool, force: bool, log) -> None:
@@ -341,7 +440,7 @@ def start_cluster(plan: Plan, out: Path, log) -> int:
     return concurrent
 
 
-def make_tuner(plan: Plan, out: Path, resume: bool, concurrent: int, log):
+def make_tuner(plan: Plan, out: Path, resume: bool, concurrent: int, log, callbacks=()):
     """A new Tuner (Optuna, ASHA), or the interrupted one restored from `out`."""
     from ray import tune
 
@@ -350,8 +449,10 @@ def make_tuner(plan: Plan, out: Path, resume: bool, concurrent: int, log):
     tune_path = out / TUNE_DIR / EXPERIMENT
     if resume:
         log(f"resuming the sweep in {tune_path}")
-        return tune.Tuner.restore(str(tune_path.resolve()), trainable=trainable, resume_unfinished=True,
-                                  resume_errored=True)
+        tuner = tune.Tuner.restore(str(tune_path.resolve()), trainable=trainable, resume_unfinished=True,
+                                   resume_errored=True)
+        tuner._local_tuner._run_config.callbacks = list(callbacks)  # noqa: SLF001 (restore keeps no callbacks)
+        return tuner
     first = spec.sweep.objective_list()[0]
     scheduler = None
     if spec.sweep.asha.enabled:
@@ -367,7 +468,7 @@ def make_tuner(plan: Plan, out: Path, resume: bool, concurrent: int, log):
                                     num_samples=spec.sweep.num_samples * len(plan.seeds),
                                     max_concurrent_trials=concurrent),
         run_config=tune.RunConfig(name=EXPERIMENT, storage_path=str((out / TUNE_DIR).resolve()),
-                                  failure_config=tune.FailureConfig(max_failures=0)),
+                                  failure_config=tune.FailureConfig(max_failures=0), callbacks=list(callbacks)),
     )
 
 

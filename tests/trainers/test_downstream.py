@@ -185,9 +185,9 @@ def test_dtlab_run_scores_the_eval_section_and_reports_it(tmp_path):
     lines = []
     spec = spec.model_copy(update={"eval": spec.eval.model_copy(update={"limit": 6})})
     run_experiment(spec, tmp_path / "exp", resume=True, use_ray=False, log=lines.append)
-    assert sum("downstream tasks dtlab_next_line" in line for line in lines) == 2
+    assert sum("downstream (lm-eval, causal routing): dtlab_next_line acc" in line for line in lines) == 2
     records = [json.loads(line) for line in (tmp_path / "exp" / "mod-seed0" / RECORDS).read_text().splitlines()]
     assert {r["limit"] for r in records} == {6} and len(records) == 2
     lines.clear()
     run_experiment(spec, tmp_path / "exp", resume=True, use_ray=False, log=lines.append)
-    assert not any("downstream tasks" in line for line in lines)
+    assert not any("downstream" in line for line in lines)

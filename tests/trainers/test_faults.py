@@ -77,8 +77,9 @@ def test_disk_full_during_a_checkpoint_then_resume(uninterrupted, tmp_path, monk
 
     monkeypatch.setattr(safetensors.torch, "save_file", full_disk)
     assert main(["train", str(spec), "--out", str(tmp_path / "run"), "--no-ray"]) == 1
-    err = capsys.readouterr().err.strip().splitlines()
-    assert len(err) == 1 and "No space left on device" in err[0] and "--resume" in err[0], err
+    err = capsys.readouterr().err.strip().splitlines()  # the run's progress, then the error in one line
+    assert err[0].startswith("run: started") and err[1].startswith("run: failed at step 4/8"), err
+    assert len(err) == 3 and "No space left on device" in err[2] and "--resume" in err[2], err
     assert os.readlink(tmp_path / "run" / "checkpoints" / "last") == "step-0000002"  # the old one, intact
     monkeypatch.setattr(safetensors.torch, "save_file", real)
     assert main(["train", str(spec), "--out", str(tmp_path / "run"), "--no-ray", "--resume"]) == 0

@@ -1,0 +1,143 @@
+"""`dtlab ls [DIR]`: the runs, experiments and sweeps under a directory, with how each stands.
+
+Read from the directories' own files (no Ray, no torch): `metrics.jsonl` (steps, losses),
+`run.json` (total steps), `status.json` (what the driver last knew: running with its process, or
+how it ended), `experiment.json` and `sweep.json` (which directories group runs).
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import platform
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+from .records import METRICS, read_jsonl, read_status
+
+STATES = ("running", "finished", "stopped", "interrupted", "failed", "diverged")
+
+
+@dataclass
+class Row:
+    path: str
+    kind: str  # run, trial, experiment, sweep
+    status: str
+    steps: str
+    best: float | None
+    age: float  # seconds since the last write
+    depth: int = 0
+
+
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True
+
+
+def run_row(run_dir: Path, root: Path, kind: str = "run", depth: int = 0) -> Row:
+    records = read_jsonl(run_dir / METRICS).records
+    evals = [r for r in records if r.get("kind") == "eval"]
+    trains = [r for r in records if r.get("kind", "train") == "train"]
+    step = max((int(r.get("step") or 0) for r in records), default=0)
+    total = _total(run_dir)
+    headline = [r.get("val_loss_causal", r.get("val_loss")) for r in evals]  # older records: top-k in val_loss
+    losses = [v for v in headline if isinstance(v, (int, float)) and math.isfinite(v)]
+    return Row(_rel(run_dir, root), kind, status(run_dir, evals, trains), f"{step}/{total or '?'}",
+               min(losses) if losses else None, _age(run_dir), depth)
+
+
+def status(run_dir: Path, evals: list[dict], trains: list[dict]) -> str:
+    """finished, diverged (a non-finite loss), running (its driver is alive), or how it ended."""
+    if any(isinstance(r.get(k), float) and not math.isfinite(r[k]) for r in trains + evals
+           for k in ("loss", "val_loss")):
+        return "diverged"
+    if evals and evals[-1].get("done"):
+        return "finished"
+    st = read_status(run_dir)
+    state = st.get("state")
+    if state == "running":
+        if st.get("host") == platform.node() and isinstance(st.get("pid"), int) and not _alive(st["pid"]):
+            return "failed"  # its process is gone without saying how it ended
+        return "running"
+    if state in STATES:
+        return state
+    return "stopped" if evals else "failed"
+
+
+def _total(run_dir: Path) -> int | None:
+    try:
+        total = (json.loads((run_dir / "run.json").read_text()).get("training") or {}).get("total_steps")
+    except (OSError, ValueError, AttributeError):
+        return None
+    return total if isinstance(total, int) else None
+
+
+def _age(path: Path) -> float:
+    times = [p.stat().st_mtime for p in (path / METRICS, path / "status.json", path) if p.exists()]
+    return time.time() - max(times) if times else math.nan
+
+
+def _rel(path: Path, root: Path) -> str:
+    try:
+        return str(path.relative_to(root)) or "."
+    except ValueError:
+        return str(path)
+
+
+def group_row(group: Path, runs: list[Row], root: Path, kind: str) -> Row:
+    counts = {s: sum(r.status == s for r in runs) for s in STATES}
+    said = ", ".join(f"{n} {s}" for s, n in counts.items() if n) or "no runs yet"
+    best = min((r.best for r in runs if r.best is not None), default=None)
+    ages = [r.age for r in runs if math.isfinite(r.age)] or [_age(group)]
+    return Row(_rel(group, root), kind, said, f"{len(runs)} {'trials' if kind == 'sweep' else 'runs'}", best,
+               min(ages))
+
+
+def listing(root: Path) -> list[Row]:
+    """Every experiment, sweep and run under `root` (a run inside an experiment or sweep is listed
+    under it)."""
+    root = Path(root)
+    rows: list[Row] = []
+    groups = sorted({p.parent for name in ("experiment.json", "sweep.json") for p in root.rglob(name)})
+    grouped: set[Path] = set()
+    for group in groups:
+        kind = "sweep" if (group / "sweep.json").is_file() else "experiment"
+        runs_dirs = sorted(p.parent for p in group.rglob(METRICS) if ".old-" not in p.parent.name)
+        grouped.update(runs_dirs)
+        members = [run_row(d, group, "trial" if kind == "sweep" else "run", depth=1) for d in runs_dirs]
+        rows.append(group_row(group, members, root, kind))
+        if kind == "experiment":
+            rows += members
+    for metrics in sorted(root.rglob(METRICS)):
+        run_dir = metrics.parent
+        if run_dir not in grouped and ".old-" not in run_dir.name:
+            rows.append(run_row(run_dir, root))
+    return rows
+
+
+def age_text(seconds: float) -> str:
+    if not math.isfinite(seconds):
+        return "?"
+    for unit, size in (("d", 86400), ("h", 3600), ("m", 60)):
+        if seconds >= size:
+            return f"{seconds / size:.0f}{unit}"
+    return f"{seconds:.0f}s"
+
+
+def format_listing(rows: list[Row]) -> str:
+    cells = [["path", "kind", "status", "steps", "best val loss", "age"]]
+    for r in rows:
+        cells.append([("  " * r.depth) + r.path, r.kind, r.status, r.steps,
+                      "-" if r.best is None else f"{r.best:.4f}", age_text(r.age)])
+    widths = [max(len(c[i]) for c in cells) for i in range(len(cells[0]))]
+    lines = ["  ".join(v.rjust(w) if i in (4, 5) else v.ljust(w) for i, (v, w) in enumerate(zip(c, widths,
+                                                                                             strict=True))).rstrip()
+             for c in cells]
+    return "\n".join(lines)
