@@ -26,7 +26,7 @@ from typing import Any
 import pandas as pd
 import yaml
 
-from dtlab.trainers.records import METRICS
+from dtlab.trainers.records import METRICS, diverged_reason
 from dtlab.trainers.records import read_jsonl as _read_records
 
 
@@ -52,7 +52,7 @@ def find_runs(path: Path) -> list[Path]:
     if (path / METRICS).is_file():
         return [path]
     return sorted(p.parent for p in path.rglob(METRICS)
-                  if "checkpoints" not in p.parts and "ray" not in p.parent.parts[-1:])
+                  if "checkpoints" not in p.parts and "ray" not in p.parent.parts[-1:] and ".old-" not in p.parent.name)
 
 
 def read_jsonl(path: Path, problems: list[str]) -> list[dict[str, Any]]:
@@ -189,6 +189,7 @@ def _run_row(run_id: str, path: Path, info: dict, spec: dict, params: dict, step
         "spec_version": spec_fingerprint(spec) if spec else None,
         "params": json.dumps(params.get("params", {}), sort_keys=True) if params else None,
         "trial_id": params.get("trial_id"),
+        "diverged": diverged_reason(path),  # why it stopped on a non-finite loss, else None
     }
 
 
@@ -257,6 +258,8 @@ def load(paths: list[str | Path]) -> RunSet:
                             "their losses are not directly comparable: " +
                             "; ".join(f"{v}: {', '.join(ids[:6])}{' ...' if len(ids) > 6 else ''}"
                                       for v, ids in groups.items()))
+        for _, r in runs_df[runs_df["diverged"].notna()].iterrows():
+            problems.append(f"{r['run_id']}: {r['diverged']}; left out of the comparisons")
         missing_variant = runs_df["variant"].isna()
         if missing_variant.any():
             problems.append(f"runs with no known variant: {list(runs_df.loc[missing_variant, 'run_id'])}")

@@ -65,12 +65,13 @@ def _sweep_space(paths: list[Path]) -> dict:
 
 
 def build_sections(rs: RunSet, space: dict) -> tuple[list[Section], dict[str, pd.DataFrame]]:
-    runs = tables.label_runs(rs.runs)
+    every = tables.label_runs(rs.runs)
+    runs = every[every["diverged"].isna()] if "diverged" in every else every  # a diverged run is no result
     final = tables.final_loss(runs)
     speed = tables.speed(runs, rs.benches)
     best = tables.best_configs(runs)
     imp = tables.importances(runs, space) if runs["params"].notna().any() else pd.DataFrame()
-    facts = tables.facts(runs)
+    facts = tables.facts(every)
     out: dict[str, pd.DataFrame] = {"final_loss": final, "speed": speed, "best_configs": best,
                                     "importance": imp, "runs": facts}
     s = []
@@ -231,6 +232,7 @@ def write_report(paths: list[str | Path], out: str | Path | None = None, force: 
     written = _write_all(out, page, markdown, "\n".join(md), tables_dir, frames)
     _manifest_path(out).write_text(json.dumps({"generator": GENERATOR, "files": written}, indent=1))
     runs = tables.label_runs(rs.runs)
+    runs = runs[runs["diverged"].isna()] if "diverged" in runs else runs
     closing = tables.closing(runs, per_run=runs["params"].notna().any())
     return Report(out, markdown, tables_dir, charts, problems, closing)
 

@@ -283,7 +283,8 @@ def importances(runs: pd.DataFrame, space: dict | None = None) -> pd.DataFrame:
 
 def facts(runs: pd.DataFrame) -> pd.DataFrame:
     cols = ["run_id", "label", "variant", "seed", "device", "precision", "world_size", "routing_modes",
-            "tokens_seen", "final_step", "total_steps", "done", "evaluations", "commit", "dirty", "spec_version"]
+            "tokens_seen", "final_step", "total_steps", "done", "diverged", "evaluations", "commit", "dirty",
+            "spec_version"]
     out = runs[[c for c in cols if c in runs]].copy()
     if "commit" in out:
         out["commit"] = out["commit"].map(lambda c: c[:10] if isinstance(c, str) else c)

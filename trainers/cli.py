@@ -47,6 +47,17 @@ def _sweep(args: argparse.Namespace) -> int:
     if summary.get("interrupted"):
         print(f"dtlab sweep: interrupted; continue with: dtlab sweep {args.spec} --out {out} --resume", file=sys.stderr)
         return 130
+    return _sweep_code("sweep", summary)
+
+
+def _sweep_code(command: str, summary: dict) -> int:
+    """1 when a trial failed or diverged (said once more, last), else 0."""
+    counts = summary.get("counts", {})
+    bad = {k: counts.get(k, 0) for k in ("failed", "diverged") if counts.get(k, 0)}
+    if bad:
+        print(f"dtlab {command}: " + ", ".join(f"{n} trial(s) {k}" for k, n in bad.items()) +
+              " (summary.json lists them)", file=sys.stderr)
+        return 1
     return 0
 
 
@@ -55,9 +66,9 @@ def _run(args: argparse.Namespace) -> int:
     from .progress import current
     from .spec import load_spec
 
-    run_experiment(load_spec(args.spec, args.overrides), args.out, resume=args.resume, force=args.force,
-                   use_ray=False if args.no_ray else None, source=args.spec, log=current())
-    return 0
+    result = run_experiment(load_spec(args.spec, args.overrides), args.out, resume=args.resume, force=args.force,
+                            use_ray=False if args.no_ray else None, source=args.spec, log=current())
+    return _sweep_code("run", result.get("sweep") or {})
 
 
 def _report(args: argparse.Namespace) -> int:

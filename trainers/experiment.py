@@ -23,12 +23,12 @@ def run_experiment(spec: Spec, out: str | Path | None, resume: bool = False, for
     log = log or current()
     out = Path(out or f"runs/{spec.name}-{time.strftime('%Y%m%d-%H%M%S')}")
     tracking = Tracking(out)
-    report = None
+    report, summary = None, None
     try:
         if spec.sweep is not None:
             from .sweep import run_sweep
 
-            run_sweep(spec, out, resume=resume, force=force, source=source, log=log, tracking=tracking)
+            summary = run_sweep(spec, out, resume=resume, force=force, source=source, log=log, tracking=tracking)
         else:
             train_all(spec, out, resume, force, use_ray, source, log, tracking)
         report = _report(out, log)
@@ -36,7 +36,8 @@ def run_experiment(spec: Spec, out: str | Path | None, resume: bool = False, for
         tracking.close(report.html if report is not None else None)
     current().say("\n" + report.table_text(), result=True)
     current().say(f"report: {report.html.resolve()}", result=True)
-    return {"out": str(out), "report": str(report.html), "charts": report.charts, "problems": report.problems}
+    return {"out": str(out), "report": str(report.html), "charts": report.charts, "problems": report.problems,
+            "sweep": summary}
 
 
 def check_experiment_dir(out: Path, resume: bool, force: bool) -> None:

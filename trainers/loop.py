@@ -35,7 +35,7 @@ from .checkpoint import unwrap
 from .data import load_prepared
 from .device import Precision, detect_device, detect_precision, synchronize
 from .evaluation import evaluate, flat_stats
-from .records import METRICS, JsonlWriter, read_jsonl, rewrite_jsonl
+from .records import DIVERGED, METRICS, JsonlWriter, diverged_reason, read_jsonl, rewrite_jsonl
 from .spec import Spec
 
 
@@ -59,6 +59,28 @@ class Hooks:
 
     def log(self, line: str) -> None:
         print(line, flush=True)
+
+
+class Diverged(RuntimeError):
+    """A non-finite loss or gradient norm: the run stops at once, and stays stopped (a restart or a
+    `--resume` would only diverge again from the checkpoint before)."""
+
+
+def check_finite(state: RunState, record: dict[str, Any], keys: tuple[str, ...]) -> None:
+    """Stop the run if any of `keys` in `record` is not finite: a `diverged` record in metrics.jsonl,
+    `diverged.json` beside it, then `Diverged` on every rank (the values are all-reduced, so every
+    rank sees the same)."""
+    bad = {k: record[k] for k in keys if isinstance(record.get(k), float) and not math.isfinite(record[k])}
+    if not bad:
+        return
+    what = ", ".join(f"{k} {v}" for k, v in bad.items())
+    reason = f"diverged at step {state.step}: {what} (a lower learning rate, warm-up or grad_clip may help)"
+    if state.rank == 0:
+        state.write({"kind": "diverged", "step": state.step, "reason": reason, **bad})
+        (state.run_dir / DIVERGED).write_text(json.dumps({"step": state.step, "reason": reason,
+                                                          **{k: str(v) for k, v in bad.items()}}))
+        state.hooks.log(reason)
+    raise Diverged(reason)
 
 
 # ---- pieces -------------------------------------------------------------------------------------
@@ -331,6 +353,7 @@ def log_step(state: RunState, meter: Meter, last: StepResult) -> None:
               "tokens_seen": state.step * tokens, **memory_stats(state.device),
               "routing": flat_stats({i: {k: v for k, v in s.items() if v.ndim == 0} for i, s in last.routing.items()})}
     state.write(record)
+    check_finite(state, record, ("loss", "lm_loss", "grad_norm"))
     if state.rank == 0:
         state.hooks.log(f"step {state.step}/{state.total_steps} | loss {record['loss']:.4f} | "
                         f"lm {record['lm_loss']:.4f} | lr {record['lr']:.2e} | {record['tokens_per_s']:,.0f} tok/s")
@@ -343,8 +366,12 @@ def evaluate_and_save(state: RunState) -> dict[str, Any]:
     tokens = state.info["tokens_per_step"]
     record = {"kind": "eval", "step": state.step, "tokens_seen": state.step * tokens,
               "train_flops": state.step * tokens * state.info["flops_per_token"],
+              # the configuration's cost, the same at every step (a sweep's compute objective)
+              "flops_per_token": state.info["flops_per_token"],
+              "flop_ratio_vs_dense": state.info["flop_ratio_vs_dense"],
               "done": state.step >= state.total_steps,
               **evaluate(state.model, state.val, state.spec, state.precision, state.device, state.rank, state.world)}
+    check_finite(state, record, ("val_loss",))  # before a checkpoint of weights that gave it
     improved = record["val_loss"] < state.best_val
     state.best_val, state.last_eval = min(state.best_val, record["val_loss"]), record
     path = None
@@ -378,6 +405,9 @@ def scalars(record: dict[str, Any]) -> dict[str, Any]:
 # ---- the loop -------------------------------------------------------------------------------------
 def train(config: dict[str, Any], hooks: Hooks | None = None) -> dict[str, Any]:
     """Train one variant as `config["spec"]` says; returns the last evaluation record."""
+    why = diverged_reason(Path(config["run_dir"]))
+    if why:  # a restarted worker group, or a resumed run: it would only diverge again
+        raise Diverged(f"{why}; the run stays stopped")
     state = setup(config, hooks or Hooks())
     tcfg = state.spec.training
     try:

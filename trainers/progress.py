@@ -26,7 +26,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, TextIO
 
-from .records import METRICS
+from .records import METRICS, diverged_reason
 
 LOG_NAME = "output.log"  # what the libraries printed, in the output directory
 
@@ -311,7 +311,7 @@ class Console:
             status = "interrupted"
             raise
         finally:
-            self.unfollow(key, status)
+            self.unfollow(key, lambda w: "diverged" if status == "failed" and diverged_reason(w.run_dir) else status)
 
     def _start_live(self) -> None:
         if self._progress is not None:

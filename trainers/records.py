@@ -74,6 +74,16 @@ def finished(run_dir: str | os.PathLike) -> bool:
 
 
 STATUS = "status.json"
+DIVERGED = "diverged.json"  # written by the loop when a loss or gradient norm is not finite
+
+
+def diverged_reason(run_dir: str | os.PathLike) -> str | None:
+    """Why the run in `run_dir` stopped diverged, or None."""
+    try:
+        return json.loads((Path(run_dir) / DIVERGED).read_text()).get("reason", "diverged")
+    except (OSError, ValueError, AttributeError):
+        return None
+
 
 
 def write_status(run_dir: str | os.PathLike, state: str, **extra: Any) -> None:

@@ -19,7 +19,7 @@ from typing import Any
 
 from .checkpoint import CheckpointError
 from .data import Prepared, prepare_data
-from .records import METRICS, write_status
+from .records import METRICS, diverged_reason, write_status
 from .spec import Spec, SpecError, dump_spec
 
 RUN_MARKERS = (METRICS, "spec.yaml", "run.json", "checkpoints")
@@ -101,6 +101,10 @@ def check_resume(run_dir: Path, spec: Spec) -> None:
                         "resume it with the spec it was started with, or --force to set it aside")
     if (run_dir / "run.json").exists():
         _read_mapping(run_dir / "run.json")
+    why = diverged_reason(run_dir)
+    if why:
+        raise SpecError(f"--resume: {run_dir} {why}; from its last checkpoint it would diverge again: change the "
+                        "spec and start afresh (--force sets the run aside)")
     why = problem(last_checkpoint(run_dir), deep=True)
     if why and read_jsonl(run_dir / METRICS).records:
         raise SpecError(f"--resume: cannot continue {run_dir}: {why}, so its records would be repeated; "
@@ -140,6 +144,10 @@ def _read_mapping(path: Path) -> dict[str, Any]:
 class RunFailed(RuntimeError):
     """Training started and then failed (a worker died, the disk filled up): the message says how
     to continue (`--resume`)."""
+
+
+class RunDiverged(RunFailed):
+    """Training stopped on a non-finite loss or gradient norm (`loop.Diverged`)."""
 
 
 def check_resources(spec: Spec, use_ray: bool) -> None:
@@ -239,6 +247,9 @@ def launch(config: dict[str, Any], spec: Spec, run_dir: Path, use_ray: bool, hoo
         inner = _cause(err)
         if isinstance(inner, (SpecError, CheckpointError)):  # raised in a Ray worker: bad input all the same
             raise type(inner)(str(inner)) from err
+        why = diverged_reason(run_dir)
+        if why:
+            raise RunDiverged(f"{run_dir.name}: {why}; the run stopped (--force starts it afresh)") from err
         first = (str(err).strip().splitlines() or [""])[0][:200]
         if type(err).__module__.split(".")[0] == "ray":  # a worker died or its process group failed
             raise RunFailed(f"training failed in a Ray worker ({type(err).__name__}: {first}); {resume_hint}") from err
@@ -300,6 +311,7 @@ def run_training(spec: Spec, out: str | Path | None = None, resume: bool = False
         status = "interrupted"
         raise
     except Exception as err:
+        status = "diverged" if isinstance(err, RunDiverged) else "failed"
         error = " ".join(str(err).split())[:300]
         raise
     finally:

@@ -22,7 +22,7 @@ import yaml
 
 from dtlab.models.config import CONFIG_CLASSES, did_you_mean
 
-from .records import METRICS, read_jsonl, write_status
+from .records import METRICS, diverged_reason, read_jsonl, read_status, write_status
 from .spec import DENSE_CONTROL, MODEL_KEYS, Distribution, Spec, SpecError, dump_spec
 
 TUNE_DIR, EXPERIMENT = "tune", "sweep"
@@ -92,12 +92,33 @@ def plan_sweep(spec: Spec, source: str = "spec") -> Plan:
                 except SpecError as err:
                     msg = str(err).replace("trial: ", "")
                     raise SpecError(f"{source}: sweep.search_space.{dim.key}={value!r}: {msg}") from None
+    check_metrics(spec, variants, source)
     n_evals = _evaluations(spec)
     max_t = spec.sweep.asha.max_t or n_evals + 1
     if spec.sweep.asha.enabled and max_t <= n_evals:
         raise SpecError(f"{source}: sweep.asha.max_t={max_t} must exceed the number of evaluations ({n_evals}) so "
                         "that trials that finish end normally")
     return Plan(spec, dims, variants, type_dist is not None, spec.seed_list(), max_t)
+
+
+# What every trial reports to Tune at each evaluation (the eval record's numbers), for `metric`/`objectives`.
+REPORTED = ("val_loss", "val_ppl", "val_loss_topk", "val_ppl_topk", "val_loss_causal", "val_ppl_causal",
+            "flops_per_token", "flop_ratio_vs_dense", "tokens_seen", "step")
+
+
+def check_metrics(spec: Spec, variants: list[str], source: str) -> None:
+    """Every metric a sweep optimises is one every trial reports, refused before Ray starts."""
+    for obj in spec.sweep.objective_list():
+        if obj.metric == "train_flops":
+            raise SpecError(f"{source}: sweep metric train_flops: the cumulative training FLOPs of however long a "
+                            "trial ran (a trial ASHA stops early looks cheap); optimise the configuration's cost: "
+                            "flops_per_token or flop_ratio_vs_dense")
+        if obj.metric not in REPORTED:
+            raise SpecError(f"{source}: sweep metric {obj.metric!r}: no trial reports it; expected one of "
+                            f"{list(REPORTED)}{did_you_mean(obj.metric, REPORTED)}")
+        if obj.metric.endswith("_causal") and "standard" in variants:
+            raise SpecError(f"{source}: sweep metric {obj.metric}: Standard trials have no causal routing; use "
+                            f"{obj.metric.replace('_causal', '')} (the causal loss for routed models)")
 
 
 def _evaluations(spec: Spec) -> int:
@@ -196,18 +217,24 @@ class Replicates(_searcher_base()):
         mean = {m: sum(r[m] for r in good) / len(good) for m in self._metrics() if good and all(m in r for r in good)}
         self.searcher.on_trial_complete(base, mean or None, error=not good)
 
+    def get_state(self) -> dict[str, Any]:
+        """The replicate bookkeeping. Tune saves it with the experiment state (`SearchGenerator`
+        asks every wrapper for its state; the wrapped searcher saves itself)."""
+        return json.loads(json.dumps({"seeds": self.seeds, "queue": self.queue, "base_of": self.base_of,
+                                      "configs": self.configs, "results": self.results}))
+
+    def set_state(self, state: dict[str, Any]) -> None:
+        self.seeds, self.base_of, self.configs, self.results = (list(state["seeds"]), dict(state["base_of"]),
+                                                                dict(state["configs"]), dict(state["results"]))
+        self.queue = [tuple(q) for q in state["queue"]]
+
     def save(self, checkpoint_path: str) -> None:
-        """The replicate bookkeeping as JSON (the wrapped searcher saves itself, beside it)."""
-        state = {"seeds": self.seeds, "queue": self.queue, "base_of": self.base_of, "configs": self.configs,
-                 "results": self.results}
-        Path(checkpoint_path).write_text(json.dumps(state))
+        """The bookkeeping as JSON, the wrapped searcher beside it (`Searcher.save`'s contract)."""
+        Path(checkpoint_path).write_text(json.dumps(self.get_state()))
         self.searcher.save(checkpoint_path + ".inner")
 
     def restore(self, checkpoint_path: str) -> None:
-        state = json.loads(Path(checkpoint_path).read_text())
-        self.seeds, self.base_of, self.configs, self.results = (state["seeds"], state["base_of"], state["configs"],
-                                                                state["results"])
-        self.queue = [tuple(q) for q in state["queue"]]
+        self.set_state(json.loads(Path(checkpoint_path).read_text()))
         self.searcher.restore(checkpoint_path + ".inner")
 
 
@@ -342,7 +369,7 @@ def trial_progress(plan: Plan, out: Path, tracking):
 
         def line(self) -> str:
             counts = {s: sum(1 for v in self.states.values() if v == s)
-                      for s in ("running", "finished", "stopped", "failed")}
+                      for s in ("running", "finished", "stopped", "diverged", "failed")}
             best = f" | best {first.metric} {self.best[0]:.4f} ({self.best[1]})" if self.best else ""
             return "sweep: " + ", ".join(f"{n} {s}" for s, n in counts.items()) + best
 
@@ -365,6 +392,8 @@ def trial_progress(plan: Plan, out: Path, tracking):
 
         def _end(self, trial, status: str) -> None:
             def said(watch) -> str:  # a trial that completes before its last step was stopped (ASHA)
+                if diverged_reason(watch.run_dir):
+                    return "diverged"
                 early = status == "finished" and (not watch.total or watch.step < watch.total)
                 return "stopped" if early else status
 
@@ -458,8 +487,11 @@ def make_tuner(plan: Plan, out: Path, resume: bool, concurrent: int, log, callba
     if spec.sweep.asha.enabled:
         from ray.tune.schedulers import ASHAScheduler
 
-        scheduler = ASHAScheduler(time_attr="training_iteration", metric=first.metric, mode=first.mode,
-                                  max_t=plan.max_t, grace_period=spec.sweep.asha.grace_period,
+        # on the training step, not on Tune's report count: the step-0 evaluation of an untrained model
+        # is never a rung (every milestone is at least one evaluation interval in)
+        every = spec.training.eval_every
+        scheduler = ASHAScheduler(time_attr="step", metric=first.metric, mode=first.mode,
+                                  max_t=plan.max_t * every, grace_period=spec.sweep.asha.grace_period * every,
                                   reduction_factor=spec.sweep.asha.reduction_factor)
     return tune.Tuner(
         trainable,
@@ -473,37 +505,76 @@ def make_tuner(plan: Plan, out: Path, resume: bool, concurrent: int, log, callba
 
 
 def finish(plan: Plan, out: Path, results, log) -> dict[str, Any]:
-    """`summary.json` from the trials' own records; whether the sweep was interrupted."""
+    """`summary.json` from the trials' own records (whether the sweep was interrupted, how many
+    trials finished, were stopped, diverged or failed), then one line that counts them."""
     spec = plan.spec
     summary = summarize(out)
     unfinished = len(results) - results.num_terminated - results.num_errors
     summary["interrupted"] = unfinished > 0 or len(results) < spec.sweep.num_samples * len(plan.seeds)
+    counts = summary["counts"]
+    errors = [r.error for r in results if r.error]
+    counts["failed"] = max(counts["failed"], len(errors) - counts["diverged"])  # some fail before any record
     (out / "summary.json").write_text(json.dumps(summary, indent=1))
-    errors = [str(r.error) for r in results if r.error]
-    if errors:
-        log(f"{len(errors)} trial(s) failed: {errors[:3]}")
+    for t in summary["trials"]:
+        if t["status"] == "diverged":
+            log(f"trial {t['trial_id']}: {t.get('reason', 'diverged')}")
+    if errors and counts["failed"]:
+        log(f"{counts['failed']} trial(s) failed: {[' '.join(str(e).split())[:200] for e in errors[:3]]}")
     best, first = summary.get("best"), spec.sweep.objective_list()[0]
     if best:
-        log(f"best: trial {best['trial_id']} {first.metric} {best.get(first.metric)} with {best['params']}")
+        log(f"best finished trial: {best['trial_id']} {first.metric} {best.get(first.metric):.4f} with "
+            f"{best['params']}")
+    log("trials: " + ", ".join(f"{n} {state}" for state, n in counts.items() if n or state != "unfinished"))
     return summary
 
 
+TRIAL_STATES = ("finished", "stopped", "diverged", "failed", "unfinished")
+
+
+def trial_status(run: Path, evals: list[dict[str, Any]]) -> str:
+    """finished (its last step), diverged, stopped early (ASHA) or failed as the sweep's driver saw
+    it end, else unfinished (the sweep was interrupted)."""
+    if diverged_reason(run):
+        return "diverged"
+    if evals and evals[-1].get("done"):
+        return "finished"
+    state = read_status(run).get("state")
+    return state if state in ("stopped", "failed") else "unfinished"
+
+
 def summarize(out: Path) -> dict[str, Any]:
-    """Every trial's final record and parameters, read from the trials' own files."""
+    """Every trial's final record, parameters and status, read from the trials' own files; the best
+    is the best finished trial (a stopped trial's loss is from fewer steps, a diverged one's is not
+    a result)."""
     trials = []
     for run in sorted((out / "trials").glob("*")):
         params_file, metrics = run / "params.json", run / METRICS
-        if not params_file.is_file() or not metrics.is_file():
-            continue
+        if ".old-" in run.name or not params_file.is_file() or not metrics.is_file():
+            continue  # a trial restarted afresh set its first attempt aside: that is not a trial
         evals = read_jsonl(metrics).of_kind("eval")
         info = json.loads(params_file.read_text())
         last = evals[-1] if evals else {}
+        status = trial_status(run, evals)
         trials.append({"trial_id": info["trial_id"], "params": info["params"], "seed": info["seed"],
-                       "evaluations": len(evals), "done": bool(last.get("done")),
+                       "status": status, "evaluations": len(evals), "done": bool(last.get("done")),
+                       **({"reason": diverged_reason(run)} if status == "diverged" else {}),
                        **{k: v for k, v in last.items() if not isinstance(v, (dict, list))}})
     spec = yaml.safe_load((out / "spec.yaml").read_text()) if (out / "spec.yaml").is_file() else {}
     sweep = (spec or {}).get("sweep") or {}
     metric, mode = sweep.get("metric", "val_loss"), sweep.get("mode", "min")
-    scored = [t for t in trials if isinstance(t.get(metric), (int, float))]
+    scored = [t for t in trials if t["status"] == "finished" and isinstance(t.get(metric), (int, float))
+              and math.isfinite(t[metric])]
     best = (min if mode == "min" else max)(scored, key=lambda t: t[metric]) if scored else None
-    return {"trials": trials, "best": best}
+    counts = {state: sum(t["status"] == state for t in trials) for state in TRIAL_STATES}
+    objectives = sweep.get("objectives") or [{"metric": metric, "mode": mode}]
+    return {"trials": trials, "best": best, "counts": counts, "pareto": pareto(trials, objectives)}
+
+
+def pareto(trials: list[dict[str, Any]], objectives: list[dict[str, str]]) -> list[str]:
+    """The finished trials no other finished trial beats on every objective (ids, best first)."""
+    sign = [(o["metric"], 1.0 if o.get("mode", "min") == "min" else -1.0) for o in objectives]
+    pts = [(t["trial_id"], [s * float(t[m]) for m, s in sign]) for t in trials if t["status"] == "finished"
+           and all(isinstance(t.get(m), (int, float)) and math.isfinite(t[m]) for m, _ in sign)]
+    front = [(i, p) for i, p in pts if not any(all(a <= b for a, b in zip(q, p, strict=True)) and q != p
+                                               for _, q in pts)]
+    return [i for i, _ in sorted(front, key=lambda x: x[1])]

@@ -8,6 +8,7 @@ import time
 from pathlib import Path
 
 import pytest
+import yaml
 
 from dtlab.trainers.spec import SpecError, load_spec, spec_from_dict
 from dtlab.trainers.sweep import Replicates, check_gpus, plan_sweep, trial_spec
@@ -138,30 +139,51 @@ def test_sweep_smoke_end_to_end_with_asha(tmp_path):
     summary = json.loads((out / "summary.json").read_text())
     variants = {t["params"]["model.type"] for t in summary["trials"]}
     assert len(summary["trials"]) == 6 and summary["best"]["val_loss"] == min(
-        t["val_loss"] for t in summary["trials"])
+        t["val_loss"] for t in summary["trials"] if t["status"] == "finished")
     stopped = [t for t in summary["trials"] if not t["done"]]
     assert stopped, "ASHA stopped no trial early"
+    assert {t["status"] for t in stopped} == {"stopped"}
+    assert all(t["step"] >= 10 for t in stopped), [t["step"] for t in stopped]  # step 0 is never a rung
+    assert summary["best"]["status"] == "finished"
     assert variants == {"mod", "dtf"}
     for run in runs:
         steps = [r["step"] for r in _evals(run)]
         assert steps == sorted(set(steps)) and steps[0] == 0
 
 
+def test_replicates_state_round_trips_through_tunes_wrapper_protocol():
+    """Tune saves a wrapper searcher with get_state and restores it with set_state (a replicate sweep
+    died at its first experiment-state save without them)."""
+    rep = Replicates(FakeSearcher(), [0, 1])
+    rep.suggest("t0")
+    rep.suggest("t1")
+    rep.suggest("t2")
+    rep.on_trial_complete("t0", {"val_loss": 3.0})
+    state = json.loads(json.dumps(rep.get_state()))  # Tune pickles it; JSON is stricter
+    again = Replicates(FakeSearcher(), [5])
+    again.set_state(state)
+    assert again.seeds == [0, 1] and again.queue == rep.queue == [("t2", 1)]
+    assert again.suggest("t3") == {**rep.configs["t2"], "seed": 1} and again.results == rep.results
+
+
 @pytest.mark.slow
 def test_sigint_then_resume_loses_nothing(tmp_path):
+    """A replicate sweep (2 configurations x 2 seeds) through Tune, interrupted once a trial has
+    finished, then resumed: finished trials are kept as they were, the rest complete once."""
     out = tmp_path / "sweep"
-    cmd = [sys.executable, "-m", "dtlab.trainers.cli", "sweep", "experiments/sweep_smoke.yaml", "sweep.num_samples=4",
-           "sweep.asha.enabled=false", "--out", str(out)]
+    cmd = [sys.executable, "-m", "dtlab.trainers.cli", "sweep", "experiments/sweep_smoke.yaml", "sweep.num_samples=2",
+           "seeds=[0,1]", "sweep.asha.enabled=false", "--out", str(out)]
     proc = subprocess.Popen(cmd, cwd=ROOT, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     deadline = time.time() + 300
-    while time.time() < deadline and not any(
-            any(r.get("step") == 10 for r in _evals(p)) for p in out.glob("trials/*/metrics.jsonl")):
-        time.sleep(1)
+    while time.time() < deadline and not any('"done": true' in p.read_text()
+                                             for p in out.glob("trials/*/metrics.jsonl")):
+        time.sleep(0.5)
     proc.send_signal(signal.SIGINT)
     assert proc.wait(timeout=180) == 130
     before = {p.parent.name: p.read_text() for p in out.glob("trials/*/metrics.jsonl")}
     finished = {k for k, text in before.items() if '"done": true' in text}
-    assert before, "no trial had started"
+    assert finished, "no trial had finished before the interrupt"
+    assert len(finished) < 4, "every trial had finished: the interrupt tested nothing"
     proc = subprocess.run(cmd + ["--resume"], cwd=ROOT, capture_output=True, text=True, timeout=900)
     assert proc.returncode == 0, proc.stderr[-3000:]
     after = {p.parent.name: p.read_text() for p in out.glob("trials/*/metrics.jsonl")}
@@ -171,9 +193,44 @@ def test_sigint_then_resume_loses_nothing(tmp_path):
     for name, text in after.items():
         steps = [r["step"] for r in map(json.loads, text.splitlines()) if r["kind"] == "eval"]
         assert steps == [0, 10, 20, 30], f"trial {name}: evaluations {steps}"
+    seeds = {}
+    for p in out.glob("trials/*/params.json"):
+        info = json.loads(p.read_text())
+        seeds.setdefault(json.dumps(info["params"], sort_keys=True), []).append(info["seed"])
+    assert sorted(map(sorted, seeds.values())) == [[0, 1], [0, 1]], seeds  # each configuration once per seed
 
 
 @pytest.mark.parametrize("name", ["sweep_smoke.yaml", "sweep_gpu.yaml", "sweep_multigpu.yaml"])
 def test_shipped_sweeps_plan(name):
     plan = plan_sweep(load_spec(ROOT / "experiments" / name), name)
     assert len(plan.variants) >= 2 and len(plan.dims) >= 3
+
+
+def test_pareto_set_of_finished_trials():
+    from dtlab.trainers.sweep import pareto
+
+    t = [{"trial_id": "a", "status": "finished", "val_loss": 5.0, "flop_ratio_vs_dense": 0.6},
+         {"trial_id": "b", "status": "finished", "val_loss": 4.8, "flop_ratio_vs_dense": 0.8},
+         {"trial_id": "c", "status": "finished", "val_loss": 5.1, "flop_ratio_vs_dense": 0.7},  # beaten by a
+         {"trial_id": "d", "status": "stopped", "val_loss": 4.0, "flop_ratio_vs_dense": 0.5},  # not finished
+         {"trial_id": "e", "status": "diverged", "val_loss": float("nan"), "flop_ratio_vs_dense": 0.5}]
+    objectives = [{"metric": "val_loss", "mode": "min"}, {"metric": "flop_ratio_vs_dense", "mode": "min"}]
+    assert pareto(t, objectives) == ["b", "a"]
+
+
+@pytest.mark.parametrize("metric, match", [
+    ("val_los", r"'val_los': no trial reports it.*did you mean 'val_loss'"),
+    ("train_flops", "cumulative training FLOPs.*flops_per_token or flop_ratio_vs_dense"),
+])
+def test_sweep_metric_names_are_checked_before_ray(metric, match):
+    raw = yaml.safe_load((ROOT / "experiments" / "sweep_smoke.yaml").read_text())
+    raw["sweep"]["metric"] = metric
+    with pytest.raises(SpecError, match=match):
+        plan_sweep(spec_from_dict(raw), "s.yaml")
+
+
+def test_causal_metric_refused_when_standard_is_swept():
+    raw = yaml.safe_load((ROOT / "experiments" / "sweep_multigpu.yaml").read_text())
+    raw["sweep"]["objectives"][0]["metric"] = "val_loss_causal"
+    with pytest.raises(SpecError, match="Standard trials have no causal routing"):
+        plan_sweep(spec_from_dict(raw), "s.yaml")

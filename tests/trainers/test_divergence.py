@@ -1,0 +1,87 @@
+"""A non-finite loss or gradient norm stops a run at once, says why, and is never a result."""
+
+import json
+import math
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import yaml
+
+from dtlab.analysis.report import write_report
+from dtlab.trainers.cli import main
+from dtlab.trainers.listing import listing
+from dtlab.trainers.runner import RunDiverged, run_training
+from dtlab.trainers.spec import spec_from_dict
+from tests.trainers.conftest import tiny_spec
+
+ROOT = Path(__file__).resolve().parents[2]
+EXPLODES = {"optimizer": {"lr": 1.0e6}, "scheduler": {"warmup_steps": 1}}  # AdamW steps of 1e6: NaN in 2 steps
+
+
+def records(run_dir: Path) -> list[dict]:
+    return [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
+
+
+def test_a_diverging_run_stops_within_one_logging_interval_and_stays_stopped(tmp_path):
+    run = tmp_path / "run"
+    spec = spec_from_dict(tiny_spec(training={"max_steps": 40, "log_every": 2, "eval_every": 10, **EXPLODES}))
+    with pytest.raises(RunDiverged, match=r"run: diverged at step \d+: .*nan"):
+        run_training(spec, run, log=lambda s: None)
+    recs = records(run)
+    bad = [r for r in recs if r["kind"] == "train" and not all(
+        math.isfinite(r[k]) for k in ("loss", "lm_loss", "grad_norm"))]
+    assert bad, "the run never logged a non-finite value: it did not diverge"
+    assert recs[-1]["kind"] == "diverged" and recs[-1]["step"] == bad[0]["step"] == recs[-2]["step"]
+    assert recs[-1]["step"] <= 2 + spec.training.log_every  # NaN from step 2 on, caught at the next record
+    assert json.loads((run / "diverged.json").read_text())["step"] == recs[-1]["step"]
+    saved = [int(p.name.split("-")[1]) for p in (run / "checkpoints").glob("step-*")]
+    assert max(saved) < recs[-1]["step"]  # no checkpoint of diverged weights
+    assert json.loads((run / "status.json").read_text())["state"] == "diverged"
+    assert [r.status for r in listing(tmp_path)] == ["diverged"]
+    # --resume is refused (it would only diverge again), before anything is written
+    before = (run / "metrics.jsonl").read_text()
+    assert main(["train", str(_spec_file(tmp_path, spec)), "--out", str(run), "--no-ray", "--resume"]) == 2
+    assert (run / "metrics.jsonl").read_text() == before
+
+
+def _spec_file(tmp_path: Path, spec) -> Path:
+    path = tmp_path / "spec.yaml"
+    path.write_text(yaml.safe_dump(spec.model_dump(mode="json")))
+    return path
+
+
+def test_the_report_leaves_a_diverged_run_out_and_says_so(tmp_path):
+    ok = spec_from_dict(tiny_spec(training={"max_steps": 4}))
+    run_training(ok, tmp_path / "exp" / "mod-seed0", log=lambda s: None)
+    bad = spec_from_dict(tiny_spec(seed=1, training={"max_steps": 20, "log_every": 2, **EXPLODES}))
+    with pytest.raises(RunDiverged):
+        run_training(bad, tmp_path / "exp" / "mod-seed1", log=lambda s: None)
+    report = write_report([tmp_path / "exp"])
+    assert any(p.startswith("mod-seed1: diverged at step") for p in report.problems), report.problems
+    assert list(report.closing["runs"]) == [1]  # mod's mean is mod-seed0's alone
+    md = report.markdown.read_text()
+    assert "| mod c=0.125 | mod | causal | 1 |" in md
+
+
+@pytest.mark.slow
+def test_a_sweep_with_a_diverging_trial_reports_it_and_exits_non_zero(tmp_path):
+    raw = yaml.safe_load((ROOT / "experiments" / "sweep_smoke.yaml").read_text())
+    raw["training"]["max_steps"] = 20
+    raw["sweep"].update(num_samples=4, asha={"enabled": False})
+    raw["sweep"]["search_space"]["training.optimizer.lr"] = {"choice": [0.003, 1.0e6]}
+    spec = tmp_path / "diverging.yaml"
+    spec.write_text(yaml.safe_dump(raw))
+    out = tmp_path / "sweep"
+    proc = subprocess.run([sys.executable, "-m", "dtlab.trainers.cli", "sweep", str(spec), "--out", str(out)],
+                          cwd=ROOT, capture_output=True, text=True, timeout=900)
+    summary = json.loads((out / "summary.json").read_text())
+    status = {t["trial_id"]: t["status"] for t in summary["trials"]}
+    assert "diverged" in status.values() and "finished" in status.values(), (status, proc.stderr[-2000:])
+    assert proc.returncode == 1, proc.stderr[-3000:]
+    lr = {t["trial_id"]: t["params"]["training.optimizer.lr"] for t in summary["trials"]}
+    assert {lr[t] for t, s in status.items() if s == "diverged"} == {1.0e6}
+    assert summary["best"]["status"] == "finished" and summary["best"]["params"]["training.optimizer.lr"] == 0.003
+    assert summary["counts"]["diverged"] == sum(s == "diverged" for s in status.values())
+    assert "trials: " in proc.stderr and "diverged" in proc.stderr.splitlines()[-1]
