@@ -248,8 +248,13 @@ def setup(config: dict[str, Any], hooks: Hooks) -> RunState:
                      *_optimizer(spec, model, device, precision, steps),
                      Batches(data.train, spec.training.batch_size, rank, world, spec.seed), data.val, steps)
     state.info = run_info(state, int(data.train.shape[1]))
-    if config.get("resume") and checkpoint.last_checkpoint(state.run_dir).is_dir():
+    # A fresh run starts in an empty directory (the runner sees to it), so a checkpoint here means a
+    # resume, or a restart of this run's worker group by Ray (a failure, a preemption): either way it
+    # continues from that checkpoint, and records past it are cut back.
+    if checkpoint.last_checkpoint(state.run_dir).is_dir():
         resume(state)
+    elif rank == 0 and (state.run_dir / METRICS).exists():  # restarted before its first checkpoint
+        rewrite_jsonl(state.run_dir / METRICS, lambda r: False)
     if rank == 0:
         start_records(state)
     return state

@@ -73,7 +73,7 @@ def scaling(spec: Spec):
 
 def train_with_ray(config: dict[str, Any], spec: Spec, log=print) -> dict[str, Any]:
     import ray
-    from ray.train import CheckpointConfig, RunConfig
+    from ray.train import CheckpointConfig, FailureConfig, RunConfig
     from ray.train.torch import TorchTrainer
 
     if not ray.is_initialized():
@@ -84,7 +84,8 @@ def train_with_ray(config: dict[str, Any], spec: Spec, log=print) -> dict[str, A
         train_loop_config=config,
         scaling_config=scaling(spec),
         run_config=RunConfig(name=run_dir.name, storage_path=str(run_dir / "ray"),
-                             checkpoint_config=CheckpointConfig(num_to_keep=1)),
+                             checkpoint_config=CheckpointConfig(num_to_keep=1),
+                             failure_config=FailureConfig(max_failures=spec.resources.max_failures)),
     )
     result = trainer.fit()
     if result.error:

@@ -134,6 +134,9 @@ class ResourcesSpec(Strict):
     cpus_per_worker: float = Field(1.0, gt=0.0)
     gpus_per_worker: float | None = Field(None, ge=0.0)  # None: 1 when CUDA is used
     use_ray: bool = True
+    # Ray: how often a run's worker group (Train) and a sweep's trial (Tune) are restarted after a
+    # failure, each time from the run's last checkpoint (node preemptions are always restarted)
+    max_failures: int = Field(0, ge=0)
 
 
 class Objective(Strict):

@@ -242,7 +242,7 @@ class Replicates(_searcher_base()):
 def sweep_trial(config: dict[str, Any]) -> None:
     """Tune's trainable: one TorchTrainer for this trial, resumed from its own run directory."""
     import ray.tune
-    from ray.train import CheckpointConfig, RunConfig
+    from ray.train import CheckpointConfig, FailureConfig, RunConfig
     from ray.train.torch import TorchTrainer
     from ray.tune.integration.ray_train import TuneReportCallback
 
@@ -269,7 +269,8 @@ def sweep_trial(config: dict[str, Any]) -> None:
                            "resume": resume},
         scaling_config=scaling(spec),
         run_config=RunConfig(name=f"trial-{trial_id}", storage_path=str(Path(config["sweep_dir"]) / "train"),
-                             callbacks=[TuneReportCallback()], checkpoint_config=CheckpointConfig(num_to_keep=1)),
+                             callbacks=[TuneReportCallback()], checkpoint_config=CheckpointConfig(num_to_keep=1),
+                             failure_config=FailureConfig(max_failures=spec.resources.max_failures)),
     )
     trainer.fit()
 
@@ -500,7 +501,8 @@ def make_tuner(plan: Plan, out: Path, resume: bool, concurrent: int, log, callba
                                     num_samples=spec.sweep.num_samples * len(plan.seeds),
                                     max_concurrent_trials=concurrent),
         run_config=tune.RunConfig(name=EXPERIMENT, storage_path=str((out / TUNE_DIR).resolve()),
-                                  failure_config=tune.FailureConfig(max_failures=0), callbacks=list(callbacks)),
+                                  failure_config=tune.FailureConfig(max_failures=spec.resources.max_failures),
+                                  callbacks=list(callbacks)),
     )
 
 

@@ -131,3 +131,45 @@ def test_a_killed_ray_worker_says_how_to_resume_and_resume_loses_nothing(tmp_pat
         return [keep(json.loads(line)) for line in (run / "metrics.jsonl").read_text().splitlines()]
 
     assert strip(tmp_path / "run") == strip(tmp_path / "full")
+
+
+def test_a_killed_worker_is_restarted_from_the_checkpoint_with_each_record_once(tmp_path):
+    """SIGKILL to the Ray Train worker mid-run (resources.max_failures=1): Ray restarts the worker
+    group, the loop continues from the last checkpoint, and the records equal an uninterrupted run's."""
+    import os
+    import signal
+    import time
+
+    import psutil
+    import yaml
+
+    raw = tiny_spec(model={"type": "dtf"}, training={"max_steps": 40, "eval_every": 8, "log_every": 4},
+                    resources={"use_ray": True, "max_failures": 1})
+    spec_file = tmp_path / "spec.yaml"
+    spec_file.write_text(yaml.safe_dump(raw))
+    whole = spec_from_dict({**raw, "resources": {**raw["resources"], "use_ray": False}})
+    run_training(whole, tmp_path / "whole", log=lambda s: None)
+
+    run = tmp_path / "run"
+    proc = subprocess.Popen([sys.executable, "-m", "dtlab.trainers.cli", "train", str(spec_file), "--out", str(run)],
+                            cwd=ROOT, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+    deadline, killed = time.time() + 300, None
+    while time.time() < deadline and killed is None and proc.poll() is None:
+        steps = [r["step"] for r in evals(run)] if (run / "metrics.jsonl").exists() else []
+        if steps and steps[-1] >= 16:
+            workers = [p for p in psutil.process_iter(["cmdline"])
+                       if "RayTrainWorker" in " ".join(p.info["cmdline"] or []) and p.pid != os.getpid()]
+            if workers:
+                killed = steps[-1]
+                for w in workers:
+                    os.kill(w.pid, signal.SIGKILL)
+        time.sleep(0.2)
+    assert killed is not None and killed < 40, "the run finished before a worker could be killed"
+    assert proc.wait(timeout=600) == 0, proc.stderr.read()[-3000:]
+    got = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
+    want = [json.loads(line) for line in (tmp_path / "whole" / "metrics.jsonl").read_text().splitlines()]
+    keys = [(r["kind"], r["step"]) for r in got]
+    assert len(keys) == len(set(keys)) and keys == [(r["kind"], r["step"]) for r in want]  # each step once
+    assert got[-1]["val_loss"] == want[-1]["val_loss"] and got[-1]["done"]
+    log = (run / "output.log").read_text()  # the restarted worker group resumed (it did not start over)
+    assert "resumed from step-" in log, log[-3000:]
