@@ -310,6 +310,7 @@ def closing(runs: pd.DataFrame, per_run: bool = False, limit: int = 12) -> pd.Da
     for name, g in groups:
         row = {"run" if per_run else "variant": name}
         if per_run:
+            row["_done"] = bool(g["done"].iloc[0]) if "done" in g else False
             row["variant"] = g["variant"].iloc[0]
             row["steps"] = f"{_int(g['final_step'].iloc[0])}/{_int(g['total_steps'].iloc[0])}"
         else:
@@ -323,8 +324,7 @@ def closing(runs: pd.DataFrame, per_run: bool = False, limit: int = 12) -> pd.Da
         rows.append(row)
     out = pd.DataFrame(rows).sort_values("_rank", kind="stable").drop(columns="_rank")
     if per_run:
-        done = runs.set_index("run_id")["done"].reindex(out["run"]).fillna(False).to_numpy()
-        out = out.assign(_done=done).sort_values(["_done", "val loss"], ascending=[False, True]).drop(columns="_done")
+        out = out.sort_values(["_done", "val loss"], ascending=[False, True]).drop(columns="_done")
         out = out.head(limit)
     return out.reset_index(drop=True)
 

@@ -285,7 +285,8 @@ def _ls(args: argparse.Namespace) -> int:
 
     root = Path(args.dir)
     if not root.is_dir():
-        raise SpecError(f"{root}: no such directory (dtlab ls lists the runs, experiments and sweeps under one)")
+        what = "is a file, not a directory" if root.exists() else "no such directory"
+        raise SpecError(f"{root}: {what} (dtlab ls lists the runs, experiments and sweeps under a directory)")
     rows = listing(root)
     if not rows:
         print(f"no dtlab runs under {root}")

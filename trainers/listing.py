@@ -15,7 +15,7 @@ import time
 from dataclasses import dataclass
 from pathlib import Path
 
-from .records import METRICS, read_jsonl, read_status
+from .records import METRICS, diverged_reason, read_jsonl, read_status
 
 STATES = ("running", "finished", "stopped", "interrupted", "failed", "diverged")
 
@@ -55,17 +55,17 @@ def run_row(run_dir: Path, root: Path, kind: str = "run", depth: int = 0) -> Row
 
 def status(run_dir: Path, evals: list[dict], trains: list[dict]) -> str:
     """finished, diverged (a non-finite loss), running (its driver is alive), or how it ended."""
-    if any(isinstance(r.get(k), float) and not math.isfinite(r[k]) for r in trains + evals
-           for k in ("loss", "val_loss")):
+    if diverged_reason(run_dir) or any(isinstance(r.get(k), float) and not math.isfinite(r[k])
+                                       for r in trains + evals for k in ("loss", "val_loss")):
         return "diverged"
-    if evals and evals[-1].get("done"):
-        return "finished"
     st = read_status(run_dir)
     state = st.get("state")
     if state == "running":
         if st.get("host") == platform.node() and isinstance(st.get("pid"), int) and not _alive(st["pid"]):
-            return "failed"  # its process is gone without saying how it ended
-        return "running"
+            return "finished" if evals and evals[-1].get("done") else "failed"  # gone without a word
+        return "running"  # (a finished run resumed to more steps too)
+    if evals and evals[-1].get("done"):
+        return "finished"
     if state in STATES:
         return state
     return "stopped" if evals else "failed"
@@ -91,6 +91,15 @@ def _rel(path: Path, root: Path) -> str:
         return str(path)
 
 
+def _set_aside(path: Path, root: Path) -> bool:
+    """Below `root`, a directory that `--force` moved aside (NAME.old-TIME), or inside one."""
+    try:
+        parts = path.relative_to(root).parts
+    except ValueError:
+        parts = path.parts
+    return any(".old-" in p for p in parts)
+
+
 def group_row(group: Path, runs: list[Row], root: Path, kind: str) -> Row:
     counts = {s: sum(r.status == s for r in runs) for s in STATES}
     said = ", ".join(f"{n} {s}" for s, n in counts.items() if n) or "no runs yet"
@@ -105,11 +114,12 @@ def listing(root: Path) -> list[Row]:
     under it)."""
     root = Path(root)
     rows: list[Row] = []
-    groups = sorted({p.parent for name in ("experiment.json", "sweep.json") for p in root.rglob(name)})
+    groups = sorted({p.parent for name in ("experiment.json", "sweep.json") for p in root.rglob(name)
+                     if not _set_aside(p.parent, root)})
     grouped: set[Path] = set()
     for group in groups:
         kind = "sweep" if (group / "sweep.json").is_file() else "experiment"
-        runs_dirs = sorted(p.parent for p in group.rglob(METRICS) if ".old-" not in p.parent.name)
+        runs_dirs = sorted(p.parent for p in group.rglob(METRICS) if not _set_aside(p.parent, group))
         grouped.update(runs_dirs)
         members = [run_row(d, group, "trial" if kind == "sweep" else "run", depth=1) for d in runs_dirs]
         rows.append(group_row(group, members, root, kind))
@@ -117,7 +127,7 @@ def listing(root: Path) -> list[Row]:
             rows += members
     for metrics in sorted(root.rglob(METRICS)):
         run_dir = metrics.parent
-        if run_dir not in grouped and ".old-" not in run_dir.name:
+        if run_dir not in grouped and not _set_aside(run_dir, root):
             rows.append(run_row(run_dir, root))
     return rows
 

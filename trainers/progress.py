@@ -72,6 +72,8 @@ class Watch:
     last_step: int = 0  # the step the last plain line showed
     sinks: list[Callable[[dict[str, Any]], None]] = field(default_factory=list)
     status: str = "running"
+    errors: list[str] = field(default_factory=list)  # what the sinks raised (said in output.log)
+    total_mtime: float = 0.0
     lock: threading.Lock = field(default_factory=threading.Lock)  # the display thread and `unfollow` both poll
 
     def poll(self) -> None:
@@ -80,8 +82,12 @@ class Watch:
             self._poll()
 
     def _poll(self) -> None:
-        if self.total is None:
-            self.total = _total_steps(self.run_dir)
+        try:  # run.json is rewritten when training starts (a resume may change the total)
+            mtime = (self.run_dir / "run.json").stat().st_mtime
+        except OSError:
+            mtime = 0.0
+        if mtime != self.total_mtime:
+            self.total, self.total_mtime = _total_steps(self.run_dir) or self.total, mtime
         path = self.run_dir / METRICS
         try:
             size = path.stat().st_size
@@ -112,8 +118,11 @@ class Watch:
         elif record.get("kind") == "eval":
             self.val_loss = record.get("val_loss")
         self.step = max(self.step, int(record.get("step") or 0))
-        for sink in self.sinks:
-            sink(record)
+        for sink in self.sinks:  # a sink (tracking) failing stops neither the display nor the run
+            try:
+                sink(record)
+            except Exception as err:
+                self.errors.append(f"{type(err).__name__}: {err}")
 
     def eta(self) -> float:
         if not self.total or self.first is None or self.step <= self.first[1]:
@@ -136,6 +145,18 @@ class Watch:
                 (f" | ETA {clock(eta)}" if math.isfinite(eta) else ""))
 
 
+def _seconds(text: str | None) -> float:
+    if not text:
+        return 30.0
+    try:
+        value = float(text)
+    except ValueError:
+        value = math.nan
+    if not math.isfinite(value) or value < 0:
+        raise ValueError(f"DTLAB_PROGRESS_SECONDS={text!r}: expected a number of seconds >= 0")
+    return value
+
+
 def _total_steps(run_dir: Path) -> int | None:
     try:
         info = json.loads((run_dir / "run.json").read_text())
@@ -155,8 +176,7 @@ class Console:
         self.verbose, self.stop_ray = verbose, stop_ray
         self._out, self._err = out, err  # None: whatever sys.stdout / sys.stderr are when written to
         self.live = (not verbose and _isatty(self.err)) if live is None else live
-        env = os.environ.get("DTLAB_PROGRESS_SECONDS")
-        self.interval = interval if interval is not None else float(env) if env else 30.0
+        self.interval = interval if interval is not None else _seconds(os.environ.get("DTLAB_PROGRESS_SECONDS"))
         self.log_path: Path | None = None
         self._saved: dict[str, Any] | None = None
         self._lock = threading.RLock()
@@ -349,8 +369,10 @@ class Console:
         for key, watch in watches:
             try:
                 watch.poll()
-            except Exception as err:  # a sink (tracking) failing must not stop the progress
-                self.note(f"progress of {watch.label}: {type(err).__name__}: {err}")
+            except OSError as err:  # a records file being replaced: read it next time
+                self.note(f"progress of {watch.label}: {err}")
+            while watch.errors:
+                self.note(f"tracking of {watch.label} failed: {watch.errors.pop(0)}")
             with self._lock:
                 if key not in self._watches:
                     continue
@@ -370,7 +392,22 @@ class Console:
                 self._progress.update(self._tasks["__header__"], description=self.header(), fields="")
 
     def close(self) -> None:
-        """Stop the display (its last state stays on the screen) and give the output back."""
+        """Stop the display (its last state stays on the screen) and give the output back, whatever
+        fails on the way."""
+        try:
+            self._close()
+        finally:
+            self.release()
+
+    def end_display(self) -> None:
+        """The live lines stop here (a sweep's header too): what follows prints below them."""
+        with self._lock:
+            if self._progress is not None and self.header is not None and "__header__" in self._tasks:
+                self._progress.update(self._tasks["__header__"], description=self.header())
+            self.header = None
+            self._stop_live()
+
+    def _close(self) -> None:
         self._stop.set()
         if self._thread is not None:
             self._thread.join(timeout=5)
@@ -385,7 +422,6 @@ class Console:
 
             if ray.is_initialized():
                 ray.shutdown()
-        self.release()
 
 
 _current: Console | None = None

@@ -58,13 +58,25 @@ def ray_worker(config: dict[str, Any]) -> None:
     train(config, RayHooks())
 
 
+def cluster_gpus() -> float:
+    """GPUs of the Ray cluster this process is part of (not of the node it runs on: a sweep's trial
+    driver holds no GPU and may sit on a node without one)."""
+    import ray
+
+    if ray.is_initialized():
+        return float(ray.cluster_resources().get("GPU", 0.0))
+    return float(torch.cuda.device_count()) if torch.cuda.is_available() else 0.0
+
+
 def scaling(spec: Spec):
+    """The workers of a run, decided from the cluster's resources: Ray then places each rank where
+    what it asks for is."""
     from ray.train import ScalingConfig
 
     res = spec.resources
-    use_gpu = res.device in ("auto", "cuda") and torch.cuda.is_available()
+    use_gpu = res.device in ("auto", "cuda") and cluster_gpus() > 0
     if res.device == "cuda" and not use_gpu:
-        raise ValueError("resources.device='cuda' but torch sees no CUDA device")
+        raise ValueError("resources.device='cuda' but the Ray cluster has no GPU")
     per_worker = {"CPU": res.cpus_per_worker}
     if use_gpu:
         per_worker["GPU"] = res.gpus_per_worker if res.gpus_per_worker is not None else 1.0

@@ -276,7 +276,7 @@ def run_training(spec: Spec, out: str | Path | None = None, resume: bool = False
     shows on the command's console; `tracking` (a `tracking.Tracking`, else one of the run's own)
     sends its records to the spec's trackers."""
     from .progress import current
-    from .tracking import Tracking, check_tracking
+    from .tracking import Tracking, TrackingError, check_tracking
 
     use_ray = spec.resources.use_ray if use_ray is None else use_ray
     run_dir = Path(out) if out else default_run_dir(spec)
@@ -300,10 +300,14 @@ def run_training(spec: Spec, out: str | Path | None = None, resume: bool = False
     ui.capture(run_dir)  # from here on, what the libraries print goes to the run's output.log
     own = tracking is None
     tracking = tracking or Tracking(run_dir)
-    tracker = tracking.start(spec, run_dir)
     status, error = "failed", None
     write_status(run_dir, "running")
     try:
+        try:
+            tracker = tracking.start(spec, run_dir)
+        except TrackingError as err:
+            raise RunFailed(f"{err}; nothing was trained; fix tracking: and continue with --resume (--out "
+                            f"{run_dir})") from err
         with ui.following(run_dir, sinks=[tracker.record] if tracker else []):
             result = launch(config, spec, run_dir, use_ray, hooks, log)
         status = "finished"

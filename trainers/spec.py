@@ -138,6 +138,15 @@ class ResourcesSpec(Strict):
     # failure, each time from the run's last checkpoint (node preemptions are always restarted)
     max_failures: int = Field(0, ge=0)
 
+    @model_validator(mode="after")
+    def _one_gpu_per_rank(self) -> ResourcesSpec:
+        gpw = self.gpus_per_worker
+        if self.num_workers > 1 and gpw is not None and 0 < gpw < 1:
+            raise ValueError(f"resources.gpus_per_worker={gpw:g} with num_workers={self.num_workers}: two ranks of "
+                             "one run could share a GPU (NCCL refuses that); give each rank a whole GPU "
+                             "(gpus_per_worker: 1), or share GPUs between single-worker trials")
+        return self
+
 
 class Objective(Strict):
     metric: str

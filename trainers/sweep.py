@@ -263,6 +263,7 @@ def sweep_trial(config: dict[str, Any]) -> None:
         write_run_files(run_dir, spec, data, resume=False)
         (run_dir / "params.json").write_text(json.dumps({"trial_id": trial_id, "params": params,
                                                           "seed": spec.seed}, indent=1))
+    write_status(run_dir, "running")  # the trial's driver, for `dtlab ls` (the sweep's callback ends it)
     trainer = TorchTrainer(
         ray_worker,
         train_loop_config={"spec": spec.model_dump(mode="json"), "run_dir": str(run_dir), "data_dir": str(data.path),
@@ -324,6 +325,7 @@ def run_sweep(spec: Spec, out: str | Path, resume: bool = False, force: bool = F
         concurrent = start_cluster(plan, out, log)
         results = make_tuner(plan, out, resume, concurrent, log, [trial_progress(plan, out, tracking)]).fit()
     finally:
+        current().end_display()  # the summary and the table print below the live lines (stdout stays stdout)
         if own:
             tracking.close()
     return finish(plan, out, results, log)
@@ -382,7 +384,6 @@ def trial_progress(plan: Plan, out: Path, tracking):
             label = f"{trial.trial_id} {params.get('model.type', plan.spec.model.type)}"
             ui.follow(trial.trial_id, run_dir, label, sinks=[tracker.record] if tracker else [])
             self.states[trial.trial_id] = "running"
-            write_status(run_dir, "running")
 
         def on_trial_result(self, iteration, trials, trial, result, **info):
             value = result.get(first.metric)

@@ -38,6 +38,30 @@ def check_tracking(spec: Spec) -> None:
         raise SpecError(f"tracking: {', '.join(missing)} named in the spec but not installed (no module "
                         f"{', '.join(repr(PACKAGES[b]) for b in missing)}); install the trackers with "
                         "pip install 'dtlab[tracking]', or remove them from tracking:")
+    cfg = spec.tracking
+    if "mlflow" in cfg.backends and cfg.mlflow_uri:
+        scheme = cfg.mlflow_uri.split(":", 1)[0].split("+", 1)[0] if ":" in cfg.mlflow_uri else "file"
+        if scheme not in MLFLOW_SCHEMES:
+            raise SpecError(f"tracking.mlflow_uri={cfg.mlflow_uri!r}: expected a tracking URI of MLflow "
+                            f"({', '.join(s + ':' for s in MLFLOW_SCHEMES)}), e.g. sqlite:///runs/mlflow.db or "
+                            "http://host:5000")
+    if "wandb" in cfg.backends and cfg.wandb_mode == "online" and not _wandb_logged_in():
+        raise SpecError("tracking.wandb_mode=online: W&B has no API key here (run `wandb login` or set "
+                        "WANDB_API_KEY), or use wandb_mode: offline and `wandb sync` later")
+
+
+MLFLOW_SCHEMES = ("sqlite", "file", "http", "https", "databricks", "postgresql", "mysql", "mssql")
+
+
+def _wandb_logged_in() -> bool:
+    if os.environ.get("WANDB_API_KEY"):
+        return True
+    import netrc
+
+    try:
+        return netrc.netrc().authenticators("api.wandb.ai") is not None
+    except (OSError, netrc.NetrcParseError):
+        return False
 
 
 def flatten(record: dict[str, Any], prefix: str = "") -> dict[str, float]:
@@ -64,16 +88,33 @@ def spec_params(spec: dict[str, Any], prefix: str = "") -> dict[str, str]:
     return out
 
 
+class TrackingError(RuntimeError):
+    """A tracker could not start a run or take a record (training goes on; metrics.jsonl is the record)."""
+
+
 class RunTracker:
     """One run's connection to each tracker the spec names."""
 
     def __init__(self, spec: Spec, run_dir: Path, store: Path, name: str) -> None:
         self.spec, self.run_dir, self.store, self.name = spec, Path(run_dir), Path(store), name
         self.state = self._read_state()
-        self.logged: dict[str, int] = self.state.setdefault("logged", {})
+        # the last step of each record kind that each backend holds (a backend added on resume gets
+        # the whole history)
+        logged = self.state.get("logged")
+        if not isinstance(logged, dict) or not all(isinstance(v, dict) for v in logged.values()):
+            logged = {}
+        self.state["logged"] = logged
+        self.logged: dict[str, dict[str, int]] = logged
         self.writers: dict[str, Any] = {}
+        self.pending: dict[str, list[tuple[str, int, dict[str, float]]]] = {}  # records a backend failed to take
+        self.closed = False
         for backend in spec.tracking.backends:
-            self.writers[backend] = getattr(self, f"_open_{backend}")()
+            try:
+                self.writers[backend] = getattr(self, f"_open_{backend}")()
+            except Exception as err:
+                self.close("failed")
+                raise TrackingError(f"tracking: {backend} could not start a run ({type(err).__name__}: "
+                                    f"{' '.join(str(err).split())[:300]})") from err
         self._save_state()
 
     # ---- state --------------------------------------------------------------------------------------
@@ -107,6 +148,8 @@ class RunTracker:
 
         cfg = self.spec.tracking
         uri = self.state.get("mlflow_uri") or cfg.mlflow_uri or f"sqlite:///{(self.store / 'mlflow.db').resolve()}"
+        os.environ.setdefault("MLFLOW_HTTP_REQUEST_MAX_RETRIES", "2")  # an unreachable server fails in seconds
+        os.environ.setdefault("MLFLOW_HTTP_REQUEST_TIMEOUT", "10")
         client = MlflowClient(tracking_uri=uri)
         run_id = self.state.get("mlflow_run_id")
         if run_id is None:
@@ -137,28 +180,52 @@ class RunTracker:
 
     # ---- records ------------------------------------------------------------------------------------
     def record(self, record: dict[str, Any]) -> None:
-        """Send one `metrics.jsonl` record (once: records a tracker already holds are skipped)."""
-        kind, step = record.get("kind", "train"), int(record.get("step") or 0)
-        if step <= self.logged.get(kind, -1):
+        """Send one `metrics.jsonl` record to each backend that does not hold it yet. A record a
+        backend fails to take is sent again, first, with the next one; the other backends go on."""
+        if self.closed:
             return
-        values = flatten(record, f"{kind}/")
-        if "tensorboard" in self.writers:
-            for key, value in values.items():
-                self.writers["tensorboard"].add_scalar(key, value, step)
-        if "mlflow" in self.writers:
-            from mlflow.entities import Metric
-
-            now = int(time.time() * 1000)
-            metrics = [Metric(k, v, now, step) for k, v in values.items()]
-            for i in range(0, len(metrics), 1000):
-                self.writers["mlflow"].log_batch(self.state["mlflow_run_id"], metrics=metrics[i:i + 1000])
-        if "wandb" in self.writers:
-            self.writers["wandb"].log({k: v for k, v in values.items() if math.isfinite(v)}, step=step)
-        self.logged[kind] = step
+        kind, step = record.get("kind", "train"), int(record.get("step") or 0)
+        if kind not in ("train", "eval"):
+            return
+        values, failed = flatten(record, f"{kind}/"), []
+        for backend, writer in self.writers.items():
+            done = self.logged.setdefault(backend, {})
+            if step <= done.get(kind, -1):
+                continue
+            queue = self.pending.setdefault(backend, [])
+            queue.append((kind, step, values))
+            while queue:  # what failed before goes first, in order
+                k, s, v = queue[0]
+                try:
+                    getattr(self, f"_send_{backend}")(writer, v, s)
+                except Exception as err:
+                    failed.append(f"{backend}: {type(err).__name__}: {err}")
+                    break
+                done[k] = max(done.get(k, -1), s)
+                queue.pop(0)
         self._save_state()
+        if failed:
+            raise TrackingError(f"step {step}: " + "; ".join(failed))
+
+    def _send_tensorboard(self, writer, values: dict[str, float], step: int) -> None:
+        for key, value in values.items():
+            writer.add_scalar(key, value, step)
+
+    def _send_mlflow(self, client, values: dict[str, float], step: int) -> None:
+        from mlflow.entities import Metric
+
+        now = int(time.time() * 1000)
+        metrics = [Metric(k, v, now, step) for k, v in values.items()]
+        for i in range(0, len(metrics), 1000):
+            client.log_batch(self.state["mlflow_run_id"], metrics=metrics[i:i + 1000])
+
+    def _send_wandb(self, run, values: dict[str, float], step: int) -> None:
+        run.log({k: v for k, v in values.items() if math.isfinite(v)}, step=step)
 
     def attach(self, path: Path) -> None:
         """A file (the report) as an artifact of this run."""
+        if self.closed:
+            return
         if "mlflow" in self.writers:
             self.writers["mlflow"].log_artifact(self.state["mlflow_run_id"], str(path))
         if "wandb" in self.writers:
@@ -167,6 +234,9 @@ class RunTracker:
             self.writers["tensorboard"].add_text("report", str(Path(path).resolve()), self.logged.get("eval", 0))
 
     def close(self, status: str = "finished") -> None:
+        if self.closed:
+            return
+        self.closed = True
         if "tensorboard" in self.writers:
             self.writers["tensorboard"].close()
         if "mlflow" in self.writers:

@@ -218,3 +218,35 @@ def test_train_quiet_then_verbose(tmp_path, capfd):
     assert main(["train", str(spec), "--out", str(tmp_path / "loud"), "--no-ray", "--verbose"]) == 0
     out, err = capfd.readouterr()
     assert "step 2/4 | loss" in out + err and not (tmp_path / "loud" / LOG_NAME).exists()
+
+
+def test_close_gives_the_output_back_even_when_something_fails(tmp_path):
+    err = io.StringIO()
+    ui = Console(err=err, out=io.StringIO(), live=False)
+    ui.capture(tmp_path)
+
+    def broken():
+        raise RuntimeError("boom")
+
+    ui._stop_live = broken  # something on the way out raises
+    with pytest.raises(RuntimeError, match="boom"):
+        ui.close()
+    print("after")
+    assert "after" not in (tmp_path / LOG_NAME).read_text() and sys.stdout is not None and ui._saved is None
+
+
+def test_ls_leaves_set_aside_runs_out(tmp_path):
+    make_run(tmp_path, "mod-seed0", "mod")
+    make_run(tmp_path, "mod-seed0.old-20261128-101010", "mod")
+    old_exp = tmp_path / "exp.old-20261128-101010"
+    old_exp.mkdir()
+    (old_exp / "experiment.json").write_text("{}")
+    make_run(old_exp, "standard-seed0", "standard")
+    assert [r.path for r in listing(tmp_path)] == ["mod-seed0"]
+
+
+def test_closing_table_of_two_sweeps_with_the_same_trial_ids(tmp_path, capsys):
+    for sweep in ("a", "b"):
+        make_run(tmp_path / sweep / "trials", "t1", "mod", params={"model.mod_capacity": 0.1})
+    assert main(["report", str(tmp_path / "a"), str(tmp_path / "b"), "--out", str(tmp_path / "r.html")]) == 0
+    assert capsys.readouterr().out.count("mod ") >= 2

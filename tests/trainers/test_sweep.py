@@ -11,7 +11,7 @@ import pytest
 import yaml
 
 from dtlab.trainers.spec import SpecError, load_spec, spec_from_dict
-from dtlab.trainers.sweep import Replicates, check_gpus, plan_sweep, trial_spec
+from dtlab.trainers.sweep import Replicates, check_gpus, plan_sweep, trial_resources, trial_spec
 from tests.trainers.conftest import tiny_spec
 
 ROOT = Path(__file__).resolve().parents[2]
@@ -206,6 +206,19 @@ def test_shipped_sweeps_plan(name):
     assert len(plan.variants) >= 2 and len(plan.dims) >= 3
 
 
+@pytest.mark.parametrize("name, gpus, per_trial, at_once", [
+    ("sweep_gpu.yaml", 1, 0.5, 2),  # one 80 GB GPU, two single-worker trials sharing it
+    ("sweep_multigpu.yaml", 8, 2.0, 4),  # an 8-GPU node: two ranks of one whole GPU each
+])
+def test_gpu_sweeps_fit_a_cluster_of_their_shape(name, gpus, per_trial, at_once):
+    spec = plan_sweep(load_spec(ROOT / "experiments" / name), name).spec
+    check_gpus(spec, gpus)
+    cpus, gpu = trial_resources(spec, gpus)
+    assert gpu == per_trial and int(gpus / gpu) == at_once
+    with pytest.raises(SpecError, match="but the cluster has"):
+        check_gpus(spec, per_trial / 2 if per_trial >= 1 else 0)
+
+
 def test_pareto_set_of_finished_trials():
     from dtlab.trainers.sweep import pareto
 
@@ -234,3 +247,45 @@ def test_causal_metric_refused_when_standard_is_swept():
     raw["sweep"]["objectives"][0]["metric"] = "val_loss_causal"
     with pytest.raises(SpecError, match="Standard trials have no causal routing"):
         plan_sweep(spec_from_dict(raw), "s.yaml")
+
+
+def test_fractional_gpus_are_refused_for_ranks_of_one_run():
+    with pytest.raises(SpecError, match="two ranks of one run could share a GPU"):
+        spec_from_dict(tiny_spec(resources={"num_workers": 2, "gpus_per_worker": 0.5}))
+    assert spec_from_dict(tiny_spec(resources={"num_workers": 1, "gpus_per_worker": 0.5}))
+
+
+@pytest.mark.slow
+def test_resources_come_from_the_cluster_not_the_drivers_node():
+    """Two nodes on one machine, one advertising a GPU: a trial driver placed on the node without one
+    still gives its workers GPUs (and a cluster without GPUs gives them none)."""
+    import ray
+    from ray.cluster_utils import Cluster
+    from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
+
+    from dtlab.trainers.ray_train import scaling
+
+    if ray.is_initialized():
+        ray.shutdown()
+    cluster = Cluster(initialize_head=True, head_node_args={"num_cpus": 1, "num_gpus": 0})
+    try:
+        cluster.add_node(num_cpus=1, num_gpus=1)
+        ray.init(address=cluster.address)
+        cluster.wait_for_nodes()
+        no_gpu = next(n["NodeID"] for n in ray.nodes() if n["Alive"] and not n["Resources"].get("GPU"))
+        spec = spec_from_dict(tiny_spec(resources={"device": "auto"}))
+
+        @ray.remote(num_cpus=0.1)
+        def decide(spec):
+            import torch
+
+            cfg = scaling(spec)
+            return torch.cuda.is_available(), cfg.use_gpu, cfg.resources_per_worker
+
+        here = decide.options(scheduling_strategy=NodeAffinitySchedulingStrategy(no_gpu, soft=False))
+        local_cuda, use_gpu, per_worker = ray.get(here.remote(spec))
+        assert not local_cuda  # the driver's node has no GPU (this machine has none at all)
+        assert use_gpu and per_worker["GPU"] == 1.0
+    finally:
+        ray.shutdown()
+        cluster.shutdown()

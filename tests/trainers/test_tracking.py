@@ -108,7 +108,7 @@ def test_wandb_offline_run_is_written_under_the_output(tmp_path):
     state = json.loads((run_dir / "tracking.json").read_text())
     offline = list((run_dir / "wandb").glob(f"offline-run-*-{state['wandb_id']}"))
     assert offline and list(offline[0].glob("*.wandb")), list((run_dir / "wandb").iterdir())
-    assert state["logged"] == {"eval": 4, "train": 4}
+    assert state["logged"] == {"wandb": {"eval": 4, "train": 4}}
 
 
 @pytest.mark.slow
@@ -132,3 +132,36 @@ def test_experiment_runs_share_one_store_and_carry_the_report(tmp_path):
         local = client.download_artifacts(run.info.run_id, "report.html", str(tmp_path))
         assert Path(local).read_bytes() == Path(result["report"]).read_bytes()
     assert len(list((out / "wandb").glob("offline-run-*"))) == 2
+
+
+def test_a_failing_tracker_neither_stops_training_nor_loses_records(tmp_path, monkeypatch):
+    pytest.importorskip("mlflow")
+    from dtlab.trainers import tracking
+
+    real, calls = tracking.RunTracker._send_mlflow, []
+
+    def flaky(self, client, values, step):  # the server is down for the first two records it is sent
+        calls.append(step)
+        if len(calls) <= 2:
+            raise ConnectionError("tracking server down")
+        return real(self, client, values, step)
+
+    monkeypatch.setattr(tracking.RunTracker, "_send_mlflow", flaky)
+    run_dir = tmp_path / "run"
+    run_training(spec_from_dict(tiny_spec(training={"max_steps": 8}, tracking=["mlflow"])), run_dir,
+                 log=lambda s: None)
+    assert len(calls) > 2 and json.loads((run_dir / "status.json").read_text())["state"] == "finished"
+    got, _ = mlflow_series(run_dir)
+    for key, points in expected(run_dir).items():
+        assert same_series(got[key], points, 1e-6), key
+
+
+def test_a_tracker_added_on_resume_gets_the_whole_history(tmp_path):
+    pytest.importorskip("mlflow")
+    raw = tiny_spec(training={"max_steps": 4}, tracking=["tensorboard"])
+    run_dir = tmp_path / "run"
+    run_training(spec_from_dict(raw), run_dir, log=lambda s: None)
+    raw.update(tracking=["tensorboard", "mlflow"], training={**raw["training"], "max_steps": 8})
+    run_training(spec_from_dict(raw), run_dir, resume=True, log=lambda s: None)
+    got, _ = mlflow_series(run_dir)
+    assert [s for s, _ in got["eval/val_loss"]] == [0, 4, 8]
