@@ -64,13 +64,22 @@ def _sweep_space(paths: list[Path]) -> dict:
     return {}
 
 
-def build_sections(rs: RunSet, space: dict) -> tuple[list[Section], dict[str, pd.DataFrame]]:
+def _studies(paths: list[Path]) -> list[Path]:
+    return [f for p in paths if p.is_dir() for f in [p / "optuna.db", *p.glob("*/optuna.db")] if f.is_file()]
+
+
+def build_sections(rs: RunSet, space: dict, studies: list[Path] = ()) -> tuple[list[Section],
+                                                                                dict[str, pd.DataFrame]]:
     every = tables.label_runs(rs.runs)
     runs = every[every["diverged"].isna()] if "diverged" in every else every  # a diverged run is no result
+    swept = runs["params"].notna().any()
+    if swept:  # a trial stopped early has a loss from fewer steps: compared, it would look worse or better
+        runs = runs[runs["done"].astype(bool)]
     final = tables.final_loss(runs)
     speed = tables.speed(runs, rs.benches)
     best = tables.best_configs(runs)
-    imp = tables.importances(runs, space) if runs["params"].notna().any() else pd.DataFrame()
+    study = pd.concat([tables.study_trials(db) for db in studies]) if studies else pd.DataFrame()
+    imp = tables.importances(study if not study.empty else runs, space) if swept else pd.DataFrame()
     facts = tables.facts(every)
     out: dict[str, pd.DataFrame] = {"final_loss": final, "speed": speed, "best_configs": best,
                                     "importance": imp, "runs": facts}
@@ -218,7 +227,13 @@ def write_report(paths: list[str | Path], out: str | Path | None = None, force: 
         raise ReportError(f"no runs found under {', '.join(map(str, paths))}: a run directory holds metrics.jsonl "
                           f"(dtlab train, sweep or run writes one){'; ' + why if why else ''}")
     problems = list(rs.problems)
-    sections, frames = build_sections(rs, _sweep_space(paths))
+    sections, frames = build_sections(rs, _sweep_space(paths), _studies(paths))
+    stopped = (rs.runs[rs.runs["params"].notna() & ~rs.runs["done"].astype(bool) & rs.runs["diverged"].isna()]
+               if "params" in rs.runs else [])
+    if len(stopped):
+        steps = sorted({int(s) for s in stopped["final_step"].dropna()})
+        problems.append(f"{len(stopped)} trial(s) stopped early by ASHA (at step {', '.join(map(str, steps))}) are "
+                        "left out of the loss comparisons, which compare finished trials only")
     check_report_targets(out, list(frames), force)
     subtitle = f"{len(rs.runs)} run(s) from {', '.join(map(str, paths))} · generated {time.strftime('%Y-%m-%d %H:%M')}"
     lead = lead_sentence(rs.runs)

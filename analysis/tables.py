@@ -281,6 +281,25 @@ def importances(runs: pd.DataFrame, space: dict | None = None) -> pd.DataFrame:
     return pd.DataFrame(rows)
 
 
+def study_trials(db) -> pd.DataFrame:
+    """The completed trials of a sweep's Optuna study (`optuna.db`: one per configuration, its value
+    the mean over seeds) as rows `importances` takes: variant, params (JSON), val_loss (the first
+    objective)."""
+    import optuna
+
+    optuna.logging.set_verbosity(optuna.logging.WARNING)
+    storage = optuna.storages.RDBStorage(f"sqlite:///{db}")
+    rows = []
+    for summary in optuna.get_all_study_summaries(storage):
+        study = optuna.load_study(study_name=summary.study_name, storage=storage)
+        for t in study.get_trials(deepcopy=False, states=(optuna.trial.TrialState.COMPLETE,)):
+            value = t.values[0] if t.values else None
+            if value is not None and math.isfinite(value):
+                rows.append({"variant": t.params.get("model.type"), "params": json.dumps(t.params, sort_keys=True),
+                             "val_loss": float(value)})
+    return pd.DataFrame(rows)
+
+
 def facts(runs: pd.DataFrame) -> pd.DataFrame:
     cols = ["run_id", "label", "variant", "seed", "device", "precision", "world_size", "routing_modes",
             "tokens_seen", "final_step", "total_steps", "done", "diverged", "evaluations", "commit", "dirty",

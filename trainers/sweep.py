@@ -150,7 +150,18 @@ class DefineByRun:
         return None
 
 
-def make_searcher(plan: Plan):
+STUDY = "optuna.db"  # Optuna's study of the sweep, in the sweep directory (SQLite)
+
+
+def study_storage(out: Path):
+    """The study's store: `OUT/optuna.db`, which `--resume` continues and `optuna-dashboard
+    sqlite:///OUT/optuna.db` opens."""
+    import optuna
+
+    return optuna.storages.RDBStorage(f"sqlite:///{(Path(out) / STUDY).resolve()}")
+
+
+def make_searcher(plan: Plan, out: Path | None = None):
     from ray.tune.search.optuna import OptunaSearch
 
     objectives = plan.spec.sweep.objective_list()
@@ -160,7 +171,8 @@ def make_searcher(plan: Plan):
     if len(plan.variants) > 1 and not plan.variant_is_searched:  # a fixed list: every variant in turn
         points = [{"model.type": plan.variants[i % len(plan.variants)]} for i in range(plan.spec.sweep.num_samples)]
     searcher = OptunaSearch(space=DefineByRun(plan.dims, plan.variants), metric=metric, mode=mode,
-                            points_to_evaluate=points, seed=plan.spec.seed)
+                            points_to_evaluate=points, seed=plan.spec.seed, study_name=plan.spec.name,
+                            storage=study_storage(out) if out is not None else None)
     if len(plan.seeds) > 1:
         return Replicates(searcher, plan.seeds)
     return searcher
@@ -498,7 +510,7 @@ def make_tuner(plan: Plan, out: Path, resume: bool, concurrent: int, log, callba
     return tune.Tuner(
         trainable,
         param_space={"spec": spec.model_dump(mode="json"), "sweep_dir": str(out.resolve())},
-        tune_config=tune.TuneConfig(search_alg=make_searcher(plan), scheduler=scheduler,
+        tune_config=tune.TuneConfig(search_alg=make_searcher(plan, out), scheduler=scheduler,
                                     num_samples=spec.sweep.num_samples * len(plan.seeds),
                                     max_concurrent_trials=concurrent),
         run_config=tune.RunConfig(name=EXPERIMENT, storage_path=str((out / TUNE_DIR).resolve()),

@@ -154,3 +154,27 @@ def test_report_shows_samples_and_decode_speed(tmp_path):
     assert len(decode) == 2 and "mod c=0.125 (realised 0.130)" in decode[1] and "| 150 |" in decode[1]
     assert "0.6667" in decode[1]  # time per token relative to Standard
     assert "<b>bold</b>" not in report.html.read_text()
+
+
+def test_importances_come_from_the_sweeps_optuna_study(tmp_path):
+    """A sweep directory's optuna.db (one trial per configuration, its value the mean over seeds) is
+    what the importance table reads, not the per-seed runs."""
+    import optuna
+
+    from dtlab.analysis import tables
+
+    storage = f"sqlite:///{tmp_path / 'optuna.db'}"
+    study = optuna.create_study(study_name="s", storage=storage)
+    dists = {"model.type": optuna.distributions.CategoricalDistribution(["mod"]),
+             "model.mod_capacity": optuna.distributions.FloatDistribution(0.1, 0.5),
+             "training.optimizer.lr": optuna.distributions.FloatDistribution(1e-4, 1e-2, log=True)}
+    for i in range(6):
+        cap, lr = 0.1 + 0.07 * i, 1e-4 * (2 ** i)
+        study.add_trial(optuna.trial.create_trial(params={"model.type": "mod", "model.mod_capacity": cap,
+                                                          "training.optimizer.lr": lr},
+                                                  distributions=dists, value=5.0 - cap))
+    trials = tables.study_trials(tmp_path / "optuna.db")
+    assert len(trials) == 6 and set(trials["variant"]) == {"mod"}
+    imp = tables.importances(trials)
+    assert set(imp["parameter"]) == {"model.mod_capacity", "training.optimizer.lr"}
+    assert imp["note"].iloc[0] == "6 trials"

@@ -198,6 +198,11 @@ def test_sigint_then_resume_loses_nothing(tmp_path):
         info = json.loads(p.read_text())
         seeds.setdefault(json.dumps(info["params"], sort_keys=True), []).append(info["seed"])
     assert sorted(map(sorted, seeds.values())) == [[0, 1], [0, 1]], seeds  # each configuration once per seed
+    import optuna  # the study is in its file store, continued by the resume: one trial per configuration
+
+    study = optuna.load_study(study_name="sweep_smoke", storage=f"sqlite:///{out / 'optuna.db'}")
+    states = [t.state.name for t in study.trials]
+    assert states.count("COMPLETE") == 2, states
 
 
 @pytest.mark.parametrize("name", ["sweep_smoke.yaml", "sweep_gpu.yaml", "sweep_multigpu.yaml"])
