@@ -22,7 +22,7 @@ import yaml
 
 from dtlab.models.config import CONFIG_CLASSES, did_you_mean
 
-from .records import METRICS, diverged_reason, read_jsonl, read_status, write_status
+from .records import METRICS, diverged_reason, finished, read_jsonl, read_status, write_status
 from .spec import DENSE_CONTROL, MODEL_KEYS, Distribution, Spec, SpecError, dump_spec
 
 TUNE_DIR, EXPERIMENT = "tune", "sweep"
@@ -390,6 +390,9 @@ def trial_progress(plan: Plan, out: Path, tracking):
 
         def on_trial_start(self, iteration, trials, trial, **info):
             run_dir = out / "trials" / trial.trial_id
+            if finished(run_dir):  # a resumed sweep's trial that had finished: kept, not rerun
+                self.states[trial.trial_id] = "finished"
+                return
             params = {k: v for k, v in trial.config.items() if "." in k}
             spec = trial_spec(plan.spec, params, trial.config.get("seed"))
             tracker = tracking.start(spec, run_dir, name=f"trial-{trial.trial_id}") if spec.tracking.backends else None

@@ -145,6 +145,14 @@ def test_sweep_smoke_end_to_end_with_asha(tmp_path):
     assert {t["status"] for t in stopped} == {"stopped"}
     assert all(t["step"] >= 10 for t in stopped), [t["step"] for t in stopped]  # step 0 is never a rung
     assert summary["best"]["status"] == "finished"
+    # what the terminal showed (no TTY: plain lines): each trial's end, the running counts, the last line
+    err = proc.stderr
+    assert err.count(": stopped at step") == len(stopped) and "finished at step 30/30" in err, err[-3000:]
+    assert f"sweep: 0 running, {6 - len(stopped)} finished, {len(stopped)} stopped, 0 diverged, 0 failed" in err
+    assert err.splitlines()[-1] == f"trials: {6 - len(stopped)} finished, {len(stopped)} stopped, 0 diverged, 0 failed"
+    assert "TrainController" not in err + proc.stdout and "TrainController" in (out / "output.log").read_text()
+    table = proc.stdout.splitlines()
+    assert table[table.index(next(t for t in table if t.startswith("run "))) + 2].startswith("trial-")
     assert variants == {"mod", "dtf"}
     for run in runs:
         steps = [r["step"] for r in _evals(run)]
@@ -186,6 +194,7 @@ def test_sigint_then_resume_loses_nothing(tmp_path):
     assert len(finished) < 4, "every trial had finished: the interrupt tested nothing"
     proc = subprocess.run(cmd + ["--resume"], cwd=ROOT, capture_output=True, text=True, timeout=900)
     assert proc.returncode == 0, proc.stderr[-3000:]
+    assert proc.stderr.count(": started (") == 4 - len(finished), proc.stderr  # progress after a resume too
     after = {p.parent.name: p.read_text() for p in out.glob("trials/*/metrics.jsonl")}
     assert len(after) == 4 and set(before) <= set(after)
     for name in finished:
