@@ -68,19 +68,23 @@ def _studies(paths: list[Path]) -> list[Path]:
     return [f for p in paths if p.is_dir() for f in [p / "optuna.db", *p.glob("*/optuna.db")] if f.is_file()]
 
 
+def _importance(runs: pd.DataFrame, space: dict, studies: list[Path]) -> pd.DataFrame:
+    """From the sweeps' Optuna studies (one trial per configuration) where there are any, else the runs."""
+    study = pd.concat([tables.study_trials(db) for db in studies]) if studies else pd.DataFrame()
+    return tables.importances(study if not study.empty else runs, space)
+
+
 def build_sections(rs: RunSet, space: dict, studies: list[Path] = ()) -> tuple[list[Section],
                                                                                 dict[str, pd.DataFrame]]:
-    every = tables.label_runs(rs.runs)
-    runs = every[every["diverged"].isna()] if "diverged" in every else every  # a diverged run is no result
+    runs = tables.results(rs.runs)
     swept = runs["params"].notna().any()
     if swept:  # a trial stopped early has a loss from fewer steps: compared, it would look worse or better
         runs = runs[runs["done"].astype(bool)]
     final = tables.final_loss(runs)
     speed = tables.speed(runs, rs.benches)
     best = tables.best_configs(runs)
-    study = pd.concat([tables.study_trials(db) for db in studies]) if studies else pd.DataFrame()
-    imp = tables.importances(study if not study.empty else runs, space) if swept else pd.DataFrame()
-    facts = tables.facts(every)
+    imp = _importance(runs, space, studies) if swept else pd.DataFrame()
+    facts = tables.facts(tables.label_runs(rs.runs))
     out: dict[str, pd.DataFrame] = {"final_loss": final, "speed": speed, "best_configs": best,
                                     "importance": imp, "runs": facts}
     s = []
@@ -246,8 +250,7 @@ def write_report(paths: list[str | Path], out: str | Path | None = None, force: 
     md += [f"## {name.replace('_', ' ')}\n\n{_markdown(df)}" for name, df in frames.items()]
     written = _write_all(out, page, markdown, "\n".join(md), tables_dir, frames)
     _manifest_path(out).write_text(json.dumps({"generator": GENERATOR, "files": written}, indent=1))
-    runs = tables.label_runs(rs.runs)
-    runs = runs[runs["diverged"].isna()] if "diverged" in runs else runs
+    runs = tables.results(rs.runs)
     closing = tables.closing(runs, per_run=runs["params"].notna().any())
     return Report(out, markdown, tables_dir, charts, problems, closing)
 

@@ -52,6 +52,12 @@ def label_runs(runs: pd.DataFrame) -> pd.DataFrame:
     return full_depth_flop_ratio(runs, family)
 
 
+def results(runs: pd.DataFrame) -> pd.DataFrame:
+    """The runs that are results, labelled: a run that diverged is not one."""
+    runs = label_runs(runs)
+    return runs[runs["diverged"].isna()] if "diverged" in runs else runs
+
+
 def full_depth_flop_ratio(runs: pd.DataFrame, family: pd.Series) -> pd.DataFrame:
     """`flop_ratio_vs_dense` against the full-depth Standard runs of the same model family where
     there are any: a run records its ratio to a Standard of its OWN shape, which for a shallower

@@ -20,7 +20,7 @@ def _train(args: argparse.Namespace) -> int:
     from dtlab.analysis import tables
     from dtlab.analysis.loaders import load
 
-    ui.say("\n" + tables.text_table(tables.closing(load([out]).runs)), result=True)
+    ui.say("\n" + tables.text_table(tables.closing(tables.results(load([out]).runs))), result=True)
     ui.say(f"run: {Path(out).resolve()} (dtlab report {out} compares it with others)", result=True)
     return 0
 
@@ -41,7 +41,7 @@ def _sweep(args: argparse.Namespace) -> int:
         from dtlab.analysis import tables
         from dtlab.analysis.loaders import load
 
-        runs = load([Path(out) / "trials"]).runs
+        runs = tables.results(load([Path(out) / "trials"]).runs)  # a diverged trial is no result
         current().say("\n" + tables.text_table(tables.closing(runs, per_run=True)), result=True)
         current().say(f"sweep: {Path(out).resolve()} (summary.json; dtlab report {out} for the report)", result=True)
     if summary.get("interrupted"):

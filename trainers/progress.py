@@ -177,7 +177,6 @@ class Console:
         self._out, self._err = out, err  # None: whatever sys.stdout / sys.stderr are when written to
         self.live = (not verbose and _isatty(self.err)) if live is None else live
         self.interval = interval if interval is not None else _seconds(os.environ.get("DTLAB_PROGRESS_SECONDS"))
-        self.log_path: Path | None = None
         self._saved: dict[str, Any] | None = None
         self._lock = threading.RLock()
         self._watches: dict[str, Watch] = {}
@@ -257,7 +256,7 @@ class Console:
             except OSError:
                 saved["fds"].pop(fd, None)
         sys.stdout = sys.stderr = log
-        self._saved, self.log_path = saved, path
+        self._saved = saved
 
     def release(self) -> None:
         """Undo `capture`: the process's output goes where it went before."""

@@ -276,7 +276,7 @@ def run_training(spec: Spec, out: str | Path | None = None, resume: bool = False
     shows on the command's console; `tracking` (a `tracking.Tracking`, else one of the run's own)
     sends its records to the spec's trackers."""
     from .progress import current
-    from .tracking import Tracking, TrackingError, check_tracking
+    from .tracking import check_tracking
 
     use_ray = spec.resources.use_ray if use_ray is None else use_ray
     run_dir = Path(out) if out else default_run_dir(spec)
@@ -298,6 +298,24 @@ def run_training(spec: Spec, out: str | Path | None = None, resume: bool = False
               "resume": resume}
     ui = current()
     ui.capture(run_dir)  # from here on, what the libraries print goes to the run's output.log
+    result = launch_watched(config, spec, run_dir, use_ray, hooks, log, tracking)
+    from .sample import ensure_samples
+
+    ensure_samples(run_dir, ui.note, replace=True)  # greedy samples of the best checkpoint, for the report
+    record = {k: v for k, v in (result or {}).items() if not isinstance(v, dict)}
+    if record:
+        ui.note("final: " + ", ".join(f"{k} {v:.4f}" if isinstance(v, float) else f"{k} {v}"
+                                      for k, v in record.items()))
+    return result or {}
+
+
+def launch_watched(config: dict[str, Any], spec: Spec, run_dir: Path, use_ray: bool, hooks, log,
+                   tracking=None) -> dict[str, Any]:
+    """`launch`, with the run's progress on the console, its records to the trackers, and how it
+    ended in its `status.json` (running while it trains)."""
+    from .progress import current
+    from .tracking import Tracking, TrackingError
+
     own = tracking is None
     tracking = tracking or Tracking(run_dir)
     status, error = "failed", None
@@ -308,9 +326,10 @@ def run_training(spec: Spec, out: str | Path | None = None, resume: bool = False
         except TrackingError as err:
             raise RunFailed(f"{err}; nothing was trained; fix tracking: and continue with --resume (--out "
                             f"{run_dir})") from err
-        with ui.following(run_dir, sinks=[tracker.record] if tracker else []):
+        with current().following(run_dir, sinks=[tracker.record] if tracker else []):
             result = launch(config, spec, run_dir, use_ray, hooks, log)
         status = "finished"
+        return result
     except KeyboardInterrupt:
         status = "interrupted"
         raise
@@ -323,11 +342,3 @@ def run_training(spec: Spec, out: str | Path | None = None, resume: bool = False
         tracking.end(run_dir, status)
         if own:
             tracking.close()
-    from .sample import ensure_samples
-
-    ensure_samples(run_dir, ui.note, replace=True)  # greedy samples of the best checkpoint, for the report
-    record = {k: v for k, v in (result or {}).items() if not isinstance(v, dict)}
-    if record:
-        ui.note("final: " + ", ".join(f"{k} {v:.4f}" if isinstance(v, float) else f"{k} {v}"
-                                      for k, v in record.items()))
-    return result or {}

@@ -335,7 +335,7 @@ def run_sweep(spec: Spec, out: str | Path, resume: bool = False, force: bool = F
     tracking = tracking or Tracking(out)
     try:
         concurrent = start_cluster(plan, out, log)
-        results = make_tuner(plan, out, resume, concurrent, log, [trial_progress(plan, out, tracking)]).fit()
+        results = make_tuner(plan, out, resume, concurrent, log, [TrialProgress(plan, out, tracking)]).fit()
     finally:
         current().end_display()  # the summary and the table print below the live lines (stdout stays stdout)
         if own:
@@ -343,7 +343,7 @@ def run_sweep(spec: Spec, out: str | Path, resume: bool = False, force: bool = F
     return finish(plan, out, results, log)
 
 
-def _harmless(method, ui):
+def _harmless(method):
     """The display and the trackers never stop a sweep: what fails is said in output.log."""
     import functools
 
@@ -352,7 +352,7 @@ def _harmless(method, ui):
         try:
             return method(self, *args, **kwargs)
         except Exception as err:
-            ui.note(f"sweep progress/tracking: {method.__name__} failed: {type(err).__name__}: {err}")
+            self.ui.note(f"sweep progress/tracking: {method.__name__} failed: {type(err).__name__}: {err}")
             return None
 
     return guarded
@@ -364,74 +364,77 @@ def _dropped_callback():
     return Callback()
 
 
-def trial_progress(plan: Plan, out: Path, tracking):
-    """A Tune callback (on the driver): each trial's progress on the console, its records to the
-    trackers, and a line of counts: running, finished, stopped (by ASHA), failed, and the best."""
+def _callback_base():
     from ray.tune import Callback
 
-    from .progress import current
+    return Callback
 
-    ui, first = current(), plan.spec.sweep.objective_list()[0]
 
-    class TrialProgress(Callback):
-        def __reduce__(self):  # Tune pickles its run config: this callback is rebuilt on --resume instead
-            return (_dropped_callback, ())
+class TrialProgress(_callback_base()):
+    """A Tune callback (on the driver): each trial's progress on the console, its records to the
+    trackers, and a line of counts: running, finished, stopped (by ASHA), diverged, failed, and the
+    best so far."""
 
-        def __init__(self) -> None:
-            self.states: dict[str, str] = {}
-            self.best: tuple[float, str] | None = None
-            ui.header = self.line
+    def __init__(self, plan: Plan, out: Path, tracking) -> None:
+        from .progress import current
 
-        def line(self) -> str:
-            counts = {s: sum(1 for v in self.states.values() if v == s)
-                      for s in ("running", "finished", "stopped", "diverged", "failed")}
-            best = f" | best {first.metric} {self.best[0]:.4f} ({self.best[1]})" if self.best else ""
-            return "sweep: " + ", ".join(f"{n} {s}" for s, n in counts.items()) + best
+        self.plan, self.out, self.tracking, self.ui = plan, out, tracking, current()
+        self.first = plan.spec.sweep.objective_list()[0]
+        self.states: dict[str, str] = {}
+        self.best: tuple[float, str] | None = None
+        self.ui.header = self.line
 
-        def on_trial_start(self, iteration, trials, trial, **info):
-            run_dir = out / "trials" / trial.trial_id
-            if finished(run_dir):  # a resumed sweep's trial that had finished: kept, not rerun
-                self.states[trial.trial_id] = "finished"
-                return
-            params = {k: v for k, v in trial.config.items() if "." in k}
-            spec = trial_spec(plan.spec, params, trial.config.get("seed"))
-            tracker = tracking.start(spec, run_dir, name=f"trial-{trial.trial_id}") if spec.tracking.backends else None
-            label = f"{trial.trial_id} {params.get('model.type', plan.spec.model.type)}"
-            ui.follow(trial.trial_id, run_dir, label, sinks=[tracker.record] if tracker else [])
-            self.states[trial.trial_id] = "running"
+    def __reduce__(self):  # Tune pickles its run config: this callback is rebuilt on --resume instead
+        return (_dropped_callback, ())
 
-        def on_trial_result(self, iteration, trials, trial, result, **info):
-            value = result.get(first.metric)
-            if isinstance(value, (int, float)) and math.isfinite(value):
-                sign = 1 if first.mode == "min" else -1
-                if self.best is None or sign * value < sign * self.best[0]:
-                    self.best = (float(value), trial.trial_id)
+    def line(self) -> str:
+        counts = {s: sum(1 for v in self.states.values() if v == s)
+                  for s in ("running", "finished", "stopped", "diverged", "failed")}
+        best = f" | best {self.first.metric} {self.best[0]:.4f} ({self.best[1]})" if self.best else ""
+        return "sweep: " + ", ".join(f"{n} {s}" for s, n in counts.items()) + best
 
-        def _end(self, trial, status: str) -> None:
-            def said(watch) -> str:  # a trial that completes before its last step was stopped (ASHA)
-                if diverged_reason(watch.run_dir):
-                    return "diverged"
-                early = status == "finished" and (not watch.total or watch.step < watch.total)
-                return "stopped" if early else status
+    @_harmless
+    def on_trial_start(self, iteration, trials, trial, **info):
+        run_dir = self.out / "trials" / trial.trial_id
+        if finished(run_dir):  # a resumed sweep's trial that had finished: kept, not rerun
+            self.states[trial.trial_id] = "finished"
+            return
+        params = {k: v for k, v in trial.config.items() if "." in k}
+        spec = trial_spec(self.plan.spec, params, trial.config.get("seed"))
+        tracker = self.tracking.start(spec, run_dir, name=f"trial-{trial.trial_id}")
+        label = f"{trial.trial_id} {params.get('model.type', self.plan.spec.model.type)}"
+        self.ui.follow(trial.trial_id, run_dir, label, sinks=[tracker.record] if tracker else [])
+        self.states[trial.trial_id] = "running"
 
-            watch = ui.unfollow(trial.trial_id, said)
-            status = watch.status if watch is not None else status
-            self.states[trial.trial_id] = status
-            write_status(out / "trials" / trial.trial_id, status)
-            tracking.end(out / "trials" / trial.trial_id, status)
-            if not ui.live:
-                ui.say(self.line())
+    @_harmless
+    def on_trial_result(self, iteration, trials, trial, result, **info):
+        value, sign = result.get(self.first.metric), 1 if self.first.mode == "min" else -1
+        if isinstance(value, (int, float)) and math.isfinite(value) and (
+                self.best is None or sign * value < sign * self.best[0]):
+            self.best = (float(value), trial.trial_id)
 
-        def on_trial_complete(self, iteration, trials, trial, **info):
-            self._end(trial, "finished")
+    def _end(self, trial, status: str) -> None:
+        run_dir = self.out / "trials" / trial.trial_id
 
-        def on_trial_error(self, iteration, trials, trial, **info):
-            self._end(trial, "failed")
+        def said(watch) -> str:  # the trial's own records tell diverged, and stopped early (ASHA)
+            early = status == "finished" and (not watch.total or watch.step < watch.total)
+            return "diverged" if diverged_reason(run_dir) else "stopped" if early else status
 
-    for name in ("on_trial_start", "on_trial_result", "on_trial_complete", "on_trial_error"):
-        setattr(TrialProgress, name, _harmless(getattr(TrialProgress, name), ui))
+        watch = self.ui.unfollow(trial.trial_id, said)
+        status = watch.status if watch is not None else status
+        self.states[trial.trial_id] = status
+        write_status(run_dir, status)
+        self.tracking.end(run_dir, status)
+        if not self.ui.live:
+            self.ui.say(self.line())
 
-    return TrialProgress()
+    @_harmless
+    def on_trial_complete(self, iteration, trials, trial, **info):
+        self._end(trial, "finished")
+
+    @_harmless
+    def on_trial_error(self, iteration, trials, trial, **info):
+        self._end(trial, "failed")
 
 
 def lay_out(plan: Plan, out: Path, resume: bool, force: bool, log) -> None:

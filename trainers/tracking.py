@@ -138,7 +138,9 @@ class RunTracker:
 
         writer = SummaryWriter(log_dir=str(self.store / "tensorboard" / self.name), flush_secs=5)
         if not self.state.get("tensorboard"):
-            writer.add_text("spec", "```yaml\n" + _spec_yaml(self.spec) + "\n```", 0)
+            from .spec import dump_spec
+
+            writer.add_text("spec", "```yaml\n" + dump_spec(self.spec) + "\n```", 0)
             self.state["tensorboard"] = str(self.store / "tensorboard" / self.name)
         return writer
 
@@ -246,12 +248,6 @@ class RunTracker:
             self.writers["wandb"].finish(exit_code=0 if status == "finished" else 1)
         self.writers = {}
         self._save_state()
-
-
-def _spec_yaml(spec: Spec) -> str:
-    from .spec import dump_spec
-
-    return dump_spec(spec)
 
 
 class Tracking:
