@@ -52,7 +52,8 @@ def find_runs(path: Path) -> list[Path]:
     if (path / METRICS).is_file():
         return [path]
     return sorted(p.parent for p in path.rglob(METRICS)
-                  if "checkpoints" not in p.parts and "ray" not in p.parent.parts[-1:] and ".old-" not in p.parent.name)
+                  if "checkpoints" not in p.parts and "ray" not in p.parent.parts[-1:] and ".old-" not in p.parent.name
+                  and not (p.parent / "seeds").is_dir())  # a replicate trial's means: its seeds are the runs
 
 
 def read_jsonl(path: Path, problems: list[str]) -> list[dict[str, Any]]:
@@ -129,6 +130,8 @@ def headline(rec: dict[str, Any]) -> dict[str, Any]:
 
 def load_run(path: Path, problems: list[str]) -> tuple[dict[str, Any], list[dict], list[dict], list, list]:
     run_id = path.name if path.parent.name != "trials" else f"trial-{path.name}"
+    if path.parent.name == "seeds" and path.parent.parent.parent.name == "trials":  # one seed of a trial
+        run_id = f"trial-{path.parent.parent.name}-seed{path.name}"
     records = read_jsonl(path / METRICS, problems)
     info = _read_json(path / "run.json", problems, "device, seed and commit")
     params = _read_json(path / "params.json", [], "") if (path / "params.json").is_file() else {}

@@ -255,3 +255,71 @@ def _trainer_state(path: Path) -> dict[str, Any]:
     except Exception as err:
         raise CheckpointError(f"{path / 'trainer_state.pt'} is not a plain checkpoint (it would run code or is "
                               f"damaged: {type(err).__name__}); refusing to load it") from None
+
+
+# ---- the checkpoint of record in Ray's storage ----------------------------------------------------------
+CHECKPOINT, METRICS_FILE = "checkpoint", "metrics.jsonl"
+
+
+def bundle(run_dir: Path, dest: Path) -> None:
+    """What Ray's storage keeps of a run at a report: its last checkpoint (hard links to the files,
+    not copies) as `checkpoint/`, its `metrics.jsonl` as it stands, and the same for each seed of a
+    replicate trial under `seeds/<seed>/`."""
+    dest.mkdir(parents=True, exist_ok=True)
+    if (run_dir / METRICS_FILE).is_file():
+        shutil.copyfile(run_dir / METRICS_FILE, dest / METRICS_FILE)
+    last = last_checkpoint(run_dir)
+    if last.is_dir():
+        (dest / CHECKPOINT).mkdir()
+        for f in last.resolve().iterdir():
+            try:
+                os.link(f, dest / CHECKPOINT / f.name)
+            except OSError:  # another filesystem
+                shutil.copyfile(f, dest / CHECKPOINT / f.name)
+    if (run_dir / "seeds").is_dir():
+        for child in sorted((run_dir / "seeds").iterdir()):
+            if child.is_dir():
+                bundle(child, dest / "seeds" / child.name)
+
+
+def saved_step(path: Path) -> int:
+    """The step of a checkpoint directory, -1 when it is not one that can be resumed from."""
+    if problem(path) is not None:
+        return -1
+    try:
+        return int(json.loads((path / "trainer_state.json").read_text())["step"])
+    except (OSError, ValueError, KeyError, TypeError):
+        return -1
+
+
+def install(src: Path, run_dir: Path) -> list[str]:
+    """Put a bundle read back from storage into `run_dir`: its checkpoint becomes `last` unless the
+    run holds a newer one, and its `metrics.jsonl` replaces a local one that lacks that checkpoint's
+    evaluation (or is gone); the resume then cuts the records back to the checkpoint. Recurses into
+    the seeds of a replicate trial. Returns a line per checkpoint installed."""
+    from .records import read_jsonl
+
+    said = []
+    step = saved_step(src / CHECKPOINT) if (src / CHECKPOINT).is_dir() else -1
+    if step >= 0 and saved_step(last_checkpoint(run_dir)) < step:
+        ckpt = run_dir / "checkpoints"
+        ckpt.mkdir(parents=True, exist_ok=True)
+        name = _free_name(ckpt, f"step-{step:07d}")
+        tmp = ckpt / f".{name}.tmp"
+        shutil.rmtree(tmp, ignore_errors=True)
+        shutil.copytree(src / CHECKPOINT, tmp)
+        _fsync(tmp)
+        os.replace(tmp, ckpt / name)
+        _point(ckpt, LAST, name)
+        _prune(ckpt)
+        said.append(f"{run_dir}: checkpoint of step {step} read back from storage")
+    if step >= 0 and (src / METRICS_FILE).is_file():
+        local = run_dir / METRICS_FILE
+        if not any(r.get("kind") == "eval" and r["step"] == step for r in read_jsonl(local).records):
+            tmp = run_dir / f".{METRICS_FILE}.storage"
+            shutil.copyfile(src / METRICS_FILE, tmp)
+            os.replace(tmp, local)
+    if (src / "seeds").is_dir():
+        for child in sorted((src / "seeds").iterdir()):
+            said += install(child, run_dir / "seeds" / child.name)
+    return said

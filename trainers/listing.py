@@ -119,7 +119,8 @@ def listing(root: Path) -> list[Row]:
     grouped: set[Path] = set()
     for group in groups:
         kind = "sweep" if (group / "sweep.json").is_file() else "experiment"
-        runs_dirs = sorted(p.parent for p in group.rglob(METRICS) if not _set_aside(p.parent, group))
+        runs_dirs = sorted(p.parent for p in group.rglob(METRICS) if not _set_aside(p.parent, group)
+                           and p.parent.parent.name != "seeds")  # a replicate trial is one row
         grouped.update(runs_dirs)
         members = [run_row(d, group, "trial" if kind == "sweep" else "run", depth=1) for d in runs_dirs]
         rows.append(group_row(group, members, root, kind))
@@ -127,7 +128,7 @@ def listing(root: Path) -> list[Row]:
             rows += members
     for metrics in sorted(root.rglob(METRICS)):
         run_dir = metrics.parent
-        if run_dir not in grouped and not _set_aside(run_dir, root):
+        if run_dir not in grouped and not _set_aside(run_dir, root) and run_dir.parent.name != "seeds":
             rows.append(run_row(run_dir, root))
     return rows
 

@@ -54,6 +54,10 @@ class Hooks:
     def on_step(self, step: int) -> None:
         """Called before each optimizer step (tests interrupt runs here)."""
 
+    def restore(self, run_dir: Path) -> None:
+        """Before setup: bring the checkpoint of record into `run_dir` when it is kept elsewhere
+        (Ray's storage); a run's own checkpoints are already there."""
+
     def export(self, record: dict[str, Any]) -> None:
         """Called on rank 0 with each logged record (Ray exports them as metrics)."""
 
@@ -408,32 +412,51 @@ def scalars(record: dict[str, Any]) -> dict[str, Any]:
 
 
 # ---- the loop -------------------------------------------------------------------------------------
+def start(state: RunState) -> None:
+    """A fresh run's first pass (and its step-0 evaluation); a resumed run with nothing left to do
+    says its last evaluation once."""
+    if state.step == 0 and not state.resumed:
+        prime(state)
+        if state.spec.training.eval_at_start:
+            evaluate_and_save(state)
+    elif state.step >= state.total_steps and state.last_eval:
+        state.hooks.report(scalars(state.last_eval), None)
+
+
+def advance(state: RunState, until: int, meter: Meter) -> Meter:
+    """Train to step `until` (an evaluation step or the last), logging and evaluating on the way;
+    returns the meter of the steps not yet logged."""
+    tcfg = state.spec.training
+    while state.step < until:
+        state.hooks.on_step(state.step)
+        result = train_step(state)
+        meter.add(result)
+        if state.step % tcfg.log_every == 0 or state.step == state.total_steps:
+            log_step(state, meter, result)
+            meter = Meter()
+        if state.step % tcfg.eval_every == 0 or state.step == state.total_steps:
+            started = time.perf_counter()
+            evaluate_and_save(state)
+            meter.exclude(time.perf_counter() - started)
+    return meter
+
+
 def train(config: dict[str, Any], hooks: Hooks | None = None) -> dict[str, Any]:
-    """Train one variant as `config["spec"]` says; returns the last evaluation record."""
+    """Train one variant as `config["spec"]` says; returns the last evaluation record. With
+    `config["seeds"]` (two or more), the seeds are replicates trained side by side (`replicates.py`)."""
+    hooks = hooks or Hooks()
+    if len(config.get("seeds") or []) > 1:
+        from .replicates import train_replicates
+
+        return train_replicates(config, hooks)
     why = diverged_reason(Path(config["run_dir"]))
     if why:  # a restarted worker group, or a resumed run: it would only diverge again
         raise Diverged(f"{why}; the run stays stopped")
-    state = setup(config, hooks or Hooks())
-    tcfg = state.spec.training
+    hooks.restore(Path(config["run_dir"]))
+    state = setup(config, hooks)
     try:
-        if state.step == 0 and not state.resumed:
-            prime(state)
-            if tcfg.eval_at_start:
-                evaluate_and_save(state)
-        elif state.step >= state.total_steps and state.last_eval:  # resumed with nothing left: say so once
-            state.hooks.report(scalars(state.last_eval), None)
-        meter = Meter()
-        while state.step < state.total_steps:
-            state.hooks.on_step(state.step)
-            result = train_step(state)
-            meter.add(result)
-            if state.step % tcfg.log_every == 0 or state.step == state.total_steps:
-                log_step(state, meter, result)
-                meter = Meter()
-            if state.step % tcfg.eval_every == 0 or state.step == state.total_steps:
-                started = time.perf_counter()
-                evaluate_and_save(state)
-                meter.exclude(time.perf_counter() - started)
+        start(state)
+        advance(state, state.total_steps, Meter())
     finally:
         if state.metrics is not None:
             state.metrics.close()

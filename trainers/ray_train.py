@@ -3,17 +3,26 @@
 from __future__ import annotations
 
 import sys
+import tempfile
 from pathlib import Path
 from typing import Any
 
 import torch
 
+from .checkpoint import bundle, install
 from .loop import Hooks, train
 from .spec import Spec
 
 
 class RayHooks(Hooks):
-    """The loop's Ray lines: device from Ray, metrics and checkpoints to `ray.train.report`."""
+    """The loop's Ray lines: device from Ray, metrics to `ray.train.report`. With
+    `resources.storage` set, Ray's storage holds the checkpoint of record: each checkpoint goes there
+    with the run's records (`checkpoint.bundle`), and a start reads the latest back from
+    `ray.train.get_checkpoint()`. Without it, the run directory is the record and Ray keeps no copy."""
+
+    def __init__(self, config: dict[str, Any]) -> None:
+        self.run_dir = Path(config["run_dir"])
+        self.storage = (config["spec"].get("resources") or {}).get("storage")
 
     def device(self, requested: str) -> torch.device:
         import ray.train.torch
@@ -25,9 +34,28 @@ class RayHooks(Hooks):
     def report(self, metrics: dict[str, Any], checkpoint_dir: Path | None) -> None:
         import ray.train
 
-        checkpoint = ray.train.Checkpoint.from_directory(str(checkpoint_dir)) if checkpoint_dir else None
-        ray.train.report(metrics, checkpoint=checkpoint)
+        if not (self.storage and checkpoint_dir):
+            ray.train.report(metrics)
+            return
+        # beside the checkpoints (hard links need the same file system); one left by a kill is pruned
+        # with the stale temporaries at the next save
+        (self.run_dir / "checkpoints").mkdir(exist_ok=True)
+        with tempfile.TemporaryDirectory(dir=self.run_dir / "checkpoints", prefix=".storage-", suffix=".tmp") as tmp:
+            bundle(self.run_dir, Path(tmp) / "run")
+            ray.train.report(metrics, checkpoint=ray.train.Checkpoint.from_directory(str(Path(tmp) / "run")))
 
+    def restore(self, run_dir: Path) -> None:
+        import ray.train
+
+        if not self.storage:
+            return
+        ckpt = ray.train.get_checkpoint()
+        if ckpt is not None and ray.train.get_context().get_local_rank() == 0:
+            with ckpt.as_directory() as folder:
+                for line in install(Path(folder), run_dir):
+                    self.log(line)
+        if torch.distributed.is_initialized():
+            torch.distributed.barrier()
 
     def log(self, line: str) -> None:
         # Ray Train patches `print` to log and tee, which shows each line twice on the driver.
@@ -55,7 +83,35 @@ def init_ray(dashboard_host: str = "127.0.0.1"):
 
 
 def ray_worker(config: dict[str, Any]) -> None:
-    train(config, RayHooks())
+    train({**config, "data_dir": str(node_data(config))}, RayHooks(config))
+
+
+def node_data(config: dict[str, Any]) -> Path:
+    """The prepared data where this worker can read it: the driver's folder when this node sees it
+    (one machine, a shared cache), else prepared here from the spec, deterministically (the same
+    cache key, hence the same rows, or a refusal)."""
+    from .data import prepare_data
+    from .spec import Spec
+
+    folder = Path(config["data_dir"])
+    if (folder / "meta.json").is_file():
+        return folder
+    here = prepare_data(Spec.model_validate(config["spec"]).data).path
+    if here.name != folder.name:
+        raise RuntimeError(f"data prepared on this node ({here.name}) differs from the driver's ({folder.name}): "
+                           "the source or tokenizer is not the same on every node")
+    return here
+
+
+def run_config(spec: Spec, name: str, local: Path, callbacks=()):
+    """A run's Ray `RunConfig`: storage in `resources.storage` (a URI or a path all nodes share) or
+    `local`; at most one latest and one best (lowest val_loss) checkpoint kept there; restarts."""
+    from ray.train import CheckpointConfig, FailureConfig, RunConfig
+
+    return RunConfig(name=name, storage_path=spec.resources.storage or str(local), callbacks=list(callbacks),
+                     checkpoint_config=CheckpointConfig(num_to_keep=1, checkpoint_score_attribute="val_loss",
+                                                        checkpoint_score_order="min"),
+                     failure_config=FailureConfig(max_failures=spec.resources.max_failures))
 
 
 def cluster_gpus() -> float:
@@ -85,21 +141,34 @@ def scaling(spec: Spec):
 
 def train_with_ray(config: dict[str, Any], spec: Spec, log=print) -> dict[str, Any]:
     import ray
-    from ray.train import CheckpointConfig, FailureConfig, RunConfig
     from ray.train.torch import TorchTrainer
 
     if not ray.is_initialized():
         init_ray()
     run_dir = Path(config["run_dir"])
-    trainer = TorchTrainer(
-        ray_worker,
-        train_loop_config=config,
-        scaling_config=scaling(spec),
-        run_config=RunConfig(name=run_dir.name, storage_path=str(run_dir / "ray"),
-                             checkpoint_config=CheckpointConfig(num_to_keep=1),
-                             failure_config=FailureConfig(max_failures=spec.resources.max_failures)),
-    )
+    trainer = TorchTrainer(ray_worker, train_loop_config=config, scaling_config=scaling(spec),
+                           run_config=run_config(spec, storage_name(run_dir), run_dir / "ray"))
     result = trainer.fit()
     if result.error:
         raise result.error
-    return dict(result.metrics or {})
+    # the run's own last evaluation (Ray's `result.metrics` are those of its last checkpoint: none when
+    # the run directory, not Ray's storage, holds the checkpoints)
+    from .loop import scalars
+    from .records import METRICS, read_jsonl
+
+    evals = read_jsonl(run_dir / METRICS).of_kind("eval")
+    return scalars(evals[-1]) if evals else dict(result.metrics or {})
+
+
+def storage_name(run_dir: Path) -> str:
+    """The run's name in Ray's storage: its folder's name and an id kept in `run.json`, so that runs
+    of one name from different experiments never share a place in a shared storage."""
+    import json
+    import uuid
+
+    run_json = run_dir / "run.json"
+    run = json.loads(run_json.read_text()) if run_json.is_file() else {}
+    if not run.get("storage_name"):
+        run["storage_name"] = f"{run_dir.name}-{uuid.uuid4().hex[:8]}"
+        run_json.write_text(json.dumps(run, indent=1))
+    return run["storage_name"]

@@ -77,6 +77,10 @@ def check_fit(spec: Spec, data: Prepared, world: int, shape: dict[str, Any] | No
 
 def check_out(path: Path, what: str = "run") -> None:
     """`--out` can become a directory of ours: not a file, not inside a file, somewhere writable."""
+    if "://" in str(path) or str(path).startswith(("s3:", "gs:", "gcs:", "hdfs:", "abfs:")):
+        raise SpecError(f"--out {path}: a URI is not a directory; the record (metrics, report) is written as files: "
+                        "give --out a path (on a cluster, one every node shares) and put the URI in "
+                        "resources.storage, where the checkpoints of record go")
     if path.exists() and not path.is_dir():
         raise SpecError(f"--out {path}: is a file, not a {what} directory; choose another --out")
     parent = next((p for p in [path, *path.parents] if p.exists()), Path("."))
@@ -106,6 +110,8 @@ def check_resume(run_dir: Path, spec: Spec) -> None:
         raise SpecError(f"--resume: {run_dir} {why}; from its last checkpoint it would diverge again: change the "
                         "spec and start afresh (--force sets the run aside)")
     why = problem(last_checkpoint(run_dir), deep=True)
+    if why and spec.resources.storage and spec.resources.use_ray:
+        return  # the checkpoint of record is in Ray's storage: the run reads it back from there
     if why and read_jsonl(run_dir / METRICS).records:
         raise SpecError(f"--resume: cannot continue {run_dir}: {why}, so its records would be repeated; "
                         "--force sets the run aside and starts afresh")
@@ -157,6 +163,11 @@ def check_resources(spec: Spec, use_ray: bool) -> None:
     if res.num_workers > 1 and not use_ray:
         raise SpecError(f"resources.num_workers={res.num_workers} needs Ray (drop --no-ray, or "
                         "resources.use_ray=true) or a single worker")
+    if res.storage and not use_ray:
+        raise SpecError(f"resources.storage={res.storage!r}: the checkpoints go to storage through Ray; drop --no-ray "
+                        "(resources.use_ray=true) or resources.storage")
+    if res.storage:
+        check_storage(res.storage)
     if use_ray and os.environ.get("RAY_ADDRESS"):
         return
     from .device import detect_device, detect_precision
@@ -165,6 +176,23 @@ def check_resources(spec: Spec, use_ray: bool) -> None:
         detect_precision(detect_device(res.device), res.precision)
     except ValueError as err:
         raise SpecError(f"resources: {err}") from None
+
+
+def check_storage(uri: str) -> None:
+    """`resources.storage` is a place Ray can write to, checked before any work: pyarrow opens it
+    and lists it (a path must be absolute: every node reads it the same)."""
+    import pyarrow.fs
+
+    if "://" not in uri and not uri.startswith("/"):
+        raise SpecError(f"resources.storage={uri!r}: expected a URI (s3://bucket/prefix, gs://...) or an absolute "
+                        "path that every node shares")
+    try:
+        fs, path = pyarrow.fs.FileSystem.from_uri(uri)
+        fs.create_dir(path, recursive=True)
+        fs.get_file_info(pyarrow.fs.FileSelector(path, allow_not_found=True))
+    except Exception as err:  # pyarrow's errors name the scheme, the bucket, the credentials
+        raise SpecError(f"resources.storage={uri!r}: cannot be written ({type(err).__name__}: "
+                        f"{' '.join(str(err).split())[:300]})") from None
 
 
 def check_run_dir(run_dir: Path, resume: bool, force: bool, spec: Spec | None = None) -> None:

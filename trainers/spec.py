@@ -137,6 +137,9 @@ class ResourcesSpec(Strict):
     # Ray: how often a run's worker group (Train) and a sweep's trial (Tune) are restarted after a
     # failure, each time from the run's last checkpoint (node preemptions are always restarted)
     max_failures: int = Field(0, ge=0)
+    # Ray's storage for the checkpoints of record (a URI pyarrow opens, s3://bucket/prefix, or a path all
+    # nodes share); unset, the run directory is the record and Ray keeps no copy
+    storage: str | None = None
 
     @model_validator(mode="after")
     def _one_gpu_per_rank(self) -> ResourcesSpec:

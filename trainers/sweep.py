@@ -3,9 +3,10 @@
 Tune runs `sweep_trial` once per trial; it builds one Ray Train `TorchTrainer` (run name from
 the trial id) whose workers run the ordinary training loop, with `TuneReportCallback` forwarding
 each evaluation to Tune. Optuna's TPE (seeded) proposes configurations through a define-by-run
-space, so routing keys are suggested only for the variants that have them; seeds are
-replicates (every proposal runs once per seed and Optuna is told the mean). Each trial keeps its
-own run directory under `OUT/trials/`, whose `metrics.jsonl` is the full history.
+space, so routing keys are suggested only for the variants that have them. A trial is one
+configuration: with several seeds it trains them side by side and reports their mean at each
+step (`replicates.py`), so ASHA and Optuna compare like with like. Each trial keeps its own run
+directory under `OUT/trials/` (its seeds under `seeds/`), whose `metrics.jsonl` is the full history.
 """
 
 from __future__ import annotations
@@ -173,117 +174,52 @@ def make_searcher(plan: Plan, out: Path | None = None):
     searcher = OptunaSearch(space=DefineByRun(plan.dims, plan.variants), metric=metric, mode=mode,
                             points_to_evaluate=points, seed=plan.spec.seed, study_name=plan.spec.name,
                             storage=study_storage(out) if out is not None else None)
-    if len(plan.seeds) > 1:
-        return Replicates(searcher, plan.seeds)
-    return searcher
-
-
-def _searcher_base():
-    from ray.tune.search import Searcher
-
-    return Searcher
-
-
-class Replicates(_searcher_base()):
-    """Runs every proposal of the wrapped searcher once per seed; tells it the mean result."""
-
-    def __init__(self, searcher, seeds: list[int]) -> None:
-        super().__init__(metric=searcher.metric, mode=searcher.mode)
-        self.searcher, self.seeds = searcher, list(seeds)
-        self.queue: list[tuple[str, int]] = []
-        self.base_of: dict[str, str] = {}
-        self.configs: dict[str, dict] = {}
-        self.results: dict[str, dict[str, Any]] = {}
-
-    def set_search_properties(self, metric, mode, config, **spec) -> bool:
-        return self.searcher.set_search_properties(metric, mode, config, **spec)
-
-    def suggest(self, trial_id: str):
-        if not self.queue:
-            config = self.searcher.suggest(trial_id)
-            if not isinstance(config, dict):
-                return config
-            self.configs[trial_id] = config
-            self.queue = [(trial_id, s) for s in self.seeds]
-        base, seed = self.queue.pop(0)
-        self.base_of[trial_id] = base
-        return {**self.configs[base], "seed": seed}
-
-    def on_trial_result(self, trial_id: str, result: dict) -> None:
-        if self.base_of.get(trial_id) == trial_id:
-            self.searcher.on_trial_result(trial_id, result)
-
-    def _metrics(self) -> list[str]:
-        return self.searcher.metric if isinstance(self.searcher.metric, list) else [self.searcher.metric]
-
-    def on_trial_complete(self, trial_id: str, result: dict | None = None, error: bool = False) -> None:
-        base = self.base_of.get(trial_id)
-        if base is None:
-            return
-        kept = None if error or not result else {m: float(result[m]) for m in self._metrics() if m in result}
-        self.results.setdefault(base, {})[trial_id] = kept
-        done = self.results[base]
-        if len(done) < len(self.seeds):
-            return
-        good = [r for r in done.values() if r]
-        mean = {m: sum(r[m] for r in good) / len(good) for m in self._metrics() if good and all(m in r for r in good)}
-        self.searcher.on_trial_complete(base, mean or None, error=not good)
-
-    def get_state(self) -> dict[str, Any]:
-        """The replicate bookkeeping. Tune saves it with the experiment state (`SearchGenerator`
-        asks every wrapper for its state; the wrapped searcher saves itself)."""
-        return json.loads(json.dumps({"seeds": self.seeds, "queue": self.queue, "base_of": self.base_of,
-                                      "configs": self.configs, "results": self.results}))
-
-    def set_state(self, state: dict[str, Any]) -> None:
-        self.seeds, self.base_of, self.configs, self.results = (list(state["seeds"]), dict(state["base_of"]),
-                                                                dict(state["configs"]), dict(state["results"]))
-        self.queue = [tuple(q) for q in state["queue"]]
-
-    def save(self, checkpoint_path: str) -> None:
-        """The bookkeeping as JSON, the wrapped searcher beside it (`Searcher.save`'s contract)."""
-        Path(checkpoint_path).write_text(json.dumps(self.get_state()))
-        self.searcher.save(checkpoint_path + ".inner")
-
-    def restore(self, checkpoint_path: str) -> None:
-        self.set_state(json.loads(Path(checkpoint_path).read_text()))
-        self.searcher.restore(checkpoint_path + ".inner")
+    return searcher  # seeds are not trials: a trial trains all of them (`replicates.py`)
 
 
 # ---- one trial --------------------------------------------------------------------------------------
 def sweep_trial(config: dict[str, Any]) -> None:
     """Tune's trainable: one TorchTrainer for this trial, resumed from its own run directory."""
     import ray.tune
-    from ray.train import CheckpointConfig, FailureConfig, RunConfig
     from ray.train.torch import TorchTrainer
     from ray.tune.integration.ray_train import TuneReportCallback
 
     from .checkpoint import last_checkpoint
     from .data import prepare_data
-    from .ray_train import ray_worker, scaling
+    from .ray_train import ray_worker, run_config, scaling
+    from .replicates import seed_dir
     from .runner import check_fit, holds_run, prepare_run_dir, write_run_files
 
     trial_id = ray.tune.get_context().get_trial_id()
     params = {k: v for k, v in config.items() if "." in k}
-    spec = trial_spec(Spec.model_validate(config["spec"]), params, config.get("seed"))
+    sweep_spec = Spec.model_validate(config["spec"])
+    seeds = sweep_spec.seed_list()
+    spec = trial_spec(sweep_spec, params, seeds[0])
     run_dir = Path(config["sweep_dir"]) / "trials" / trial_id
-    resume = holds_run(run_dir) and last_checkpoint(run_dir).is_dir()
+    runs = {seed: seed_dir(run_dir, seed) for seed in seeds} if len(seeds) > 1 else {seeds[0]: run_dir}
+    resume = holds_run(run_dir) and any(last_checkpoint(r).is_dir() for r in runs.values())
     data = prepare_data(spec.data)
     check_fit(spec, data, spec.resources.num_workers)
     if not resume:
         prepare_run_dir(run_dir, resume=False, force=holds_run(run_dir), log=lambda s: None)
         write_run_files(run_dir, spec, data, resume=False)
+        for seed, one in runs.items():  # each seed a run of its own (in a replicate trial, under seeds/)
+            one.mkdir(parents=True, exist_ok=True)
+            if one != run_dir:
+                write_run_files(one, trial_spec(sweep_spec, params, seed), data, resume=False)
+            (one / "params.json").write_text(json.dumps({"trial_id": trial_id, "params": params, "seed": seed,
+                                                         "seeds": seeds}, indent=1))
         (run_dir / "params.json").write_text(json.dumps({"trial_id": trial_id, "params": params,
-                                                          "seed": spec.seed}, indent=1))
+                                                          "seed": seeds[0] if len(seeds) == 1 else None,
+                                                          "seeds": seeds}, indent=1))
     write_status(run_dir, "running")  # the trial's driver, for `dtlab ls` (the sweep's callback ends it)
     trainer = TorchTrainer(
         ray_worker,
         train_loop_config={"spec": spec.model_dump(mode="json"), "run_dir": str(run_dir), "data_dir": str(data.path),
-                           "resume": resume},
+                           "resume": resume, "seeds": seeds if len(seeds) > 1 else None},
         scaling_config=scaling(spec),
-        run_config=RunConfig(name=f"trial-{trial_id}", storage_path=str(Path(config["sweep_dir"]) / "train"),
-                             callbacks=[TuneReportCallback()], checkpoint_config=CheckpointConfig(num_to_keep=1),
-                             failure_config=FailureConfig(max_failures=spec.resources.max_failures)),
+        run_config=run_config(spec, f"{Path(config['sweep_dir']).name}-{trial_id}",
+                              Path(config["sweep_dir"]) / "train", callbacks=[TuneReportCallback()]),
     )
     trainer.fit()
 
@@ -400,7 +336,7 @@ class TrialProgress(_callback_base()):
             self.states[trial.trial_id] = "finished"
             return
         params = {k: v for k, v in trial.config.items() if "." in k}
-        spec = trial_spec(self.plan.spec, params, trial.config.get("seed"))
+        spec = trial_spec(self.plan.spec, params, None)
         tracker = self.tracking.start(spec, run_dir, name=f"trial-{trial.trial_id}")
         label = f"{trial.trial_id} {params.get('model.type', self.plan.spec.model.type)}"
         self.ui.follow(trial.trial_id, run_dir, label, sinks=[tracker.record] if tracker else [])
@@ -484,7 +420,7 @@ def start_cluster(plan: Plan, out: Path, log) -> int:
     if gpus > 0:
         fits = min(fits, math.floor(cluster.get("GPU", 0.0) / gpus + 1e-9))
     concurrent = max(1, min(spec.sweep.max_concurrent or fits, fits))
-    log(f"sweep: {spec.sweep.num_samples} configuration(s) x {len(plan.seeds)} seed(s) over {plan.variants}, "
+    log(f"sweep: {spec.sweep.num_samples} trial(s) over {plan.variants}, {len(plan.seeds)} seed(s) in each, "
         f"{concurrent} at a time ({cpus:g} CPU, {gpus:g} GPU per trial), results in {out}")
     return concurrent
 
@@ -501,6 +437,9 @@ def make_tuner(plan: Plan, out: Path, resume: bool, concurrent: int, log, callba
         tuner = tune.Tuner.restore(str(tune_path.resolve()), trainable=trainable, resume_unfinished=True,
                                    resume_errored=True)
         tuner._local_tuner._run_config.callbacks = list(callbacks)  # noqa: SLF001 (restore keeps no callbacks)
+        scheduler = tuner._local_tuner._tune_config.scheduler  # noqa: SLF001
+        if scheduler is not None and hasattr(scheduler, "_brackets"):
+            log(f"ASHA: {restore_rungs(scheduler, out)} rung result(s) restored from the trials' records")
         return tuner
     first = spec.sweep.objective_list()[0]
     scheduler = None
@@ -517,12 +456,31 @@ def make_tuner(plan: Plan, out: Path, resume: bool, concurrent: int, log, callba
         trainable,
         param_space={"spec": spec.model_dump(mode="json"), "sweep_dir": str(out.resolve())},
         tune_config=tune.TuneConfig(search_alg=make_searcher(plan, out), scheduler=scheduler,
-                                    num_samples=spec.sweep.num_samples * len(plan.seeds),
+                                    num_samples=spec.sweep.num_samples,
                                     max_concurrent_trials=concurrent),
         run_config=tune.RunConfig(name=EXPERIMENT, storage_path=str((out / TUNE_DIR).resolve()),
                                   failure_config=tune.FailureConfig(max_failures=spec.resources.max_failures),
                                   callbacks=list(callbacks)),
     )
+
+
+def restore_rungs(scheduler, out: Path) -> int:
+    """ASHA's rungs as they stood before the interrupt. Tune restores the scheduler as it was when
+    the sweep started (empty rungs), so a resumed sweep would judge its remaining trials against
+    nothing; each trial's evaluation records say what ASHA had recorded: at each milestone, the
+    trial's first result at or past it. Returns how many results were put back."""
+    n = 0
+    for run in sorted((out / "trials").glob("*")):
+        if ".old-" in run.name or not (run / METRICS).is_file():
+            continue
+        evals = {r["step"]: r for r in read_jsonl(run / METRICS).of_kind("eval") if scheduler._metric in r}
+        for bracket in scheduler._brackets:
+            for milestone, recorded in bracket._rungs:
+                step = min((s for s in evals if s >= milestone), default=None)
+                if step is not None and run.name not in recorded:
+                    recorded[run.name] = scheduler._metric_op * float(evals[step][scheduler._metric])
+                    n += 1
+    return n
 
 
 def finish(plan: Plan, out: Path, results, log) -> dict[str, Any]:
@@ -531,7 +489,7 @@ def finish(plan: Plan, out: Path, results, log) -> dict[str, Any]:
     spec = plan.spec
     summary = summarize(out)
     unfinished = len(results) - results.num_terminated - results.num_errors
-    summary["interrupted"] = unfinished > 0 or len(results) < spec.sweep.num_samples * len(plan.seeds)
+    summary["interrupted"] = unfinished > 0 or len(results) < spec.sweep.num_samples
     counts = summary["counts"]
     errors = [r.error for r in results if r.error]
     counts["failed"] = max(counts["failed"], len(errors) - counts["diverged"])  # some fail before any record
@@ -576,7 +534,8 @@ def summarize(out: Path) -> dict[str, Any]:
         info = json.loads(params_file.read_text())
         last = evals[-1] if evals else {}
         status = trial_status(run, evals)
-        trials.append({"trial_id": info["trial_id"], "params": info["params"], "seed": info["seed"],
+        trials.append({"trial_id": info["trial_id"], "params": info["params"], "seed": info.get("seed"),
+                       "seeds": info.get("seeds", [info.get("seed")]),
                        "status": status, "evaluations": len(evals), "done": bool(last.get("done")),
                        **({"reason": diverged_reason(run)} if status == "diverged" else {}),
                        **{k: v for k, v in last.items() if not isinstance(v, (dict, list))}})

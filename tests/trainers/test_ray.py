@@ -30,14 +30,37 @@ def evals(run_dir):
 
 
 def test_two_cpu_workers(tmp_path, ray_session):
-    spec = spec_from_dict(tiny_spec(model={"type": "dtf"}, resources={"use_ray": True, "num_workers": 2},
-                                    training={"max_steps": 8}))
+    spec = spec_from_dict(tiny_spec(model={"type": "dtf"}, training={"max_steps": 8},
+                                    resources={"use_ray": True, "num_workers": 2, "storage": str(tmp_path / "store")}))
     result = run_training(spec, tmp_path / "run", log=lambda s: None)
     assert result["step"] == 8 and result["val_loss"] == evals(tmp_path / "run")[-1]["val_loss"]
     facts = json.loads((tmp_path / "run" / "run.json").read_text())
     assert facts["training"]["world_size"] == 2
     assert facts["training"]["tokens_per_step"] == 2 * 4 * 64
-    assert list((tmp_path / "run" / "ray").rglob("checkpoint_*")), "no checkpoint reported to Ray"
+    kept = list((tmp_path / "store" / facts["storage_name"]).glob("checkpoint_*"))
+    assert 1 <= len(kept) <= 2, kept  # 3 checkpoints reported; the latest and the best kept
+    assert not list((tmp_path / "run" / "ray").rglob("checkpoint_*"))  # no second copy beside the run
+
+
+def test_replicates_on_two_workers(tmp_path, ray_session):
+    """Two seeds of one configuration in one worker group of two DDP ranks: every collective of one
+    seed's model pairs with the same seed's on the other rank, and the trial reports the seeds' mean."""
+    from dtlab.trainers.data import prepare_data
+    from dtlab.trainers.ray_train import train_with_ray
+
+    spec = spec_from_dict(tiny_spec(model={"type": "mod"}, training={"max_steps": 8},
+                                    resources={"use_ray": True, "num_workers": 2}))
+    run = tmp_path / "trial"
+    run.mkdir()
+    result = train_with_ray({"spec": spec.model_dump(mode="json"), "run_dir": str(run), "seeds": [0, 1],
+                             "data_dir": str(prepare_data(spec.data).path)}, spec)
+    seeds = [evals(run / "seeds" / str(s)) for s in (0, 1)]
+    for records in (evals(run), *seeds):
+        assert [r["step"] for r in records] == [0, 4, 8]
+    assert seeds[0][-1]["val_loss"] != seeds[1][-1]["val_loss"]
+    assert result["val_loss"] == (seeds[0][-1]["val_loss"] + seeds[1][-1]["val_loss"]) / 2
+    for s in (0, 1):
+        assert json.loads((run / "seeds" / str(s) / "run.json").read_text())["training"]["world_size"] == 2
 
 
 @pytest.mark.parametrize("variant", ["standard", "mod", "dtf"])

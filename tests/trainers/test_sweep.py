@@ -11,7 +11,7 @@ import pytest
 import yaml
 
 from dtlab.trainers.spec import SpecError, load_spec, spec_from_dict
-from dtlab.trainers.sweep import Replicates, check_gpus, plan_sweep, trial_resources, trial_spec
+from dtlab.trainers.sweep import check_gpus, plan_sweep, trial_resources, trial_spec
 from tests.trainers.conftest import tiny_spec
 
 ROOT = Path(__file__).resolve().parents[2]
@@ -95,34 +95,6 @@ def test_cli_refuses_bad_sweep_before_ray(tmp_path, capsys):
     assert not (tmp_path / "s").exists()
 
 
-class FakeSearcher:
-    metric, mode = "val_loss", "min"
-
-    def __init__(self):
-        self.n, self.told = 0, {}
-
-    def suggest(self, trial_id):
-        self.n += 1
-        return {"model.mod_capacity": 0.1 * self.n}
-
-    def on_trial_result(self, trial_id, result):
-        pass
-
-    def on_trial_complete(self, trial_id, result=None, error=False):
-        self.told[trial_id] = result
-
-
-def test_replicates_run_each_proposal_once_per_seed_and_report_the_mean():
-    inner = FakeSearcher()
-    rep = Replicates(inner, [0, 1, 2])
-    configs = [rep.suggest(f"t{i}") for i in range(6)]
-    assert [c["seed"] for c in configs] == [0, 1, 2, 0, 1, 2]
-    assert configs[0]["model.mod_capacity"] == configs[2]["model.mod_capacity"] != configs[3]["model.mod_capacity"]
-    for i, loss in enumerate([3.0, 4.0, 5.0]):
-        rep.on_trial_complete(f"t{i}", {"val_loss": loss})
-    assert inner.told == {"t0": {"val_loss": 4.0}}
-
-
 def _evals(path):
     return [r for r in map(json.loads, path.read_text().splitlines()) if r["kind"] == "eval"]
 
@@ -159,28 +131,15 @@ def test_sweep_smoke_end_to_end_with_asha(tmp_path):
         assert steps == sorted(set(steps)) and steps[0] == 0
 
 
-def test_replicates_state_round_trips_through_tunes_wrapper_protocol():
-    """Tune saves a wrapper searcher with get_state and restores it with set_state (a replicate sweep
-    died at its first experiment-state save without them)."""
-    rep = Replicates(FakeSearcher(), [0, 1])
-    rep.suggest("t0")
-    rep.suggest("t1")
-    rep.suggest("t2")
-    rep.on_trial_complete("t0", {"val_loss": 3.0})
-    state = json.loads(json.dumps(rep.get_state()))  # Tune pickles it; JSON is stricter
-    again = Replicates(FakeSearcher(), [5])
-    again.set_state(state)
-    assert again.seeds == [0, 1] and again.queue == rep.queue == [("t2", 1)]
-    assert again.suggest("t3") == {**rep.configs["t2"], "seed": 1} and again.results == rep.results
-
-
 @pytest.mark.slow
 def test_sigint_then_resume_loses_nothing(tmp_path):
-    """A replicate sweep (2 configurations x 2 seeds) through Tune, interrupted once a trial has
-    finished, then resumed: finished trials are kept as they were, the rest complete once."""
+    """A replicate sweep (3 configurations x 2 seeds, each configuration one trial that trains both
+    seeds) through Tune, interrupted once a trial has finished, then resumed: finished trials are
+    kept as they were, the rest complete once, and each trial's record is the mean of its seeds."""
     out = tmp_path / "sweep"
-    cmd = [sys.executable, "-m", "dtlab.trainers.cli", "sweep", "experiments/sweep_smoke.yaml", "sweep.num_samples=2",
-           "seeds=[0,1]", "sweep.asha.enabled=false", "--out", str(out)]
+    storage = tmp_path / "storage"  # the checkpoints of record through Ray's storage (a path every node would share)
+    cmd = [sys.executable, "-m", "dtlab.trainers.cli", "sweep", "experiments/sweep_smoke.yaml", "sweep.num_samples=3",
+           "seeds=[0,1]", "sweep.asha.enabled=false", f"resources.storage={storage}", "--out", str(out)]
     proc = subprocess.Popen(cmd, cwd=ROOT, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     deadline = time.time() + 300
     while time.time() < deadline and not any('"done": true' in p.read_text()
@@ -191,27 +150,44 @@ def test_sigint_then_resume_loses_nothing(tmp_path):
     before = {p.parent.name: p.read_text() for p in out.glob("trials/*/metrics.jsonl")}
     finished = {k for k, text in before.items() if '"done": true' in text}
     assert finished, "no trial had finished before the interrupt"
-    assert len(finished) < 4, "every trial had finished: the interrupt tested nothing"
+    assert len(finished) < 3, "every trial had finished: the interrupt tested nothing"
     proc = subprocess.run(cmd + ["--resume"], cwd=ROOT, capture_output=True, text=True, timeout=900)
     assert proc.returncode == 0, proc.stderr[-3000:]
-    assert proc.stderr.count(": started (") == 4 - len(finished), proc.stderr  # progress after a resume too
+    assert proc.stderr.count(": started (") == 3 - len(finished), proc.stderr  # progress after a resume too
     after = {p.parent.name: p.read_text() for p in out.glob("trials/*/metrics.jsonl")}
-    assert len(after) == 4 and set(before) <= set(after)
+    assert len(after) == 3 and set(before) <= set(after)
     for name in finished:
         assert after[name] == before[name], f"finished trial {name} was rerun"
     for name, text in after.items():
-        steps = [r["step"] for r in map(json.loads, text.splitlines()) if r["kind"] == "eval"]
-        assert steps == [0, 10, 20, 30], f"trial {name}: evaluations {steps}"
-    seeds = {}
-    for p in out.glob("trials/*/params.json"):
-        info = json.loads(p.read_text())
-        seeds.setdefault(json.dumps(info["params"], sort_keys=True), []).append(info["seed"])
-    assert sorted(map(sorted, seeds.values())) == [[0, 1], [0, 1]], seeds  # each configuration once per seed
+        evals = [r for r in map(json.loads, text.splitlines()) if r["kind"] == "eval"]
+        assert [r["step"] for r in evals] == [0, 10, 20, 30], f"trial {name}: evaluations {evals}"
+        seeds = {s: _evals(out / "trials" / name / "seeds" / str(s) / "metrics.jsonl") for s in (0, 1)}
+        for i, rec in enumerate(evals):  # the trial's record at each step: the mean of its seeds at that step
+            assert rec["seeds"] == {str(s): seeds[s][i]["val_loss"] for s in (0, 1)}
+            assert rec["val_loss"] == pytest.approx((seeds[0][i]["val_loss"] + seeds[1][i]["val_loss"]) / 2)
+        assert json.loads((out / "trials" / name / "params.json").read_text())["seeds"] == [0, 1]
+    for name in after:  # each trial's storage: at most the latest and the best, each with both seeds
+        kept = sorted(p for p in (storage / f"sweep-{name}").glob("checkpoint_*") if p.is_dir())
+        assert 1 <= len(kept) <= 2, kept
+        for folder in kept:
+            assert all((folder / "seeds" / str(s) / "checkpoint" / "model.safetensors").is_file() for s in (0, 1))
+    summary = json.loads((out / "summary.json").read_text())
+    assert summary["counts"]["finished"] == 3 and all(t["seeds"] == [0, 1] for t in summary["trials"])
+    from dtlab.analysis.loaders import load
+    from dtlab.trainers.listing import listing
+
+    runs = load([out]).runs  # the report's runs: each seed of each trial, never the trial's means
+    assert sorted(runs["run_id"]) == sorted(f"trial-{n}-seed{s}" for n in after for s in (0, 1))
+    assert runs.groupby("params")["seed"].apply(sorted).tolist() == [[0, 1]] * 3
+    rows = listing(out)  # `dtlab ls`: the sweep, its three trials finished
+    assert rows[0].kind == "sweep" and rows[0].status == "3 finished" and rows[0].steps == "3 trials", rows[0]
     import optuna  # the study is in its file store, continued by the resume: one trial per configuration
 
     study = optuna.load_study(study_name="sweep_smoke", storage=f"sqlite:///{out / 'optuna.db'}")
     states = [t.state.name for t in study.trials]
-    assert states.count("COMPLETE") == 2, states
+    assert states.count("COMPLETE") == 3, states
+    finals = sorted(t["val_loss"] for t in summary["trials"])  # Optuna was told each trial's mean over seeds
+    assert sorted(t.value for t in study.trials if t.state.name == "COMPLETE") == pytest.approx(finals)
 
 
 @pytest.mark.parametrize("name", ["sweep_smoke.yaml", "sweep_gpu.yaml", "sweep_multigpu.yaml"])
@@ -303,3 +279,31 @@ def test_resources_come_from_the_cluster_not_the_drivers_node():
     finally:
         ray.shutdown()
         cluster.shutdown()
+
+
+def test_asha_rungs_are_restored_from_the_trials_records(tmp_path):
+    """Tune restores ASHA as it was at the start (empty rungs): a resumed sweep gets its rungs back
+    from the trials' records, so a trial resumed below the cutoff is still stopped."""
+    from ray.tune.schedulers import ASHAScheduler
+
+    from dtlab.trainers.sweep import restore_rungs
+
+    for trial, losses in {"a": [5.0, 3.0, 2.0], "b": [5.0, 3.5, 2.5], "c": [5.0, 2.9, 2.2]}.items():
+        run = tmp_path / "trials" / trial
+        run.mkdir(parents=True)
+        (run / "metrics.jsonl").write_text("".join(json.dumps({"kind": "eval", "step": 10 * i, "val_loss": v}) + "\n"
+                                                   for i, v in enumerate(losses)))
+    asha = ASHAScheduler(time_attr="step", metric="val_loss", mode="min", max_t=40, grace_period=10,
+                         reduction_factor=2)
+    assert restore_rungs(asha, tmp_path) == 6  # milestones 10 and 20, three trials each
+    rungs = {m: rec for m, rec in asha._brackets[0]._rungs if rec}
+    assert rungs == {10: {"a": -3.0, "b": -3.5, "c": -2.9}, 20: {"a": -2.0, "b": -2.5, "c": -2.2}}
+
+    class Trial:
+        trial_id = "d"
+
+    asha.on_trial_add(None, Trial())
+    assert asha.on_trial_result(None, Trial(), {"step": 10, "val_loss": 4.0}) == "STOP"  # worse than the rung
+    fresh = ASHAScheduler(time_attr="step", metric="val_loss", mode="min", max_t=40, grace_period=10)
+    fresh.on_trial_add(None, Trial())
+    assert fresh.on_trial_result(None, Trial(), {"step": 10, "val_loss": 4.0}) == "CONTINUE"  # what it was
