@@ -82,8 +82,9 @@ def trial_records(states: list[RunState], seeds: list[int], after: int, until: i
     return [mean_record([p[k] for p in per_seed], seeds) for k in keys]
 
 
-def train_replicates(config: dict[str, Any], hooks: Hooks) -> dict[str, Any]:
-    """Train `config["seeds"]` of one configuration in lockstep; returns the trial's last record."""
+def setup_seeds(config: dict[str, Any], hooks: Hooks) -> tuple[list[RunState], list[SeedHooks]]:
+    """Each seed's run state (resumed from its own checkpoint when it has one); the trial's records
+    rebuilt from its seeds' up to the step every seed has reached."""
     trial = Path(config["run_dir"])
     seeds = [int(s) for s in config["seeds"]]
     why = diverged_reason(trial) or next((diverged_reason(seed_dir(trial, s)) for s in seeds
@@ -96,12 +97,20 @@ def train_replicates(config: dict[str, Any], hooks: Hooks) -> dict[str, Any]:
         seed_dir(trial, s).mkdir(parents=True, exist_ok=True)
     states = [setup({**config, "spec": {**config["spec"], "seed": s}, "run_dir": str(seed_dir(trial, s)),
                      "seeds": None}, h) for s, h in zip(seeds, seed_hooks, strict=True)]
-    rank, total, every = states[0].rank, states[0].total_steps, states[0].spec.training.eval_every
-    done = min(s.step for s in states)
-    if rank == 0:  # the trial's records, rebuilt from its seeds' up to where every seed is
+    if states[0].rank == 0:
+        done = min(s.step for s in states)
         rewrite_jsonl(trial / METRICS, lambda r: False, append=trial_records(states, seeds, -1, done))
         run = json.loads((trial / "run.json").read_text()) if (trial / "run.json").is_file() else {}
         (trial / "run.json").write_text(json.dumps({**run, "seeds": seeds, "training": states[0].info}, indent=1))
+    return states, seed_hooks
+
+
+def train_replicates(config: dict[str, Any], hooks: Hooks) -> dict[str, Any]:
+    """Train `config["seeds"]` of one configuration in lockstep; returns the trial's last record."""
+    trial, seeds = Path(config["run_dir"]), [int(s) for s in config["seeds"]]
+    states, seed_hooks = setup_seeds(config, hooks)
+    rank, total, every = states[0].rank, states[0].total_steps, states[0].spec.training.eval_every
+    done = min(s.step for s in states)
     meters = [Meter() for _ in states]
     try:
         for s in states:  # a fresh seed's first pass and step-0 evaluation

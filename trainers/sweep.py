@@ -188,7 +188,7 @@ def sweep_trial(config: dict[str, Any]) -> None:
     from .data import prepare_data
     from .ray_train import ray_worker, run_config, scaling
     from .replicates import seed_dir
-    from .runner import check_fit, holds_run, prepare_run_dir, write_run_files
+    from .runner import check_fit, holds_run
 
     trial_id = ray.tune.get_context().get_trial_id()
     params = {k: v for k, v in config.items() if "." in k}
@@ -201,17 +201,7 @@ def sweep_trial(config: dict[str, Any]) -> None:
     data = prepare_data(spec.data)
     check_fit(spec, data, spec.resources.num_workers)
     if not resume:
-        prepare_run_dir(run_dir, resume=False, force=holds_run(run_dir), log=lambda s: None)
-        write_run_files(run_dir, spec, data, resume=False)
-        for seed, one in runs.items():  # each seed a run of its own (in a replicate trial, under seeds/)
-            one.mkdir(parents=True, exist_ok=True)
-            if one != run_dir:
-                write_run_files(one, trial_spec(sweep_spec, params, seed), data, resume=False)
-            (one / "params.json").write_text(json.dumps({"trial_id": trial_id, "params": params, "seed": seed,
-                                                         "seeds": seeds}, indent=1))
-        (run_dir / "params.json").write_text(json.dumps({"trial_id": trial_id, "params": params,
-                                                          "seed": seeds[0] if len(seeds) == 1 else None,
-                                                          "seeds": seeds}, indent=1))
+        lay_out_trial(run_dir, runs, trial_id, params, sweep_spec, data)
     write_status(run_dir, "running")  # the trial's driver, for `dtlab ls` (the sweep's callback ends it)
     trainer = TorchTrainer(
         ray_worker,
@@ -222,6 +212,26 @@ def sweep_trial(config: dict[str, Any]) -> None:
                               Path(config["sweep_dir"]) / "train", callbacks=[TuneReportCallback()]),
     )
     trainer.fit()
+
+
+def lay_out_trial(run_dir: Path, runs: dict[int, Path], trial_id: str, params: dict[str, Any], sweep_spec: Spec,
+                  data) -> None:
+    """A new trial's directory: its spec and facts, and each seed a run of its own (in a replicate
+    trial, under `seeds/`), each with the trial's parameters."""
+    from .runner import holds_run, prepare_run_dir, write_run_files
+
+    seeds = list(runs)
+    prepare_run_dir(run_dir, resume=False, force=holds_run(run_dir), log=lambda s: None)
+    write_run_files(run_dir, trial_spec(sweep_spec, params, seeds[0]), data, resume=False)
+    for seed, one in runs.items():
+        one.mkdir(parents=True, exist_ok=True)
+        if one != run_dir:
+            write_run_files(one, trial_spec(sweep_spec, params, seed), data, resume=False)
+        (one / "params.json").write_text(json.dumps({"trial_id": trial_id, "params": params, "seed": seed,
+                                                     "seeds": seeds}, indent=1))
+    (run_dir / "params.json").write_text(json.dumps({"trial_id": trial_id, "params": params,
+                                                      "seed": seeds[0] if len(seeds) == 1 else None,
+                                                      "seeds": seeds}, indent=1))
 
 
 # ---- the driver ---------------------------------------------------------------------------------------

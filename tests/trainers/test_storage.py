@@ -52,6 +52,7 @@ def records(run):
     return [keep(json.loads(line)) for line in (run / "metrics.jsonl").read_text().splitlines()]
 
 
+@pytest.mark.slow
 def test_resume_reads_the_checkpoint_back_from_s3_after_the_local_copy_is_deleted(tmp_path, s3):
     spec = tmp_path / "tiny.yaml"
     spec.write_text(yaml.safe_dump(tiny_spec(resources={"use_ray": True, "storage": s3},
