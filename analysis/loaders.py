@@ -192,7 +192,9 @@ def _run_row(run_id: str, path: Path, info: dict, spec: dict, params: dict, step
         "spec_version": spec_fingerprint(spec) if spec else None,
         "params": json.dumps(params.get("params", {}), sort_keys=True) if params else None,
         "trial_id": params.get("trial_id"),
-        "diverged": diverged_reason(path),  # why it stopped on a non-finite loss, else None
+        # why it stopped on a non-finite loss, else None; a seed of a replicate trial stops with its trial
+        "diverged": diverged_reason(path) or (diverged_reason(path.parent.parent) if path.parent.name == "seeds"
+                                              else None),
     }
 
 

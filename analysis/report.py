@@ -234,9 +234,10 @@ def write_report(paths: list[str | Path], out: str | Path | None = None, force: 
     sections, frames = build_sections(rs, _sweep_space(paths), _studies(paths))
     stopped = (rs.runs[rs.runs["params"].notna() & ~rs.runs["done"].astype(bool) & rs.runs["diverged"].isna()]
                if "params" in rs.runs else [])
-    if len(stopped):
+    if len(stopped):  # a replicate trial's seeds stop together: counted once
         steps = sorted({int(s) for s in stopped["final_step"].dropna()})
-        problems.append(f"{len(stopped)} trial(s) stopped early by ASHA (at step {', '.join(map(str, steps))}) are "
+        n = stopped["trial_id"].fillna(stopped["run_id"]).nunique()
+        problems.append(f"{n} trial(s) stopped early by ASHA (at step {', '.join(map(str, steps))}) are "
                         "left out of the loss comparisons, which compare finished trials only")
     check_report_targets(out, list(frames), force)
     subtitle = f"{len(rs.runs)} run(s) from {', '.join(map(str, paths))} · generated {time.strftime('%Y-%m-%d %H:%M')}"

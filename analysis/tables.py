@@ -233,14 +233,24 @@ def samples(runs: pd.DataFrame, samples_df: pd.DataFrame) -> pd.DataFrame:
 
 
 def best_configs(runs: pd.DataFrame, mode: str = "min") -> pd.DataFrame:
-    """The best run per variant, with its hyperparameters (sweep trials carry them)."""
-    have = runs.dropna(subset=["val_loss"])
+    """The best configuration per variant, with its hyperparameters (sweep trials carry them). A
+    configuration is judged on the mean over its seeds, as Optuna and the sweep's summary judge it; a
+    run that is not a trial is a configuration of its own."""
+    have = runs.dropna(subset=["val_loss"]).copy()
+    if have.empty:
+        return pd.DataFrame()
+    have["config"] = [p if isinstance(p, str) else f"run:{r}" for p, r in zip(have["params"], have["run_id"],
+                                                                           strict=True)]
     rows = []
     for variant, g in have.groupby("variant", sort=True):
-        best = g.loc[g["val_loss"].idxmin() if mode == "min" else g["val_loss"].idxmax()]
-        params = json.loads(best["params"]) if isinstance(best.get("params"), str) else {}
-        rows.append({"variant": variant, "run_id": best["run_id"], "val_loss": best["val_loss"],
-                     "seed": best.get("seed"), "evaluations": best.get("evaluations"),
+        means = g.groupby("config")["val_loss"].mean()
+        key = means.idxmin() if mode == "min" else means.idxmax()
+        members = g[g["config"] == key].sort_values("seed", na_position="last")
+        first = members.iloc[0]
+        params = json.loads(first["params"]) if isinstance(first.get("params"), str) else {}
+        rows.append({"variant": variant, "run_id": ", ".join(members["run_id"]), "val_loss": float(means[key]),
+                     "seeds": len(members), "seed": ", ".join(str(s) for s in members["seed"].dropna().astype(int)),
+                     "evaluations": first.get("evaluations"),
                      **{k: v for k, v in params.items() if k != "model.type"}})
     return pd.DataFrame(rows)
 

@@ -301,7 +301,8 @@ def install(src: Path, run_dir: Path) -> list[str]:
 
     said = []
     step = saved_step(src / CHECKPOINT) if (src / CHECKPOINT).is_dir() else -1
-    if step >= 0 and saved_step(last_checkpoint(run_dir)) < step:
+    newer = step >= 0 and saved_step(last_checkpoint(run_dir)) < step
+    if newer:
         ckpt = run_dir / "checkpoints"
         ckpt.mkdir(parents=True, exist_ok=True)
         name = _free_name(ckpt, f"step-{step:07d}")
@@ -313,7 +314,7 @@ def install(src: Path, run_dir: Path) -> list[str]:
         _point(ckpt, LAST, name)
         _prune(ckpt)
         said.append(f"{run_dir}: checkpoint of step {step} read back from storage")
-    if step >= 0 and (src / METRICS_FILE).is_file():
+    if newer and (src / METRICS_FILE).is_file():  # with a newer local checkpoint, the local records stay
         local = run_dir / METRICS_FILE
         if not any(r.get("kind") == "eval" and r["step"] == step for r in read_jsonl(local).records):
             tmp = run_dir / f".{METRICS_FILE}.storage"

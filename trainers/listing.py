@@ -92,12 +92,13 @@ def _rel(path: Path, root: Path) -> str:
 
 
 def _set_aside(path: Path, root: Path) -> bool:
-    """Below `root`, a directory that `--force` moved aside (NAME.old-TIME), or inside one."""
+    """Below `root`, a directory that `--force` moved aside (NAME.old-TIME), or inside one; or inside
+    a run's checkpoints (a storage bundle being reported holds a copy of the records)."""
     try:
         parts = path.relative_to(root).parts
     except ValueError:
         parts = path.parts
-    return any(".old-" in p for p in parts)
+    return any(".old-" in p for p in parts) or "checkpoints" in parts
 
 
 def group_row(group: Path, runs: list[Row], root: Path, kind: str) -> Row:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import shutil
 import sys
 import tempfile
 from pathlib import Path
@@ -37,25 +38,30 @@ class RayHooks(Hooks):
         if not (self.storage and checkpoint_dir):
             ray.train.report(metrics)
             return
-        # beside the checkpoints (hard links need the same file system); one left by a kill is pruned
-        # with the stale temporaries at the next save
+        # beside the checkpoints (hard links need the same file system); one a kill left is removed here
         (self.run_dir / "checkpoints").mkdir(exist_ok=True)
+        for stale in (self.run_dir / "checkpoints").glob(".storage-*.tmp"):
+            shutil.rmtree(stale, ignore_errors=True)
         with tempfile.TemporaryDirectory(dir=self.run_dir / "checkpoints", prefix=".storage-", suffix=".tmp") as tmp:
             bundle(self.run_dir, Path(tmp) / "run")
             ray.train.report(metrics, checkpoint=ray.train.Checkpoint.from_directory(str(Path(tmp) / "run")))
 
     def restore(self, run_dir: Path) -> None:
+        """The latest checkpoint in storage, installed where this run's ranks read it: by the first
+        rank, then by the first rank of each node whose run directory is still older (not shared)."""
         import ray.train
 
         if not self.storage:
             return
-        ckpt = ray.train.get_checkpoint()
-        if ckpt is not None and ray.train.get_context().get_local_rank() == 0:
-            with ckpt.as_directory() as folder:
-                for line in install(Path(folder), run_dir):
-                    self.log(line)
-        if torch.distributed.is_initialized():
-            torch.distributed.barrier()
+        ckpt, ctx = ray.train.get_checkpoint(), ray.train.get_context()
+        first = ctx.get_world_rank() == 0
+        for turn in (first, not first and ctx.get_local_rank() == 0):
+            if ckpt is not None and turn:
+                with ckpt.as_directory() as folder:
+                    for line in install(Path(folder), run_dir):
+                        self.log(line)
+            if torch.distributed.is_initialized():
+                torch.distributed.barrier()
 
     def log(self, line: str) -> None:
         # Ray Train patches `print` to log and tee, which shows each line twice on the driver.

@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import json
 import math
+import time
 from pathlib import Path
 from typing import Any
 
@@ -34,8 +35,8 @@ class SeedHooks(Hooks):
     """One seed's hooks: everything goes to the trial's hooks except the report, which the trial
     makes once all its seeds have reached the step."""
 
-    def __init__(self, base: Hooks, seed: int) -> None:
-        self.base, self.seed = base, seed
+    def __init__(self, base: Hooks, seed: int, trial: str) -> None:
+        self.base, self.seed, self.trial = base, seed, trial
         self.saved: Path | None = None  # the checkpoint this seed wrote since the last report
 
     def device(self, requested: str):
@@ -48,7 +49,7 @@ class SeedHooks(Hooks):
         self.base.on_step(step)
 
     def export(self, record: dict[str, Any]) -> None:
-        self.base.export(record)
+        self.base.export({**record, "run": f"{self.trial}-seed{self.seed}"})  # not "0": every trial has one
 
     def log(self, line: str) -> None:
         self.base.log(f"[seed {self.seed}] {line}")
@@ -92,7 +93,7 @@ def setup_seeds(config: dict[str, Any], hooks: Hooks) -> tuple[list[RunState], l
     if why:
         raise Diverged(f"{why}; the trial stays stopped")
     hooks.restore(trial)
-    seed_hooks = [SeedHooks(hooks, s) for s in seeds]
+    seed_hooks = [SeedHooks(hooks, s, trial.name) for s in seeds]
     for s in seeds:
         seed_dir(trial, s).mkdir(parents=True, exist_ok=True)
     states = [setup({**config, "spec": {**config["spec"], "seed": s}, "run_dir": str(seed_dir(trial, s)),
@@ -112,6 +113,7 @@ def train_replicates(config: dict[str, Any], hooks: Hooks) -> dict[str, Any]:
     rank, total, every = states[0].rank, states[0].total_steps, states[0].spec.training.eval_every
     done = min(s.step for s in states)
     meters = [Meter() for _ in states]
+    paused = [time.perf_counter()] * len(states)  # a seed's meter stops while the others train
     try:
         for s in states:  # a fresh seed's first pass and step-0 evaluation
             start(s)
@@ -121,7 +123,9 @@ def train_replicates(config: dict[str, Any], hooks: Hooks) -> dict[str, Any]:
             until = min(total, (done // every + 1) * every)
             for i, s in enumerate(states):
                 if s.step < until:  # a seed can be one interval ahead (a crash between the seeds' checkpoints)
+                    meters[i].exclude(time.perf_counter() - paused[i])
                     meters[i] = advance(s, until, meters[i])
+                    paused[i] = time.perf_counter()
             _report(trial, states, seed_hooks, seeds, done, until, hooks)
             done = until
     except Diverged as err:

@@ -110,7 +110,7 @@ def check_resume(run_dir: Path, spec: Spec) -> None:
         raise SpecError(f"--resume: {run_dir} {why}; from its last checkpoint it would diverge again: change the "
                         "spec and start afresh (--force sets the run aside)")
     why = problem(last_checkpoint(run_dir), deep=True)
-    if why and spec.resources.storage and spec.resources.use_ray:
+    if why and spec.resources.storage and spec.resources.use_ray and storage_holds(run_dir, spec.resources.storage):
         return  # the checkpoint of record is in Ray's storage: the run reads it back from there
     if why and read_jsonl(run_dir / METRICS).records:
         raise SpecError(f"--resume: cannot continue {run_dir}: {why}, so its records would be repeated; "
@@ -193,6 +193,21 @@ def check_storage(uri: str) -> None:
     except Exception as err:  # pyarrow's errors name the scheme, the bucket, the credentials
         raise SpecError(f"resources.storage={uri!r}: cannot be written ({type(err).__name__}: "
                         f"{' '.join(str(err).split())[:300]})") from None
+
+
+def storage_holds(run_dir: Path, uri: str) -> bool:
+    """Whether Ray's storage at `uri` holds checkpoints of the run in `run_dir` (its name there is
+    in `run.json`)."""
+    import pyarrow.fs
+
+    try:
+        name = json.loads((run_dir / "run.json").read_text()).get("storage_name")
+        fs, path = pyarrow.fs.FileSystem.from_uri(uri)
+        return bool(name) and any(i.type == pyarrow.fs.FileType.Directory and i.base_name.startswith("checkpoint_")
+                                  for i in fs.get_file_info(pyarrow.fs.FileSelector(f"{path}/{name}",
+                                                                                    allow_not_found=True)))
+    except (OSError, ValueError, AttributeError):
+        return False
 
 
 def check_run_dir(run_dir: Path, resume: bool, force: bool, spec: Spec | None = None) -> None:

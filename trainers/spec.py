@@ -218,7 +218,7 @@ class SweepSpec(Strict):
     metric: str = "val_loss"
     mode: Literal["min", "max"] = "min"
     objectives: list[Objective] | None = None  # multi-objective, e.g. val_loss and train_flops (Pareto front)
-    num_samples: int = Field(4, ge=1)  # configurations Optuna proposes (each runs once per seed)
+    num_samples: int = Field(4, ge=1)  # configurations Optuna proposes: a trial each, training all the seeds
     max_concurrent: int | None = Field(None, ge=1)  # default: as many trials as the cluster fits
     search_space: dict[str, Distribution] = Field(default_factory=dict)
     asha: AshaSpec = AshaSpec()

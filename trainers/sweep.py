@@ -346,7 +346,7 @@ class TrialProgress(_callback_base()):
             self.states[trial.trial_id] = "finished"
             return
         params = {k: v for k, v in trial.config.items() if "." in k}
-        spec = trial_spec(self.plan.spec, params, None)
+        spec = trial_spec(self.plan.spec, params, self.plan.seeds[0])
         tracker = self.tracking.start(spec, run_dir, name=f"trial-{trial.trial_id}")
         label = f"{trial.trial_id} {params.get('model.type', self.plan.spec.model.type)}"
         self.ui.follow(trial.trial_id, run_dir, label, sinks=[tracker.record] if tracker else [])

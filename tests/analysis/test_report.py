@@ -178,3 +178,46 @@ def test_importances_come_from_the_sweeps_optuna_study(tmp_path):
     imp = tables.importances(trials)
     assert set(imp["parameter"]) == {"model.mod_capacity", "training.optimizer.lr"}
     assert imp["note"].iloc[0] == "6 trials"
+
+
+def _replicate_trial(root, trial, params, finals, total=20, stopped=False, diverged=False):
+    """A sweep trial with its seeds under seeds/, as `dtlab sweep` writes one with `seeds: [0, 1]`."""
+    for seed, final in enumerate(finals):
+        run = make_run(root / "trials" / trial / "seeds", str(seed), "mod", seed=seed, final=final, steps=total,
+                       params=params)
+        info = json.loads((run / "params.json").read_text())
+        (run / "params.json").write_text(json.dumps({**info, "trial_id": trial}))
+        if stopped:  # ASHA stopped the trial (both seeds) at step 20 of 40
+            facts = json.loads((run / "run.json").read_text())
+            facts["training"]["total_steps"] = 40
+            (run / "run.json").write_text(json.dumps(facts))
+            lines = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
+            (run / "metrics.jsonl").write_text("".join(json.dumps({**r, "done": False}) + "\n" for r in lines))
+    (root / "trials" / trial / "metrics.jsonl").write_text(json.dumps({"kind": "eval", "step": total,
+                                                                       "val_loss": sum(finals) / 2}) + "\n")
+    if diverged:
+        (root / "trials" / trial / "diverged.json").write_text(json.dumps({"step": 10, "reason": "diverged at 10"}))
+
+
+def test_a_replicate_sweep_is_compared_by_configuration(tmp_path):
+    """The report of a sweep with seeds in each trial: the runs are the seeds (never the trial's
+    means), the best configuration is the best mean over seeds (as Optuna and the summary judge), a
+    stopped trial is counted once, and the seeds of a diverged trial are diverged."""
+    sweep = tmp_path / "sweep"
+    _replicate_trial(sweep, "a", {"model.type": "mod", "model.mod_capacity": 0.2}, [5.0, 5.4])  # mean 5.2
+    _replicate_trial(sweep, "b", {"model.type": "mod", "model.mod_capacity": 0.3}, [4.9, 5.7])  # mean 5.3
+    _replicate_trial(sweep, "c", {"model.type": "mod", "model.mod_capacity": 0.4}, [4.0, 4.1], stopped=True)
+    _replicate_trial(sweep, "d", {"model.type": "mod", "model.mod_capacity": 0.5}, [3.0, 3.1], diverged=True)
+    report = write_report([sweep])
+    import pandas as pd
+
+    got = pd.read_csv(report.tables_dir / "best_configs.csv").iloc[0]  # not trial b's seed 0 (4.9, the best seed)
+    assert got["model.mod_capacity"] == 0.2 and got["val_loss"] == pytest.approx(5.2 + 0.01)  # causal loss
+    assert got["seeds"] == 2 and got["run_id"] == "trial-a-seed0, trial-a-seed1"
+    md = report.markdown.read_text()
+    assert "1 trial(s) stopped early by ASHA (at step 20)" in md
+    from dtlab.analysis.loaders import load
+
+    rs = load([sweep])
+    assert sorted(rs.runs["run_id"]) == sorted(f"trial-{t}-seed{s}" for t in "abcd" for s in (0, 1))
+    assert rs.runs.set_index("run_id").loc[["trial-d-seed0", "trial-d-seed1"], "diverged"].notna().all()

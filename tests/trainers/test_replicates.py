@@ -25,6 +25,9 @@ class Reports(Hooks):
         if self.stop_after is not None and self.calls > self.stop_after:
             raise KeyboardInterrupt
 
+    def export(self, record):
+        self.exported = getattr(self, "exported", set()) | {record["run"]}
+
     def log(self, line):
         pass
 
@@ -63,6 +66,7 @@ def test_seeds_advance_together_and_the_trial_reports_their_mean(tmp_path):
         assert rec["seeds"] == {"0": a["val_loss"], "1": b["val_loss"]}
         assert metrics["val_loss_seed0"] == a["val_loss"] and ckpt is not None
     assert mine[-1]["done"] and not any(r["done"] for r in mine[:-1])
+    assert hooks.exported == {"trial-seed0", "trial-seed1"}  # the seeds' metrics series are the trial's own
 
 
 def test_an_interrupted_trial_resumes_each_seed_and_keeps_one_record_per_step(tmp_path):

@@ -111,3 +111,16 @@ def test_storage_is_checked_before_any_work(tmp_path):
     with pytest.raises(SpecError, match="a URI is not a directory.*resources.storage"):
         check_out(Path("s3://bucket/sweep"))
     assert PurePath("s3://bucket/sweep").as_posix() == "s3:/bucket/sweep"  # what --out would have made of it
+
+
+def test_a_resume_relies_on_storage_only_when_storage_holds_the_run(tmp_path):
+    from dtlab.trainers.runner import storage_holds
+
+    run, store = tmp_path / "run", tmp_path / "store"
+    run.mkdir()
+    (run / "run.json").write_text(json.dumps({"name": "t"}))
+    assert not storage_holds(run, str(store))  # a run that never used storage
+    (run / "run.json").write_text(json.dumps({"name": "t", "storage_name": "run-1234"}))
+    assert not storage_holds(run, str(store))  # storage holds nothing of it
+    (store / "run-1234" / "checkpoint_2026-11-28_00-00-00.000000").mkdir(parents=True)
+    assert storage_holds(run, str(store))
