@@ -122,16 +122,29 @@ def build_sections(rs: RunSet, space: dict, studies: list[Path] = ()) -> tuple[l
         s.append(Section("Samples", "Greedy continuations of fixed prompts by each variant's best checkpoint "
                          "(first seed), generated with the KV cache in causal routing, as `dtlab sample` does.",
                          [shown]))
-    if runs["params"].notna().any():
-        s.append(Section("Sweep: best configurations and what mattered",
-                         "The best run per variant with its hyperparameters, and Optuna's fANOVA importance of "
-                         "each swept hyperparameter for the final validation loss.",
-                         [best, imp if not imp.empty else "too few finished trials to estimate importance"]))
-    else:
-        s.append(Section("Best run per variant", "", [best]))
+    s += _sweep_sections(rs, runs, best, imp, out)
     s.append(Section("Facts of each run", "Device, precision, the routing modes its evaluations used, seed, tokens "
                      "seen and the git commit (dirty: uncommitted changes when it ran).", [facts]))
     return s, out
+
+
+def _sweep_sections(rs: RunSet, runs: pd.DataFrame, best: pd.DataFrame, imp: pd.DataFrame,
+                    out: dict[str, pd.DataFrame]) -> list[Section]:
+    """A sweep's best configurations, what mattered, and every trial at a common step."""
+    if not runs["params"].notna().any():
+        return [Section("Best run per variant", "", [best])]
+    s = [Section("Sweep: best configurations and what mattered",
+                 "The best configuration per variant (the mean over its seeds) with its hyperparameters, and "
+                 "Optuna's fANOVA importance of each swept hyperparameter for the final validation loss.",
+                 [best, imp if not imp.empty else "too few finished trials to estimate importance"])]
+    common = tables.common_step(tables.results(rs.runs), rs.evals)
+    if not common.empty:
+        out["common_step"] = common
+        s.append(Section("Sweep: every trial at a common step",
+                         f"Each trial's validation loss (the mean over its seeds) at step {common['step'].iloc[0]}, "
+                         "the last step every trial that did not diverge was evaluated at: the finished trials and "
+                         "those ASHA stopped, side by side at equal training.", [common]))
+    return s
 
 
 def _routing_sections(rs: RunSet, runs: pd.DataFrame) -> list[Section]:

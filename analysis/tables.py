@@ -255,6 +255,31 @@ def best_configs(runs: pd.DataFrame, mode: str = "min") -> pd.DataFrame:
     return pd.DataFrame(rows)
 
 
+def common_step(runs: pd.DataFrame, evals: pd.DataFrame) -> pd.DataFrame:
+    """Each sweep trial's validation loss, the mean over its seeds, at one step every trial reached:
+    the last step at which all of them (finished, or stopped by ASHA; not diverged) were evaluated,
+    so that trials are compared at equal training. Best first."""
+    trials = runs[runs["params"].notna()] if "params" in runs else runs.iloc[0:0]
+    if trials.empty or evals.empty:
+        return pd.DataFrame()
+    ev = evals[evals["run_id"].isin(trials["run_id"])][["run_id", "step", "val_loss"]].dropna()
+    steps = [set(g) for _, g in ev.groupby("run_id")["step"]]
+    common = set.intersection(*steps) if steps else set()
+    if not common:
+        return pd.DataFrame()
+    step = max(common)
+    at = ev[ev["step"] == step].merge(trials[["run_id", "trial_id", "variant", "params", "done", "final_step"]],
+                                      on="run_id")
+    at["trial"] = at["trial_id"].fillna(at["run_id"])
+    g = at.groupby("trial").agg(variant=("variant", "first"), seeds=("run_id", "count"),
+                                val_loss=("val_loss", "mean"), done=("done", "all"), ended=("final_step", "max"),
+                                params=("params", "first")).reset_index()
+    g.insert(3, "step", step)
+    g["status"] = ["finished" if d else f"stopped at step {int(e)}" for d, e in zip(g["done"], g["ended"],
+                                                                                  strict=True)]
+    return g.drop(columns=["done", "ended"]).sort_values("val_loss").reset_index(drop=True)
+
+
 def importances(runs: pd.DataFrame, space: dict | None = None) -> pd.DataFrame:
     """Which hyperparameters mattered: Optuna's fANOVA importance of each swept key for the final
     validation loss, per variant (needs at least 4 trials with results)."""

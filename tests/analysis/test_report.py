@@ -204,8 +204,8 @@ def test_a_replicate_sweep_is_compared_by_configuration(tmp_path):
     means), the best configuration is the best mean over seeds (as Optuna and the summary judge), a
     stopped trial is counted once, and the seeds of a diverged trial are diverged."""
     sweep = tmp_path / "sweep"
-    _replicate_trial(sweep, "a", {"model.type": "mod", "model.mod_capacity": 0.2}, [5.0, 5.4])  # mean 5.2
-    _replicate_trial(sweep, "b", {"model.type": "mod", "model.mod_capacity": 0.3}, [4.9, 5.7])  # mean 5.3
+    _replicate_trial(sweep, "a", {"model.type": "mod", "model.mod_capacity": 0.2}, [5.0, 5.4], total=40)  # mean 5.2
+    _replicate_trial(sweep, "b", {"model.type": "mod", "model.mod_capacity": 0.3}, [4.9, 5.7], total=40)  # mean 5.3
     _replicate_trial(sweep, "c", {"model.type": "mod", "model.mod_capacity": 0.4}, [4.0, 4.1], stopped=True)
     _replicate_trial(sweep, "d", {"model.type": "mod", "model.mod_capacity": 0.5}, [3.0, 3.1], diverged=True)
     report = write_report([sweep])
@@ -216,6 +216,11 @@ def test_a_replicate_sweep_is_compared_by_configuration(tmp_path):
     assert got["seeds"] == 2 and got["run_id"] == "trial-a-seed0, trial-a-seed1"
     md = report.markdown.read_text()
     assert "1 trial(s) stopped early by ASHA (at step 20)" in md
+    common = pd.read_csv(report.tables_dir / "common_step.csv")  # every trial at the step all reached
+    assert list(common["trial"]) == ["c", "a", "b"] and set(common["step"]) == {20}  # d diverged: not a result
+    assert list(common["status"]) == ["stopped at step 20", "finished", "finished"]
+    # a and b at step 20 of their 40 (2.0 above their final losses), not at their ends
+    assert common["val_loss"].tolist() == pytest.approx([4.06, 7.21, 7.31]) and set(common["seeds"]) == {2}
     from dtlab.analysis.loaders import load
 
     rs = load([sweep])
