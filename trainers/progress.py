@@ -411,8 +411,8 @@ class Console:
         if self._thread is not None:
             self._thread.join(timeout=5)
         with self._lock:
-            for key in list(self._watches):
-                self.unfollow(key, "stopped")
+            for key in list(self._watches):  # a run nobody ended: finished, or it did not end on its own
+                self.unfollow(key, lambda w: "finished" if w.total and w.step >= w.total else "interrupted")
             if self._progress is not None and self.header is not None and "__header__" in self._tasks:
                 self._progress.update(self._tasks["__header__"], description=self.header())
             self._stop_live()

@@ -499,7 +499,9 @@ def finish(plan: Plan, out: Path, results, log) -> dict[str, Any]:
     spec = plan.spec
     summary = summarize(out)
     unfinished = len(results) - results.num_terminated - results.num_errors
-    summary["interrupted"] = unfinished > 0 or len(results) < spec.sweep.num_samples
+    # Tune counts a trial it stopped on SIGINT as terminated: the trials' own records say it is unfinished
+    summary["interrupted"] = (unfinished > 0 or len(results) < spec.sweep.num_samples
+                              or summary["counts"]["unfinished"] > 0)
     counts = summary["counts"]
     errors = [r.error for r in results if r.error]
     counts["failed"] = max(counts["failed"], len(errors) - counts["diverged"])  # some fail before any record

@@ -14,37 +14,9 @@ import pytest
 import yaml
 
 from dtlab.trainers.spec import SpecError, spec_from_dict
-from tests.trainers.conftest import tiny_spec
+from tests.trainers.conftest import stored, tiny_spec
 
 ROOT = Path(__file__).resolve().parents[2]
-
-
-@pytest.fixture
-def s3(monkeypatch):
-    boto3 = pytest.importorskip("boto3")
-    from moto.server import ThreadedMotoServer
-
-    creds = {"AWS_ACCESS_KEY_ID": "testing", "AWS_SECRET_ACCESS_KEY": "testing", "AWS_DEFAULT_REGION": "us-east-1"}
-    for key, value in creds.items():
-        monkeypatch.setenv(key, value)
-    import logging
-
-    logging.getLogger("werkzeug").setLevel(logging.WARNING)  # one line per request otherwise
-    server = ThreadedMotoServer(ip_address="127.0.0.1", port=0, verbose=False)
-    server.start()
-    host, port = server.get_host_and_port()
-    boto3.client("s3", endpoint_url=f"http://{host}:{port}").create_bucket(Bucket="dtlab")
-    yield f"s3://dtlab/runs?endpoint_override={host}:{port}&scheme=http&region=us-east-1"
-    server.stop()
-
-
-def stored(uri):
-    """Every checkpoint folder in the storage (its Ray run folders, then `checkpoint_*`)."""
-    import pyarrow.fs
-
-    fs, root = pyarrow.fs.FileSystem.from_uri(uri)
-    infos = fs.get_file_info(pyarrow.fs.FileSelector(root, recursive=True))
-    return fs, sorted({i.path.rsplit("/checkpoint/", 1)[0] for i in infos if "/checkpoint/" in i.path})
 
 
 def records(run):
@@ -54,6 +26,7 @@ def records(run):
 
 @pytest.mark.slow
 def test_resume_reads_the_checkpoint_back_from_s3_after_the_local_copy_is_deleted(tmp_path, s3):
+    s3 = s3("runs")
     spec = tmp_path / "tiny.yaml"
     spec.write_text(yaml.safe_dump(tiny_spec(resources={"use_ray": True, "storage": s3},
                                              training={"max_steps": 12, "eval_every": 2})))

@@ -1,6 +1,7 @@
 """Sweeps: the plan is checked before Ray starts; end to end with ASHA; SIGINT then --resume."""
 
 import json
+import shutil
 import signal
 import subprocess
 import sys
@@ -12,7 +13,7 @@ import yaml
 
 from dtlab.trainers.spec import SpecError, load_spec, spec_from_dict
 from dtlab.trainers.sweep import check_gpus, plan_sweep, trial_resources, trial_spec
-from tests.trainers.conftest import tiny_spec
+from tests.trainers.conftest import stored, tiny_spec
 
 ROOT = Path(__file__).resolve().parents[2]
 
@@ -132,45 +133,67 @@ def test_sweep_smoke_end_to_end_with_asha(tmp_path):
 
 
 @pytest.mark.slow
-def test_sigint_then_resume_loses_nothing(tmp_path):
+def test_sigint_then_resume_loses_nothing(tmp_path, s3):
     """A replicate sweep (3 configurations x 2 seeds, each configuration one trial that trains both
-    seeds) through Tune, interrupted once a trial has finished, then resumed: finished trials are
-    kept as they were, the rest complete once, and each trial's record is the mean of its seeds."""
+    seeds) through Tune, its checkpoints in S3 (a real server on loopback), interrupted once a trial
+    has finished and another has trained; the unfinished trials' local checkpoints and records are then
+    deleted, and the resume reads them back from S3: finished trials are kept as they were, the rest
+    complete once, and each trial's record is the mean of its seeds."""
     out = tmp_path / "sweep"
-    storage = tmp_path / "storage"  # the checkpoints of record through Ray's storage (a path every node would share)
+    storage = s3("sweep")
     cmd = [sys.executable, "-m", "dtlab.trainers.cli", "sweep", "experiments/sweep_smoke.yaml", "sweep.num_samples=3",
-           "seeds=[0,1]", "sweep.asha.enabled=false", f"resources.storage={storage}", "--out", str(out)]
+           "seeds=[0,1]", "sweep.asha.enabled=false", f"resources.storage={storage}", "training.max_steps=60",
+           "--out", str(out)]
     proc = subprocess.Popen(cmd, cwd=ROOT, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+
+    def trained(text):  # not finished, two evaluations after training (the first one's checkpoint is in S3)
+        return '"done": true' not in text and any(r["kind"] == "eval" and r["step"] >= 20
+                                                  for r in map(json.loads, text.splitlines()))
+
     deadline = time.time() + 300
-    while time.time() < deadline and not any('"done": true' in p.read_text()
-                                             for p in out.glob("trials/*/metrics.jsonl")):
+    while time.time() < deadline:
+        texts = [p.read_text() for p in out.glob("trials/*/metrics.jsonl")]
+        if any('"done": true' in t for t in texts) and any(trained(t) for t in texts):
+            break
         time.sleep(0.5)
     proc.send_signal(signal.SIGINT)
-    assert proc.wait(timeout=180) == 130
+    assert proc.wait(timeout=180) == 130  # also when Tune counts the trial it stopped as terminated
+    assert json.loads((out / "summary.json").read_text())["interrupted"]
     before = {p.parent.name: p.read_text() for p in out.glob("trials/*/metrics.jsonl")}
     finished = {k for k, text in before.items() if '"done": true' in text}
     assert finished, "no trial had finished before the interrupt"
     assert len(finished) < 3, "every trial had finished: the interrupt tested nothing"
+    _, kept = stored(storage)
+    lost = {name for name in set(before) - finished if any(f"/sweep-{name}/" in k for k in kept)}
+    assert lost, "no unfinished trial had a checkpoint in S3: the read-back would test nothing"
+    for name in lost:  # the unfinished trials' local copies are gone (a lost node, a wiped disk)
+        for seed in (0, 1):
+            shutil.rmtree(out / "trials" / name / "seeds" / str(seed) / "checkpoints")
+            (out / "trials" / name / "seeds" / str(seed) / "metrics.jsonl").unlink()
     proc = subprocess.run(cmd + ["--resume"], cwd=ROOT, capture_output=True, text=True, timeout=900)
     assert proc.returncode == 0, proc.stderr[-3000:]
+    log = (out / "output.log").read_text()
+    assert log.count("read back from storage") >= 2 * len(lost), log[-3000:]  # each seed of each such trial
     assert proc.stderr.count(": started (") == 3 - len(finished), proc.stderr  # progress after a resume too
-    after = {p.parent.name: p.read_text() for p in out.glob("trials/*/metrics.jsonl")}
+    # a trial whose local copy was lost restarts in a fresh directory; what was left of it is set aside
+    after = {p.parent.name: p.read_text() for p in out.glob("trials/*/metrics.jsonl") if ".old-" not in p.parent.name}
     assert len(after) == 3 and set(before) <= set(after)
     for name in finished:
         assert after[name] == before[name], f"finished trial {name} was rerun"
     for name, text in after.items():
         evals = [r for r in map(json.loads, text.splitlines()) if r["kind"] == "eval"]
-        assert [r["step"] for r in evals] == [0, 10, 20, 30], f"trial {name}: evaluations {evals}"
+        assert [r["step"] for r in evals] == [0, 10, 20, 30, 40, 50, 60], f"trial {name}: evaluations {evals}"
         seeds = {s: _evals(out / "trials" / name / "seeds" / str(s) / "metrics.jsonl") for s in (0, 1)}
         for i, rec in enumerate(evals):  # the trial's record at each step: the mean of its seeds at that step
             assert rec["seeds"] == {str(s): seeds[s][i]["val_loss"] for s in (0, 1)}
             assert rec["val_loss"] == pytest.approx((seeds[0][i]["val_loss"] + seeds[1][i]["val_loss"]) / 2)
         assert json.loads((out / "trials" / name / "params.json").read_text())["seeds"] == [0, 1]
+    fs, kept = stored(storage)
     for name in after:  # each trial's storage: at most the latest and the best, each with both seeds
-        kept = sorted(p for p in (storage / f"sweep-{name}").glob("checkpoint_*") if p.is_dir())
-        assert 1 <= len(kept) <= 2, kept
-        for folder in kept:
-            assert all((folder / "seeds" / str(s) / "checkpoint" / "model.safetensors").is_file() for s in (0, 1))
+        mine = [k for k in kept if f"/sweep-{name}/" in k]
+        assert 1 <= len(mine) <= 2, mine
+        for folder in mine:
+            assert all(fs.get_file_info(f"{folder}/seeds/{s}/checkpoint/model.safetensors").size > 0 for s in (0, 1))
     summary = json.loads((out / "summary.json").read_text())
     assert summary["counts"]["finished"] == 3 and all(t["seeds"] == [0, 1] for t in summary["trials"])
     from dtlab.analysis.loaders import load
