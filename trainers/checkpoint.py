@@ -294,9 +294,9 @@ def saved_step(path: Path) -> int:
 
 def install(src: Path, run_dir: Path) -> list[str]:
     """Put a bundle read back from storage into `run_dir`: its checkpoint becomes `last` unless the
-    run holds a newer one, and its `metrics.jsonl` replaces a local one that lacks that checkpoint's
-    evaluation (or is gone); the resume then cuts the records back to the checkpoint. Recurses into
-    the seeds of a replicate trial. Returns a line per checkpoint installed."""
+    run holds one as new, and then its `metrics.jsonl` replaces a local one that lacks that
+    checkpoint's evaluation (or is gone); the resume then cuts the records back to the checkpoint.
+    Recurses into the seeds of a replicate trial. Returns a line per checkpoint installed."""
     from .records import read_jsonl
 
     said = []
