@@ -97,7 +97,6 @@ def node_data(config: dict[str, Any]) -> Path:
     (one machine, a shared cache), else prepared here from the spec, deterministically (the same
     cache key, hence the same rows, or a refusal)."""
     from .data import prepare_data
-    from .spec import Spec
 
     folder = Path(config["data_dir"])
     if (folder / "meta.json").is_file():

@@ -88,8 +88,7 @@ def setup_seeds(config: dict[str, Any], hooks: Hooks) -> tuple[list[RunState], l
     rebuilt from its seeds' up to the step every seed has reached."""
     trial = Path(config["run_dir"])
     seeds = [int(s) for s in config["seeds"]]
-    why = diverged_reason(trial) or next((diverged_reason(seed_dir(trial, s)) for s in seeds
-                                          if diverged_reason(seed_dir(trial, s))), None)
+    why = next(filter(None, map(diverged_reason, [trial, *(seed_dir(trial, s) for s in seeds)])), None)
     if why:
         raise Diverged(f"{why}; the trial stays stopped")
     hooks.restore(trial)

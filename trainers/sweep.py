@@ -224,11 +224,11 @@ def lay_out_trial(run_dir: Path, runs: dict[int, Path], trial_id: str, params: d
     prepare_run_dir(run_dir, resume=False, force=holds_run(run_dir), log=lambda s: None)
     write_run_files(run_dir, trial_spec(sweep_spec, params, seeds[0]), data, resume=False)
     for seed, one in runs.items():
-        one.mkdir(parents=True, exist_ok=True)
-        if one != run_dir:
+        if one != run_dir:  # a seed of a replicate trial: a run of its own
+            one.mkdir(parents=True, exist_ok=True)
             write_run_files(one, trial_spec(sweep_spec, params, seed), data, resume=False)
-        (one / "params.json").write_text(json.dumps({"trial_id": trial_id, "params": params, "seed": seed,
-                                                     "seeds": seeds}, indent=1))
+            (one / "params.json").write_text(json.dumps({"trial_id": trial_id, "params": params, "seed": seed,
+                                                         "seeds": seeds}, indent=1))
     (run_dir / "params.json").write_text(json.dumps({"trial_id": trial_id, "params": params,
                                                       "seed": seeds[0] if len(seeds) == 1 else None,
                                                       "seeds": seeds}, indent=1))
