@@ -26,8 +26,8 @@ from typing import Any
 import pandas as pd
 import yaml
 
-from dtlab.trainers.records import METRICS, diverged_reason
-from dtlab.trainers.records import read_jsonl as _read_records
+from dtlab.analysis.rundir import METRICS, diverged_reason
+from dtlab.analysis.rundir import read_jsonl as _read_records
 
 
 @dataclass

@@ -18,8 +18,8 @@ from typing import Any
 _NAMES = {
     "config": ("PRESETS", "ROUTING_MODES", "DTLabConfig", "MoDConfig", "DTFConfig", "make_config", "config_class"),
     "flops": ("flops_per_token", "forward_flops_per_token", "flop_ratio_vs_dense", "param_count", "capacity_k"),
-    "modeling": ("VARIANTS", "build_model", "register_auto_classes", "DTLabForCausalLM", "StandardForCausalLM",
-                 "MoDForCausalLM", "DTFForCausalLM", "DTLabCausalLMOutput"),
+    "registry": ("VARIANTS", "build_model", "register_auto_classes"),
+    "modeling": ("DTLabForCausalLM", "StandardForCausalLM", "MoDForCausalLM", "DTFForCausalLM", "DTLabCausalLMOutput"),
 }
 _WHERE = {name: module for module, names in _NAMES.items() for name in names}
 __all__ = sorted(_WHERE)
@@ -33,7 +33,7 @@ def __getattr__(name: str) -> Any:
             if err.name != f"{__name__}.{name}":
                 raise
             raise AttributeError(f"module {__name__!r} has no attribute {name!r}") from None
-    importlib.import_module(".modeling", __name__)  # registers the Auto classes
+    importlib.import_module(".registry", __name__)  # registers the Auto classes
     value = getattr(importlib.import_module(f".{_WHERE[name]}", __name__), name)
     globals()[name] = value
     return value

@@ -159,14 +159,13 @@ def checkpoint_config(variant: str, path: Path, overrides: dict[str, Any]) -> DT
     return cls(**{**kept, **shape, **overrides})
 
 
-def build_pretrained(variant: str, pretrained: str | os.PathLike, overrides: dict[str, Any]):
-    """A `variant` model whose shape (and, for a dtlab checkpoint of that variant, routing settings)
-    comes from the checkpoint and whose weights are loaded from it."""
-    from .modeling import VARIANTS
-
+def build_pretrained(model_cls: type[torch.nn.Module], variant: str, pretrained: str | os.PathLike,
+                     overrides: dict[str, Any]) -> torch.nn.Module:
+    """A `model_cls` (the `variant`'s class) whose shape (and, for a dtlab checkpoint of that variant,
+    routing settings) comes from the checkpoint and whose weights are loaded from it."""
     path = resolve_checkpoint(pretrained)
     check_override_keys(variant, overrides)
-    model = VARIANTS[variant](checkpoint_config(variant, path, overrides))
+    model = model_cls(checkpoint_config(variant, path, overrides))
     state = read_state_dict(path)
     if overrides.get("tie_word_embeddings") is False and "lm_head.weight" not in state:  # untied from a tied one
         state = {**state, "lm_head.weight": state["model.embed_tokens.weight"].clone()}

@@ -7,7 +7,6 @@ Shape legend: B batch, T sequence length, K tokens per routed block and row, D h
 from __future__ import annotations
 
 import contextlib
-import os
 from collections.abc import Iterator
 from dataclasses import dataclass
 from typing import Any, NamedTuple
@@ -18,7 +17,7 @@ from torch import nn
 from transformers import GenerationMixin, PreTrainedModel
 from transformers.utils import ModelOutput
 
-from .config import CONFIG_CLASSES, DTFConfig, DTLabConfig, MoDConfig, config_class, make_config
+from .config import DTFConfig, DTLabConfig, MoDConfig
 from .dtf import DTFDecisionLayer, DTFDynamicLayer, DTFRouter
 from .layers import DecoderBlock, KVStore, RMSNorm, RotaryEmbedding, Slots, init, sdpa_mask
 from .mod import MoDLayer
@@ -420,39 +419,3 @@ class MoDForCausalLM(DTLabForCausalLM):
 
 class DTFForCausalLM(DTLabForCausalLM):
     config_class = DTFConfig
-
-
-# Variant registry: specs hold these strings; the classes stay here.
-VARIANTS: dict[str, type[DTLabForCausalLM]] = {
-    "standard": StandardForCausalLM,
-    "mod": MoDForCausalLM,
-    "dtf": DTFForCausalLM,
-}
-
-
-def register_auto_classes() -> None:
-    """Let `AutoConfig` / `AutoModelForCausalLM.from_pretrained` reload saved dtlab checkpoints."""
-    from transformers import AutoConfig, AutoModelForCausalLM
-
-    for variant, model_cls in VARIANTS.items():
-        AutoConfig.register(CONFIG_CLASSES[variant].model_type, CONFIG_CLASSES[variant], exist_ok=True)
-        AutoModelForCausalLM.register(CONFIG_CLASSES[variant], model_cls, exist_ok=True)
-
-
-register_auto_classes()
-
-
-def build_model(
-    variant: str,
-    preset: str = "debug",
-    pretrained: str | os.PathLike | None = None,
-    **overrides: Any,
-) -> DTLabForCausalLM:
-    """A `variant` model from `preset` + overrides, or with shape and weights from `pretrained`
-    (a hub name or a local Qwen2/Qwen2.5 checkpoint directory; the preset is then ignored)."""
-    config_class(variant)
-    if pretrained is not None:
-        from .loading import build_pretrained
-
-        return build_pretrained(variant, pretrained, overrides)
-    return VARIANTS[variant](make_config(variant, preset, **overrides))

@@ -1,5 +1,5 @@
 """Build the shipped offline lm-eval tasks from Python's own documentation (`pydoc_data.topics`,
-PSF-licensed text every Python installation carries): `trainers/tasks/*.jsonl`.
+PSF-licensed text every Python installation carries): `trainers/tools/tasks/*.jsonl`.
 
     python scripts/make_eval_tasks.py      # deterministic: rerunning rewrites the same files
 
@@ -16,7 +16,7 @@ import random
 import re
 from pathlib import Path
 
-OUT = Path(__file__).resolve().parent.parent / "trainers" / "tasks"
+OUT = Path(__file__).resolve().parent.parent / "trainers" / "tools" / "tasks"
 ITEMS = 150
 
 

@@ -138,8 +138,8 @@ def test_every_dashboard_query_returns_the_runs_series(tmp_path, monkeypatch):
     import ray
     import yaml
 
-    from dtlab.trainers.ray_train import init_ray
-    from dtlab.trainers.runner import run_training
+    from dtlab.trainers.orchestrate.ray_train import init_ray
+    from dtlab.trainers.orchestrate.runner import run_training
     from dtlab.trainers.spec import spec_from_dict
     from tests.trainers.conftest import tiny_spec
 
@@ -178,7 +178,7 @@ def test_every_dashboard_query_returns_the_runs_series(tmp_path, monkeypatch):
         spec = spec_from_dict(tiny_spec(model={"type": VARIANT}, resources={"use_ray": True},
                                         training={"max_steps": 20, "log_every": 1, "eval_every": 5}))
         t0 = time.time()
-        run_training(spec, tmp_path / run, log=lambda s: None)
+        run_training(spec, tmp_path / run)
         t1 = time.time()
 
         # When was every exported metric of this run in Prometheus? (They end with the worker.)

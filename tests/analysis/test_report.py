@@ -11,7 +11,7 @@ from pathlib import Path
 import pytest
 
 from dtlab.analysis.report import ReportError, write_report
-from dtlab.trainers.cli import main
+from dtlab.trainers.cli.main import main
 from tests.analysis.fixtures import make_run
 
 ROOT = Path(__file__).resolve().parents[2]

@@ -16,7 +16,7 @@ import pytest
 import torch
 import yaml
 
-from dtlab.trainers.cli import main
+from dtlab.trainers.cli.main import main
 from tests.trainers.conftest import tiny_spec
 
 ROOT = Path(__file__).resolve().parents[2]

@@ -4,16 +4,16 @@ import json
 
 import pytest
 
-from dtlab.trainers.bench import estimate_memory_gib, format_table, run_bench
-from dtlab.trainers.cli import main
-from dtlab.trainers.device import detect_precision
+from dtlab.trainers.cli.main import main
+from dtlab.trainers.run.device import detect_precision
+from dtlab.trainers.tools.bench import estimate_memory_gib, format_table, run_bench
 
 KEYS = {"variant", "capacity", "step_s", "tokens_per_s", "flops_per_token", "flop_ratio_vs_dense",
         "step_ratio_vs_dense", "mfu", "peak_mem_gib", "forward_s"}
 
 
 def test_bench_rows_cover_every_variant_and_capacity():
-    rows = run_bench(device="cpu", batch=2, seq=32, steps=1, warmup=1, capacities=(0.125, 0.5), log=lambda s: None)
+    rows = run_bench(device="cpu", batch=2, seq=32, steps=1, warmup=1, capacities=(0.125, 0.5))
     names = [(r["variant"], r["capacity"]) for r in rows]
     assert names == [("hf-qwen2", None), ("standard", None), ("mod", 0.125), ("mod", 0.5), ("dtf", 0.125),
                      ("dtf", 0.5)]
@@ -57,8 +57,8 @@ def test_memory_estimate_grows_with_the_shape():
 
 def test_bench_bad_arguments():
     with pytest.raises(ValueError, match="unknown variants"):
-        run_bench(device="cpu", variants=("moe",), log=lambda s: None)
+        run_bench(device="cpu", variants=("moe",))
     with pytest.raises(ValueError, match="exceeds"):
-        run_bench(device="cpu", seq=100_000, log=lambda s: None)
+        run_bench(device="cpu", seq=100_000)
     with pytest.raises(ValueError, match="capacity 1.5"):
-        run_bench(device="cpu", capacities=(1.5,), log=lambda s: None)
+        run_bench(device="cpu", capacities=(1.5,))

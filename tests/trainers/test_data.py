@@ -6,7 +6,7 @@ import re
 import numpy as np
 import pytest
 
-from dtlab.trainers.data import EOT, builtin_documents, prepare_data, train_bpe
+from dtlab.trainers.run.data import EOT, builtin_documents, prepare_data, train_bpe
 from dtlab.trainers.spec import DataSpec, SpecError
 
 

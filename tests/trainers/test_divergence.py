@@ -10,9 +10,9 @@ import pytest
 import yaml
 
 from dtlab.analysis.report import write_report
-from dtlab.trainers.cli import main
-from dtlab.trainers.listing import listing
-from dtlab.trainers.runner import RunDiverged, run_training
+from dtlab.trainers.cli.listing import listing
+from dtlab.trainers.cli.main import main
+from dtlab.trainers.orchestrate.runner import RunDiverged, run_training
 from dtlab.trainers.spec import spec_from_dict
 from tests.trainers.conftest import tiny_spec
 
@@ -28,7 +28,7 @@ def test_a_diverging_run_stops_within_one_logging_interval_and_stays_stopped(tmp
     run = tmp_path / "run"
     spec = spec_from_dict(tiny_spec(training={"max_steps": 40, "log_every": 2, "eval_every": 10, **EXPLODES}))
     with pytest.raises(RunDiverged, match=r"run: diverged at step \d+: .*nan"):
-        run_training(spec, run, log=lambda s: None)
+        run_training(spec, run)
     recs = records(run)
     bad = [r for r in recs if r["kind"] == "train" and not all(
         math.isfinite(r[k]) for k in ("loss", "lm_loss", "grad_norm"))]
@@ -54,10 +54,10 @@ def _spec_file(tmp_path: Path, spec) -> Path:
 
 def test_the_report_leaves_a_diverged_run_out_and_says_so(tmp_path):
     ok = spec_from_dict(tiny_spec(training={"max_steps": 4}))
-    run_training(ok, tmp_path / "exp" / "mod-seed0", log=lambda s: None)
+    run_training(ok, tmp_path / "exp" / "mod-seed0")
     bad = spec_from_dict(tiny_spec(seed=1, training={"max_steps": 20, "log_every": 2, **EXPLODES}))
     with pytest.raises(RunDiverged):
-        run_training(bad, tmp_path / "exp" / "mod-seed1", log=lambda s: None)
+        run_training(bad, tmp_path / "exp" / "mod-seed1")
     report = write_report([tmp_path / "exp"])
     assert any(p.startswith("mod-seed1: diverged at step") for p in report.problems), report.problems
     assert list(report.closing["runs"]) == [1]  # mod's mean is mod-seed0's alone

@@ -6,10 +6,10 @@ import random
 
 import pytest
 
-from dtlab.trainers.cli import main
-from dtlab.trainers.downstream import RECORDS, evaluate_run
-from dtlab.trainers.runner import run_training
+from dtlab.trainers.cli.main import main
+from dtlab.trainers.orchestrate.runner import run_training
 from dtlab.trainers.spec import SpecError, spec_from_dict
+from dtlab.trainers.tools.downstream import RECORDS, evaluate_run
 from tests.trainers.conftest import tiny_spec
 
 pytestmark = pytest.mark.filterwarnings("ignore")
@@ -22,11 +22,11 @@ def runs(tmp_path_factory):
     out = {}
     for variant in ("standard", "mod", "dtf"):
         spec = tiny_spec(model={"type": variant}, training={"max_steps": 40, "eval_every": 20})
-        run_training(spec_from_dict(spec), root / variant, log=lambda s: None)
+        run_training(spec_from_dict(spec), root / variant)
         out[variant] = root / variant
     spec = tiny_spec(model={"type": "standard"}, training={"max_steps": 1, "eval_every": 1,
                                                            "optimizer": {"lr": 1e-12}})
-    run_training(spec_from_dict(spec), root / "untrained", log=lambda s: None)
+    run_training(spec_from_dict(spec), root / "untrained")
     out["untrained"] = root / "untrained"
     return out
 
@@ -68,8 +68,8 @@ def test_routed_models_are_scored_in_causal_not_topk_routing(runs, variant):
     from lm_eval.models.huggingface import HFLM
     from lm_eval.tasks import TaskManager
 
-    from dtlab.trainers.downstream import hf_tokenizer, local_task_configs, write_task_dir
-    from dtlab.trainers.sample import load_run
+    from dtlab.trainers.tools.downstream import hf_tokenizer, local_task_configs, write_task_dir
+    from dtlab.trainers.tools.sample import load_run
 
     records = evaluate_run(runs[variant], tasks=["dtlab_cloze"], limit=12)
     assert {r["routing_mode"] for r in records} == {"causal"}  # what the forwards ran in, as seen by a hook
@@ -96,7 +96,7 @@ def _crafted_task(folder, run_dir, n=60, seed=0):
     answer; an untrained one prefers tokens at random."""
     import tokenizers
 
-    from dtlab.trainers.data import builtin_documents
+    from dtlab.trainers.run.data import builtin_documents
 
     tok = tokenizers.Tokenizer.from_file(str(run_dir / "tokenizer.json"))
     docs = builtin_documents(300_000)
@@ -127,7 +127,7 @@ def _crafted_task(folder, run_dir, n=60, seed=0):
 
 
 def test_a_trained_model_beats_chance_and_an_untrained_one_does_not(runs, tmp_path, monkeypatch):
-    from dtlab.trainers import downstream
+    from dtlab.trainers.tools import downstream
 
     data = _crafted_task(tmp_path, runs["standard"])
     config = {**downstream.local_task_configs(data)["dtlab_next_line"], "task": "crafted",
@@ -161,20 +161,20 @@ def test_eval_cli_and_its_refusals(runs, tmp_path, capsys):
 
 
 def test_dtlab_run_refuses_an_unknown_task_before_training(tmp_path):
-    from dtlab.trainers.experiment import run_experiment
+    from dtlab.trainers.orchestrate.experiment import run_experiment
 
     spec = spec_from_dict(tiny_spec(variants=["standard"], eval={"tasks": ["no_such_task"]}))
     with pytest.raises(SpecError, match="unknown lm-eval task 'no_such_task'"):
-        run_experiment(spec, tmp_path / "exp", use_ray=False, log=lambda s: None)
+        run_experiment(spec, tmp_path / "exp", use_ray=False)
     assert not (tmp_path / "exp").exists()
 
 
 def test_dtlab_run_scores_the_eval_section_and_reports_it(tmp_path):
-    from dtlab.trainers.experiment import run_experiment
+    from dtlab.trainers.orchestrate.experiment import run_experiment
 
     spec = spec_from_dict(tiny_spec(variants=["standard", "mod"], training={"max_steps": 4, "eval_every": 2},
                                     eval={"tasks": ["dtlab_next_line"], "limit": 4}))
-    run_experiment(spec, tmp_path / "exp", use_ray=False, log=lambda s: None)
+    run_experiment(spec, tmp_path / "exp", use_ray=False)
     for run in ("standard-seed0", "mod-seed0"):
         records = [json.loads(line) for line in (tmp_path / "exp" / run / RECORDS).read_text().splitlines()]
         assert {r["task"] for r in records} == {"dtlab_next_line"}

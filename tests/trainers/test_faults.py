@@ -11,7 +11,7 @@ from pathlib import Path
 import pytest
 import yaml
 
-from dtlab.trainers.cli import main
+from dtlab.trainers.cli.main import main
 from tests.trainers.conftest import tiny_spec
 
 VOLATILE = ("tokens_per_s", "peak_rss_gib", "peak_mem_gib")

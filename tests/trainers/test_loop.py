@@ -7,9 +7,9 @@ import pytest
 import torch
 
 from dtlab import models
-from dtlab.trainers.cli import main
-from dtlab.trainers.loop import Hooks, lr_lambda, param_groups
-from dtlab.trainers.runner import run_training
+from dtlab.trainers.cli.main import main
+from dtlab.trainers.orchestrate.runner import run_training
+from dtlab.trainers.run.loop import Hooks, lr_lambda, param_groups
 from dtlab.trainers.spec import SpecError, spec_from_dict
 from tests.trainers.conftest import tiny_spec
 
@@ -21,7 +21,7 @@ def records(run_dir, kind):
 @pytest.mark.parametrize("variant", ["standard", "mod", "dtf"])
 def test_run_writes_records_checkpoints_and_facts(tmp_path, variant):
     spec = spec_from_dict(tiny_spec(model={"type": variant}))
-    result = run_training(spec, tmp_path / "run", log=lambda s: None)
+    result = run_training(spec, tmp_path / "run")
     run = tmp_path / "run"
     train, evals = records(run, "train"), records(run, "eval")
     assert [r["step"] for r in train] == [2, 4, 6, 8, 10, 12]
@@ -80,18 +80,16 @@ class StopAt(Hooks):
         if step == self.step:
             raise KeyboardInterrupt
 
-    def log(self, line):
-        pass
 
 
 @pytest.mark.parametrize("variant", ["mod", "dtf"])
 def test_interrupted_and_resumed_run_ends_where_an_uninterrupted_one_does(tmp_path, variant):
     spec = spec_from_dict(tiny_spec(model={"type": variant}))
-    full = run_training(spec, tmp_path / "full", log=lambda s: None)
+    full = run_training(spec, tmp_path / "full")
     with pytest.raises(KeyboardInterrupt):
-        run_training(spec, tmp_path / "cut", hooks=StopAt(7), log=lambda s: None)
+        run_training(spec, tmp_path / "cut", hooks=StopAt(7))
     assert max(r["step"] for r in records(tmp_path / "cut", "eval")) == 4
-    resumed = run_training(spec, tmp_path / "cut", resume=True, log=lambda s: None)
+    resumed = run_training(spec, tmp_path / "cut", resume=True)
     assert resumed["val_loss"] == full["val_loss"]
 
     def strip(rs):
@@ -104,35 +102,35 @@ def test_interrupted_and_resumed_run_ends_where_an_uninterrupted_one_does(tmp_pa
 def test_existing_run_is_refused_and_force_sets_it_aside(tmp_path, capsys):
     spec = spec_from_dict(tiny_spec(training={"max_steps": 2, "eval_every": 2}))
     run = tmp_path / "run"
-    run_training(spec, run, log=lambda s: None)
+    run_training(spec, run)
     before = (run / "metrics.jsonl").read_text()
     with pytest.raises(SpecError, match="already holds a run: pass --resume .* or --force"):
-        run_training(spec, run, log=lambda s: None)
+        run_training(spec, run)
     assert (run / "metrics.jsonl").read_text() == before
-    run_training(spec, run, force=True, log=lambda s: None)
+    run_training(spec, run, force=True)
     backups = [p for p in tmp_path.iterdir() if p.name.startswith("run.old-")]
     assert len(backups) == 1 and (backups[0] / "metrics.jsonl").read_text() == before
     with pytest.raises(SpecError, match="holds no run to continue"):
-        run_training(spec, tmp_path / "fresh", resume=True, log=lambda s: None)
+        run_training(spec, tmp_path / "fresh", resume=True)
 
 
 def test_model_that_does_not_fit_the_data_is_refused_before_any_work(tmp_path):
     spec = spec_from_dict(tiny_spec(model={"vocab_size": 256}))
     with pytest.raises(SpecError, match="has 512 tokens but the model's vocab_size is 256"):
-        run_training(spec, tmp_path / "a", log=lambda s: None)
+        run_training(spec, tmp_path / "a")
     spec = spec_from_dict(tiny_spec(model={"max_position_embeddings": 32}))
     with pytest.raises(SpecError, match="data.block_size=64 exceeds the model's max_position_embeddings=32"):
-        run_training(spec, tmp_path / "b", log=lambda s: None)
+        run_training(spec, tmp_path / "b")
     spec = spec_from_dict(tiny_spec(training={"batch_size": 100_000}))
     with pytest.raises(SpecError, match="cannot fill one batch"):
-        run_training(spec, tmp_path / "c", log=lambda s: None)
+        run_training(spec, tmp_path / "c")
     assert not any(tmp_path.iterdir())  # nothing was written
 
 
 def test_transfer_from_a_local_qwen2_checkpoint(tmp_path):
     from transformers import PreTrainedTokenizerFast, Qwen2Config, Qwen2ForCausalLM
 
-    from dtlab.trainers.data import EOT, prepare_data
+    from dtlab.trainers.run.data import EOT, prepare_data
     from dtlab.trainers.spec import DataSpec
 
     prep = prepare_data(DataSpec(vocab_size=512, block_size=64, max_bytes=300_000))
@@ -144,12 +142,12 @@ def test_transfer_from_a_local_qwen2_checkpoint(tmp_path):
     spec = spec_from_dict(tiny_spec(model={"type": "dtf", "pretrained": str(tmp_path / "ck")},
                                     training={"from_scratch": False, "max_steps": 4},
                                     data={"tokenizer": str(tmp_path / "ck")}))
-    result = run_training(spec, tmp_path / "run", log=lambda s: None)
+    result = run_training(spec, tmp_path / "run")
     assert result["step"] == 4
     no_tok = spec_from_dict(tiny_spec(model={"type": "dtf", "pretrained": str(tmp_path / "ck")},
                                       training={"from_scratch": False}))
     with pytest.raises(SpecError, match="transfer from a pretrained checkpoint needs its tokenizer"):
-        run_training(no_tok, tmp_path / "run2", log=lambda s: None)
+        run_training(no_tok, tmp_path / "run2")
 
 
 def test_weight_decay_spares_norms_biases_embeddings_and_routers():
@@ -210,7 +208,7 @@ def test_gradient_accumulation_matches_one_big_batch(tmp_path):
         spec = spec_from_dict(tiny_spec(model={"type": "standard"},
                                         training={"max_steps": 2, "batch_size": batch, "grad_accum_steps": accum,
                                                   "eval_every": 2}))
-        run_training(spec, tmp_path / f"b{batch}", log=lambda s: None)
+        run_training(spec, tmp_path / f"b{batch}")
         weights.append(load_file(tmp_path / f"b{batch}" / "checkpoints" / "last" / "model.safetensors"))
     for key, ref in weights[0].items():
         assert torch.allclose(weights[1][key], ref, atol=1e-5), key
@@ -222,10 +220,10 @@ def test_gradient_accumulation_matches_one_big_batch(tmp_path):
 
 
 def test_dtlab_run_trains_every_variant_then_reports(tmp_path):
-    from dtlab.trainers.experiment import run_experiment
+    from dtlab.trainers.orchestrate.experiment import run_experiment
 
     spec = spec_from_dict(tiny_spec(variants=["standard", "mod", "dtf"], training={"max_steps": 4, "eval_every": 2}))
-    result = run_experiment(spec, tmp_path / "exp", use_ray=False, log=lambda s: None)
+    result = run_experiment(spec, tmp_path / "exp", use_ray=False)
     exp = tmp_path / "exp"
     assert sorted(p.name for p in exp.glob("*-seed0")) == ["dtf-seed0", "mod-seed0", "standard-seed0"]
     assert Path(result["report"]).is_file() and result["charts"] >= 6 and result["problems"] == []
@@ -236,7 +234,7 @@ def test_dtlab_run_trains_every_variant_then_reports(tmp_path):
     written = (exp / "mod-seed0" / "samples.json").stat().st_mtime_ns
     before = (exp / "mod-seed0" / "metrics.jsonl").read_text()
     with pytest.raises(SpecError, match="already holds an experiment"):
-        run_experiment(spec, exp, use_ray=False, log=lambda s: None)
+        run_experiment(spec, exp, use_ray=False)
     lines = []
     run_experiment(spec, exp, resume=True, use_ray=False, log=lines.append)
     assert (exp / "mod-seed0" / "metrics.jsonl").read_text() == before
@@ -257,7 +255,7 @@ def test_compiled_training_matches_eager(tmp_path, monkeypatch, variant):
     for mode in ("off", "on"):
         spec = spec_from_dict(tiny_spec(model={"type": variant}, training={"max_steps": 6, "compile": mode}))
         before = counters["stats"]["unique_graphs"]
-        run_training(spec, tmp_path / mode, log=lambda s: None)
+        run_training(spec, tmp_path / mode)
         graphs[mode] = counters["stats"]["unique_graphs"] - before
         runs[mode] = records(tmp_path / mode, "eval")
         assert json.loads((tmp_path / mode / "run.json").read_text())["training"]["compiled"] is (mode == "on")

@@ -12,10 +12,10 @@ from pathlib import Path
 
 import pytest
 
-from dtlab.trainers.cli import main
-from dtlab.trainers.listing import listing
-from dtlab.trainers.progress import LOG_NAME, Console
-from dtlab.trainers.records import write_status
+from dtlab.analysis.rundir import write_status
+from dtlab.trainers.cli.listing import listing
+from dtlab.trainers.cli.main import main
+from dtlab.trainers.monitor.progress import LOG_NAME, Console
 from tests.analysis.fixtures import make_run
 
 ROOT = Path(__file__).resolve().parents[2]

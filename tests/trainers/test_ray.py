@@ -7,7 +7,7 @@ from pathlib import Path
 
 import pytest
 
-from dtlab.trainers.runner import run_training
+from dtlab.trainers.orchestrate.runner import run_training
 from dtlab.trainers.spec import spec_from_dict
 from tests.trainers.conftest import tiny_spec
 
@@ -32,7 +32,7 @@ def evals(run_dir):
 def test_two_cpu_workers(tmp_path, ray_session):
     spec = spec_from_dict(tiny_spec(model={"type": "dtf"}, training={"max_steps": 8},
                                     resources={"use_ray": True, "num_workers": 2, "storage": str(tmp_path / "store")}))
-    result = run_training(spec, tmp_path / "run", log=lambda s: None)
+    result = run_training(spec, tmp_path / "run")
     assert result["step"] == 8 and result["val_loss"] == evals(tmp_path / "run")[-1]["val_loss"]
     facts = json.loads((tmp_path / "run" / "run.json").read_text())
     assert facts["training"]["world_size"] == 2
@@ -45,8 +45,8 @@ def test_two_cpu_workers(tmp_path, ray_session):
 def test_replicates_on_two_workers(tmp_path, ray_session):
     """Two seeds of one configuration in one worker group of two DDP ranks: every collective of one
     seed's model pairs with the same seed's on the other rank, and the trial reports the seeds' mean."""
-    from dtlab.trainers.data import prepare_data
-    from dtlab.trainers.ray_train import train_with_ray
+    from dtlab.trainers.orchestrate.ray_train import train_with_ray
+    from dtlab.trainers.run.data import prepare_data
 
     spec = spec_from_dict(tiny_spec(model={"type": "mod"}, training={"max_steps": 8},
                                     resources={"use_ray": True, "num_workers": 2}))
@@ -100,7 +100,7 @@ def _listening(init) -> list[tuple[str, str, int]]:
 
 
 def test_local_ray_dashboard_listens_on_loopback(ray_session):
-    from dtlab.trainers.ray_train import init_ray
+    from dtlab.trainers.orchestrate.ray_train import init_ray
 
     listening = _listening(init_ray)
     dashboard = [(name, ip) for name, ip, port in listening if port == 8265]
@@ -110,7 +110,7 @@ def test_local_ray_dashboard_listens_on_loopback(ray_session):
 @pytest.mark.xfail(strict=True, reason="Ray 2.60 binds its GCS, raylet and worker gRPC servers to all interfaces "
                                        "whatever the node IP; no setting changes that (strict: tells us when one does)")
 def test_local_ray_listens_on_loopback_only(ray_session):
-    from dtlab.trainers.ray_train import init_ray
+    from dtlab.trainers.orchestrate.ray_train import init_ray
 
     listening = _listening(init_ray)
     assert len(listening) >= 3, listening  # GCS, raylet, dashboard at least: the check saw them
@@ -171,7 +171,7 @@ def test_a_killed_worker_is_restarted_from_the_checkpoint_with_each_record_once(
     spec_file = tmp_path / "spec.yaml"
     spec_file.write_text(yaml.safe_dump(raw))
     whole = spec_from_dict({**raw, "resources": {**raw["resources"], "use_ray": False}})
-    run_training(whole, tmp_path / "whole", log=lambda s: None)
+    run_training(whole, tmp_path / "whole")
 
     run = tmp_path / "run"
     proc = subprocess.Popen([sys.executable, "-m", "dtlab.trainers.cli", "train", str(spec_file), "--out", str(run)],

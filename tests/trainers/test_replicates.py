@@ -6,9 +6,9 @@ from pathlib import Path
 
 import pytest
 
-from dtlab.trainers.data import prepare_data
-from dtlab.trainers.loop import Hooks, train
-from dtlab.trainers.replicates import seed_dir
+from dtlab.trainers.orchestrate.replicates import seed_dir, train_trial
+from dtlab.trainers.run.data import prepare_data
+from dtlab.trainers.run.loop import Hooks
 from dtlab.trainers.spec import spec_from_dict
 from tests.trainers.conftest import tiny_spec
 
@@ -28,9 +28,6 @@ class Reports(Hooks):
     def export(self, record):
         self.exported = getattr(self, "exported", set()) | {record["run"]}
 
-    def log(self, line):
-        pass
-
 
 def evals(run_dir, kind="eval"):
     return [r for r in map(json.loads, (run_dir / "metrics.jsonl").read_text().splitlines()) if r["kind"] == kind]
@@ -46,11 +43,11 @@ def config(tmp_path, name, seeds=None, seed=0):
 
 def test_seeds_advance_together_and_the_trial_reports_their_mean(tmp_path):
     hooks = Reports()
-    train(config(tmp_path, "trial", seeds=[0, 1]), hooks)
+    train_trial(config(tmp_path, "trial", seeds=[0, 1]), hooks)
     trial = tmp_path / "trial"
     alone = {}
     for seed in (0, 1):
-        train(config(tmp_path, f"alone{seed}", seed=seed), Hooks())
+        train_trial(config(tmp_path, f"alone{seed}", seed=seed), Hooks())
         alone[seed] = evals(tmp_path / f"alone{seed}")
         # each seed is the run it would be on its own: same records at the same steps
         assert [(r["step"], r["val_loss"]) for r in evals(seed_dir(trial, seed))] == \
@@ -71,18 +68,18 @@ def test_seeds_advance_together_and_the_trial_reports_their_mean(tmp_path):
 
 def test_an_interrupted_trial_resumes_each_seed_and_keeps_one_record_per_step(tmp_path):
     whole = Reports()
-    train(config(tmp_path, "whole", seeds=[0, 1]), whole)
+    train_trial(config(tmp_path, "whole", seeds=[0, 1]), whole)
     # 4 + 4 steps reach step 4 for both seeds, seed 0 then reaches step 8 and seed 1 stops at step 6:
     # seed 0 is an interval ahead when the trial resumes
     cut = Reports(stop_after=4 + 4 + 4 + 2)
     with pytest.raises(KeyboardInterrupt):
-        train(config(tmp_path, "cut", seeds=[0, 1]), cut)
+        train_trial(config(tmp_path, "cut", seeds=[0, 1]), cut)
     cut_trial = tmp_path / "cut"
     assert [r["step"] for r in evals(seed_dir(cut_trial, 0))] == [0, 4, 8]  # the precondition: one ahead
     assert [r["step"] for r in evals(seed_dir(cut_trial, 1))] == [0, 4]
     assert [r["step"] for r in evals(cut_trial)] == [0, 4]
     again = Reports()
-    train(config(tmp_path, "cut", seeds=[0, 1]), again)
+    train_trial(config(tmp_path, "cut", seeds=[0, 1]), again)
     assert [m["step"] for m, _ in again.reports] == [8, 12]
     for kind in ("train", "eval"):
         got = [(r["step"], r.get("val_loss", r.get("loss"))) for r in evals(cut_trial, kind)]
@@ -96,12 +93,12 @@ def test_a_replicate_trial_comes_back_whole_from_its_storage_bundle(tmp_path):
     checkpoint and records) is enough to resume it with every local copy gone."""
     import shutil
 
-    from dtlab.trainers.checkpoint import bundle, install
+    from dtlab.trainers.run.checkpoint import bundle, install
 
     whole = Reports()
-    train(config(tmp_path, "whole", seeds=[0, 1]), whole)
+    train_trial(config(tmp_path, "whole", seeds=[0, 1]), whole)
     with pytest.raises(KeyboardInterrupt):
-        train(config(tmp_path, "cut", seeds=[0, 1]), Reports(stop_after=4 + 4 + 2))
+        train_trial(config(tmp_path, "cut", seeds=[0, 1]), Reports(stop_after=4 + 4 + 2))
     trial = tmp_path / "cut"
     bundle(trial, tmp_path / "stored")
     assert (tmp_path / "stored" / "seeds" / "1" / "checkpoint" / "model.safetensors").is_file()
@@ -113,7 +110,7 @@ def test_a_replicate_trial_comes_back_whole_from_its_storage_bundle(tmp_path):
     said = install(tmp_path / "stored", trial)
     assert len(said) == 2 and all("checkpoint of step 4 read back" in line for line in said)
     again = Reports()
-    train(config(tmp_path, "cut", seeds=[0, 1]), again)
+    train_trial(config(tmp_path, "cut", seeds=[0, 1]), again)
     assert [m["step"] for m, _ in again.reports] == [8, 12]
     for kind in ("train", "eval"):
         assert [(r["step"], r.get("val_loss", r.get("loss"))) for r in evals(trial, kind)] == \
@@ -123,7 +120,7 @@ def test_a_replicate_trial_comes_back_whole_from_its_storage_bundle(tmp_path):
 def test_a_worker_on_another_node_prepares_the_same_data(tmp_path, monkeypatch):
     """A node that cannot see the driver's data cache prepares the data itself, to the same key (the
     same rows), or refuses when what it prepares differs."""
-    from dtlab.trainers.ray_train import node_data
+    from dtlab.trainers.orchestrate.ray_train import node_data
 
     cfg = config(tmp_path, "run")
     driver = Path(cfg["data_dir"])

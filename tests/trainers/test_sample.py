@@ -5,11 +5,11 @@ import shutil
 
 import pytest
 
-from dtlab.trainers.cli import main
-from dtlab.trainers.decode_bench import run_decode_bench
-from dtlab.trainers.runner import run_training
-from dtlab.trainers.sample import generate_text, load_run
+from dtlab.trainers.cli.main import main
+from dtlab.trainers.orchestrate.runner import run_training
 from dtlab.trainers.spec import spec_from_dict
+from dtlab.trainers.tools.decode_bench import run_decode_bench
+from dtlab.trainers.tools.sample import generate_text, load_run
 from tests.trainers.conftest import tiny_spec
 
 
@@ -17,7 +17,7 @@ from tests.trainers.conftest import tiny_spec
 def trained(tmp_path_factory):
     """A short MoD run: a best checkpoint and the tokenizer trained for it."""
     run = tmp_path_factory.mktemp("sample") / "run"
-    run_training(spec_from_dict(tiny_spec(model={"type": "mod"})), run, log=lambda s: None)
+    run_training(spec_from_dict(tiny_spec(model={"type": "mod"})), run)
     assert (run / "checkpoints" / "best" / "model.safetensors").is_file() and (run / "tokenizer.json").is_file()
     return run
 
@@ -93,8 +93,7 @@ def test_sample_refuses_bad_input(trained, tmp_path, capsys):
 
 # ---- dtlab bench --decode ---------------------------------------------------------------------
 def test_decode_bench_fits_routing_to_capacity_and_compares_with_standard():
-    rows = run_decode_bench(preset="debug", batches=(1, 4), prompt=32, new_tokens=32, repeats=1, capacity=0.25,
-                            log=lambda s: None)
+    rows = run_decode_bench(preset="debug", batches=(1, 4), prompt=32, new_tokens=32, repeats=1, capacity=0.25)
     assert [(r["variant"], r["batch"]) for r in rows] == [(v, b) for v in ("standard", "mod", "dtf") for b in (1, 4)]
     for r in rows:
         assert r["bench"] == "decode" and r["decode_step_s"] > 0 and r["prefill_s"] > 0

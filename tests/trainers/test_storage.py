@@ -67,7 +67,7 @@ def test_resume_reads_the_checkpoint_back_from_s3_after_the_local_copy_is_delete
 
 
 def test_storage_is_checked_before_any_work(tmp_path):
-    from dtlab.trainers.runner import check_resources
+    from dtlab.trainers.orchestrate.runner import check_resources
 
     with pytest.raises(SpecError, match="resources.storage='relative/path': expected a URI"):
         check_resources(spec_from_dict(tiny_spec(resources={"use_ray": True, "storage": "relative/path"})), True)
@@ -79,7 +79,7 @@ def test_storage_is_checked_before_any_work(tmp_path):
     assert (tmp_path / "s").is_dir()
     from pathlib import PurePath
 
-    from dtlab.trainers.runner import check_out
+    from dtlab.trainers.orchestrate.runner import check_out
 
     with pytest.raises(SpecError, match="a URI is not a directory.*resources.storage"):
         check_out(Path("s3://bucket/sweep"))
@@ -87,7 +87,7 @@ def test_storage_is_checked_before_any_work(tmp_path):
 
 
 def test_a_resume_relies_on_storage_only_when_storage_holds_the_run(tmp_path):
-    from dtlab.trainers.runner import storage_holds
+    from dtlab.trainers.orchestrate.runner import storage_holds
 
     run, store = tmp_path / "run", tmp_path / "store"
     run.mkdir()

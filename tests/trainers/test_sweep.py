@@ -11,8 +11,8 @@ from pathlib import Path
 import pytest
 import yaml
 
+from dtlab.trainers.orchestrate.sweep import check_gpus, plan_sweep, trial_resources, trial_spec
 from dtlab.trainers.spec import SpecError, load_spec, spec_from_dict
-from dtlab.trainers.sweep import check_gpus, plan_sweep, trial_resources, trial_spec
 from tests.trainers.conftest import stored, tiny_spec
 
 ROOT = Path(__file__).resolve().parents[2]
@@ -34,7 +34,7 @@ def test_smoke_spec_plan():
 
 
 def test_searcher_takes_a_fixed_variant_list_in_turn_with_conditional_keys():
-    from dtlab.trainers.sweep import make_searcher
+    from dtlab.trainers.orchestrate.sweep import make_searcher
 
     searcher = make_searcher(plan_sweep(load_spec(ROOT / "experiments/sweep_smoke.yaml")))
     configs = [searcher.suggest(f"t{i}") for i in range(4)]
@@ -87,7 +87,7 @@ def test_more_gpus_per_trial_than_the_cluster_has():
 
 
 def test_cli_refuses_bad_sweep_before_ray(tmp_path, capsys):
-    from dtlab.trainers.cli import main
+    from dtlab.trainers.cli.main import main
 
     bad = tmp_path / "bad.yaml"
     bad.write_text((ROOT / "experiments/sweep_smoke.yaml").read_text().replace("[0.1, 0.5]}", "[0.5, 0.1]}"))
@@ -197,7 +197,7 @@ def test_sigint_then_resume_loses_nothing(tmp_path, s3):
     summary = json.loads((out / "summary.json").read_text())
     assert summary["counts"]["finished"] == 3 and all(t["seeds"] == [0, 1] for t in summary["trials"])
     from dtlab.analysis.loaders import load
-    from dtlab.trainers.listing import listing
+    from dtlab.trainers.cli.listing import listing
 
     runs = load([out]).runs  # the report's runs: each seed of each trial, never the trial's means
     assert sorted(runs["run_id"]) == sorted(f"trial-{n}-seed{s}" for n in after for s in (0, 1))
@@ -233,7 +233,7 @@ def test_gpu_sweeps_fit_a_cluster_of_their_shape(name, gpus, per_trial, at_once)
 
 
 def test_pareto_set_of_finished_trials():
-    from dtlab.trainers.sweep import pareto
+    from dtlab.trainers.orchestrate.sweep import pareto
 
     t = [{"trial_id": "a", "status": "finished", "val_loss": 5.0, "flop_ratio_vs_dense": 0.6},
          {"trial_id": "b", "status": "finished", "val_loss": 4.8, "flop_ratio_vs_dense": 0.8},
@@ -276,7 +276,7 @@ def test_resources_come_from_the_cluster_not_the_drivers_node():
     from ray.cluster_utils import Cluster
     from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
 
-    from dtlab.trainers.ray_train import scaling
+    from dtlab.trainers.orchestrate.ray_train import scaling
 
     if ray.is_initialized():
         ray.shutdown()
@@ -309,7 +309,7 @@ def test_asha_rungs_are_restored_from_the_trials_records(tmp_path):
     from the trials' records, so a trial resumed below the cutoff is still stopped."""
     from ray.tune.schedulers import ASHAScheduler
 
-    from dtlab.trainers.sweep import restore_rungs
+    from dtlab.trainers.orchestrate.sweep import restore_rungs
 
     for trial, losses in {"a": [5.0, 3.0, 2.0], "b": [5.0, 3.5, 2.5], "c": [5.0, 2.9, 2.2]}.items():
         run = tmp_path / "trials" / trial

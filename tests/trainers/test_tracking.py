@@ -7,9 +7,9 @@ from pathlib import Path
 
 import pytest
 
-from dtlab.trainers.runner import run_training
+from dtlab.trainers.monitor.tracking import flatten
+from dtlab.trainers.orchestrate.runner import run_training
 from dtlab.trainers.spec import SpecError, spec_from_dict
-from dtlab.trainers.tracking import flatten
 from tests.trainers.conftest import tiny_spec
 
 
@@ -52,9 +52,9 @@ def test_tensorboard_and_mlflow_hold_what_metrics_jsonl_holds_and_resume_adds_no
 
     raw = tiny_spec(model={"type": "dtf"}, training={"max_steps": 8}, tracking=["tensorboard", "mlflow"])
     run_dir = tmp_path / "run"
-    run_training(spec_from_dict(raw), run_dir, log=lambda s: None)
+    run_training(spec_from_dict(raw), run_dir)
     raw["training"]["max_steps"] = 12  # resumed and trained further: the same tracker runs continue
-    run_training(spec_from_dict(raw), run_dir, resume=True, log=lambda s: None)
+    run_training(spec_from_dict(raw), run_dir, resume=True)
 
     want = expected(run_dir)
     assert len(want["eval/val_loss"]) == 4 and "eval/routing/1/selected_frac" in want  # steps 0, 4, 8, 12
@@ -79,7 +79,7 @@ def test_missing_tracker_is_refused_before_anything_is_written(tmp_path, monkeyp
     monkeypatch.setattr(importlib.util, "find_spec", lambda name, *a: None if name == "mlflow" else real(name, *a))
     spec = spec_from_dict(tiny_spec(tracking=["mlflow"]))
     with pytest.raises(SpecError, match=r"tracking: mlflow .*not installed.*dtlab\[tracking\]"):
-        run_training(spec, tmp_path / "run", log=lambda s: None)
+        run_training(spec, tmp_path / "run")
     assert not (tmp_path / "run").exists()
 
 
@@ -104,7 +104,7 @@ def test_wandb_offline_run_is_written_under_the_output(tmp_path):
     pytest.importorskip("wandb")
     raw = tiny_spec(training={"max_steps": 4}, tracking=["wandb"])
     run_dir = tmp_path / "run"
-    run_training(spec_from_dict(raw), run_dir, log=lambda s: None)
+    run_training(spec_from_dict(raw), run_dir)
     state = json.loads((run_dir / "tracking.json").read_text())
     offline = list((run_dir / "wandb").glob(f"offline-run-*-{state['wandb_id']}"))
     assert offline and list(offline[0].glob("*.wandb")), list((run_dir / "wandb").iterdir())
@@ -117,11 +117,11 @@ def test_experiment_runs_share_one_store_and_carry_the_report(tmp_path):
     pytest.importorskip("wandb")
     from mlflow import MlflowClient
 
-    from dtlab.trainers.experiment import run_experiment
+    from dtlab.trainers.orchestrate.experiment import run_experiment
 
     raw = tiny_spec(variants=["standard", "mod"], training={"max_steps": 4}, tracking=["mlflow", "wandb"])
     out = tmp_path / "exp"
-    result = run_experiment(spec_from_dict(raw), out, log=lambda s: None)
+    result = run_experiment(spec_from_dict(raw), out)
     client = MlflowClient(tracking_uri=f"sqlite:///{(out / 'mlflow.db').resolve()}")
     experiment = client.get_experiment_by_name("t")
     runs = {r.info.run_name: r for r in client.search_runs([experiment.experiment_id])}
@@ -136,7 +136,7 @@ def test_experiment_runs_share_one_store_and_carry_the_report(tmp_path):
 
 def test_a_failing_tracker_neither_stops_training_nor_loses_records(tmp_path, monkeypatch):
     pytest.importorskip("mlflow")
-    from dtlab.trainers import tracking
+    from dtlab.trainers.monitor import tracking
 
     real, calls = tracking.RunTracker._send_mlflow, []
 
@@ -148,8 +148,7 @@ def test_a_failing_tracker_neither_stops_training_nor_loses_records(tmp_path, mo
 
     monkeypatch.setattr(tracking.RunTracker, "_send_mlflow", flaky)
     run_dir = tmp_path / "run"
-    run_training(spec_from_dict(tiny_spec(training={"max_steps": 8}, tracking=["mlflow"])), run_dir,
-                 log=lambda s: None)
+    run_training(spec_from_dict(tiny_spec(training={"max_steps": 8}, tracking=["mlflow"])), run_dir)
     assert len(calls) > 2 and json.loads((run_dir / "status.json").read_text())["state"] == "finished"
     got, _ = mlflow_series(run_dir)
     for key, points in expected(run_dir).items():
@@ -160,8 +159,8 @@ def test_a_tracker_added_on_resume_gets_the_whole_history(tmp_path):
     pytest.importorskip("mlflow")
     raw = tiny_spec(training={"max_steps": 4}, tracking=["tensorboard"])
     run_dir = tmp_path / "run"
-    run_training(spec_from_dict(raw), run_dir, log=lambda s: None)
+    run_training(spec_from_dict(raw), run_dir)
     raw.update(tracking=["tensorboard", "mlflow"], training={**raw["training"], "max_steps": 8})
-    run_training(spec_from_dict(raw), run_dir, resume=True, log=lambda s: None)
+    run_training(spec_from_dict(raw), run_dir, resume=True)
     got, _ = mlflow_series(run_dir)
     assert [s for s, _ in got["eval/val_loss"]] == [0, 4, 8]

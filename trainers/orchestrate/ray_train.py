@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import logging
 import shutil
 import sys
 import tempfile
@@ -10,9 +11,12 @@ from typing import Any
 
 import torch
 
-from .checkpoint import bundle, install
-from .loop import Hooks, train
-from .spec import Spec
+from dtlab.trainers.orchestrate.replicates import train_trial
+from dtlab.trainers.run.checkpoint import bundle, install
+from dtlab.trainers.run.loop import Hooks
+from dtlab.trainers.spec import Spec
+
+log = logging.getLogger(__name__)
 
 
 class RayHooks(Hooks):
@@ -59,14 +63,9 @@ class RayHooks(Hooks):
             if ckpt is not None and turn:
                 with ckpt.as_directory() as folder:
                     for line in install(Path(folder), run_dir):
-                        self.log(line)
+                        log.debug(line)
             if torch.distributed.is_initialized():
                 torch.distributed.barrier()
-
-    def log(self, line: str) -> None:
-        # Ray Train patches `print` to log and tee, which shows each line twice on the driver.
-        sys.stdout.write(line + "\n")
-        sys.stdout.flush()
 
     def export(self, record: dict[str, Any]) -> None:
         from dtlab.dashboards.metrics import export_record
@@ -89,14 +88,23 @@ def init_ray(dashboard_host: str = "127.0.0.1"):
 
 
 def ray_worker(config: dict[str, Any]) -> None:
-    train({**config, "data_dir": str(node_data(config))}, RayHooks(config))
+    """A Ray Train worker: the `dtlab` log to this process's stdout (Ray sends it to the driver, where
+    it lands in output.log), then the run or the trial."""
+    dtlab_log = logging.getLogger("dtlab")
+    if not dtlab_log.handlers:
+        # sys.stdout itself: Ray Train patches `print`, which would show each line twice on the driver
+        handler = logging.StreamHandler(sys.stdout)
+        handler.setFormatter(logging.Formatter("%(message)s"))
+        dtlab_log.addHandler(handler)
+        dtlab_log.setLevel(logging.DEBUG)
+    train_trial({**config, "data_dir": str(node_data(config))}, RayHooks(config))
 
 
 def node_data(config: dict[str, Any]) -> Path:
     """The prepared data where this worker can read it: the driver's folder when this node sees it
     (one machine, a shared cache), else prepared here from the spec, deterministically (the same
     cache key, hence the same rows, or a refusal)."""
-    from .data import prepare_data
+    from dtlab.trainers.run.data import prepare_data
 
     folder = Path(config["data_dir"])
     if (folder / "meta.json").is_file():
@@ -144,7 +152,7 @@ def scaling(spec: Spec):
     return ScalingConfig(num_workers=res.num_workers, use_gpu=use_gpu, resources_per_worker=per_worker)
 
 
-def train_with_ray(config: dict[str, Any], spec: Spec, log=print) -> dict[str, Any]:
+def train_with_ray(config: dict[str, Any], spec: Spec) -> dict[str, Any]:
     import ray
     from ray.train.torch import TorchTrainer
 
@@ -158,8 +166,8 @@ def train_with_ray(config: dict[str, Any], spec: Spec, log=print) -> dict[str, A
         raise result.error
     # the run's own last evaluation (Ray's `result.metrics` are those of its last checkpoint: none when
     # the run directory, not Ray's storage, holds the checkpoints)
-    from .loop import scalars
-    from .records import METRICS, read_jsonl
+    from dtlab.analysis.rundir import METRICS, read_jsonl
+    from dtlab.trainers.run.loop import scalars
 
     evals = read_jsonl(run_dir / METRICS).of_kind("eval")
     return scalars(evals[-1]) if evals else dict(result.metrics or {})

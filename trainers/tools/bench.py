@@ -9,6 +9,7 @@ taken within the run (the machines are shared and noisy), next to each variant's
 from __future__ import annotations
 
 import json
+import logging
 import math
 import os
 import statistics
@@ -20,8 +21,9 @@ import torch
 
 from dtlab import models
 from dtlab.models.flops import flop_ratio_vs_dense, flops_per_token
+from dtlab.trainers.run.device import Precision, detect_device, detect_precision, peak_flops, synchronize
 
-from .device import Precision, detect_device, detect_precision, peak_flops, synchronize
+log = logging.getLogger(__name__)
 
 CAPACITIES = (0.125, 0.25, 0.5)
 DEFAULTS = {"cpu": dict(preset="debug", batch=8, seq=256), "cuda": dict(preset="0.5B", batch=8, seq=2048),
@@ -131,8 +133,8 @@ def bench_one(name: str, model, config, x, precision: Precision, warmup: int, st
 
 def run_bench(preset: str | None = None, device: str | None = None, batch: int | None = None,
               seq: int | None = None, compile: bool = False, steps: int = 10, warmup: int = 3,
-              capacities=CAPACITIES, variants=("hf-qwen2", "standard", "mod", "dtf"), seed: int = 0,
-              log=print) -> list[dict[str, Any]]:
+              capacities=CAPACITIES, variants=("hf-qwen2", "standard", "mod", "dtf"),
+              seed: int = 0) -> list[dict[str, Any]]:
     device = detect_device(device)
     precision = detect_precision(device)
     d = DEFAULTS[device]
@@ -152,8 +154,8 @@ def run_bench(preset: str | None = None, device: str | None = None, batch: int |
     for c in capacities:
         if not 0 < c <= 1:
             raise ValueError(f"capacity {c}: expected a number in (0, 1]")
-    log(f"dtlab bench: preset {preset}, {device} ({precision.name}), batch {batch} x seq {seq}, "
-        f"{'compiled' if compile else 'eager'}, median of {steps} steps after {warmup} warm-up")
+    log.info(f"dtlab bench: preset {preset}, {device} ({precision.name}), batch {batch} x seq {seq}, "
+             f"{'compiled' if compile else 'eager'}, median of {steps} steps after {warmup} warm-up")
     x = torch.randint(0, base.vocab_size, (batch, seq), generator=torch.Generator().manual_seed(seed)).to(device)
     plan: list[tuple[str, dict]] = []
     for v in variants:

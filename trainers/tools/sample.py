@@ -8,14 +8,17 @@ on the dtlab model, with its routed KV cache.
 from __future__ import annotations
 
 import json
+import logging
 from pathlib import Path
 from typing import Any, NamedTuple
 
 import torch
 
-from .checkpoint import CheckpointError, problem
-from .data import Tokenizer, load_hf_tokenizer
-from .spec import SpecError
+from dtlab.trainers.run.checkpoint import CheckpointError, problem
+from dtlab.trainers.run.data import Tokenizer, load_hf_tokenizer
+from dtlab.trainers.spec import SpecError
+
+log = logging.getLogger(__name__)
 
 
 class LoadedRun(NamedTuple):
@@ -68,7 +71,7 @@ def _step(ckpt: Path) -> int:
     """The training step a checkpoint holds (`step-NNNNNNN`; older dtlab: its trainer state)."""
     if ckpt.name.startswith("step-") and ckpt.name[5:].isdigit():
         return int(ckpt.name[5:])
-    from .checkpoint import _trainer_state
+    from dtlab.trainers.run.checkpoint import _trainer_state
 
     return int(_trainer_state(ckpt).get("step", 0))
 
@@ -121,7 +124,7 @@ SAMPLES = "samples.json"
 
 def write_samples(run_dir: str | Path, prompts=SAMPLE_PROMPTS, max_new_tokens: int = 32) -> Path:
     """Greedy samples of the run's best checkpoint from fixed prompts, into `samples.json`."""
-    from .runner import write_atomic
+    from dtlab.analysis.rundir import write_atomic
 
     run = load_run(run_dir)
     samples = []
@@ -136,7 +139,7 @@ def write_samples(run_dir: str | Path, prompts=SAMPLE_PROMPTS, max_new_tokens: i
     return path
 
 
-def ensure_samples(run_dir: Path, log=print, replace: bool = False) -> None:
+def ensure_samples(run_dir: Path, replace: bool = False) -> None:
     """`samples.json` for a trained run, unless it has one (or `replace`: it was just trained further).
     Samples illustrate: a failure is logged, never raised, since the run itself trained."""
     if ((Path(run_dir) / SAMPLES).is_file() and not replace) or not (Path(run_dir) / "checkpoints").is_dir():
@@ -144,4 +147,4 @@ def ensure_samples(run_dir: Path, log=print, replace: bool = False) -> None:
     try:
         write_samples(run_dir)
     except Exception as err:
-        log(f"{Path(run_dir).name}: no samples ({type(err).__name__}: {err})")
+        log.debug(f"{Path(run_dir).name}: no samples ({type(err).__name__}: {err})")

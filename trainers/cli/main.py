@@ -3,47 +3,48 @@
 from __future__ import annotations
 
 import argparse
+import logging
 import math
 import sys
 from pathlib import Path
 
+log = logging.getLogger(__name__)
+
 
 def _train(args: argparse.Namespace) -> int:
-    from .progress import current
-    from .runner import default_run_dir, run_training
-    from .spec import load_spec
-
-    ui = current()
-    spec = load_spec(args.spec, args.overrides)
-    out = args.out or default_run_dir(spec)
-    run_training(spec, out=out, resume=args.resume, force=args.force, use_ray=False if args.no_ray else None, log=ui)
     from dtlab.analysis import tables
     from dtlab.analysis.loaders import load
+    from dtlab.trainers.monitor.progress import RESULT
+    from dtlab.trainers.orchestrate.runner import default_run_dir, run_training
+    from dtlab.trainers.spec import load_spec
 
-    ui.say("\n" + tables.text_table(tables.closing(tables.results(load([out]).runs))), result=True)
-    ui.say(f"run: {Path(out).resolve()} (dtlab report {out} compares it with others)", result=True)
+    spec = load_spec(args.spec, args.overrides)
+    out = args.out or default_run_dir(spec)
+    run_training(spec, out=out, resume=args.resume, force=args.force, use_ray=False if args.no_ray else None)
+    log.info("\n" + tables.text_table(tables.closing(tables.results(load([out]).runs))), extra=RESULT)
+    log.info(f"run: {Path(out).resolve()} (dtlab report {out} compares it with others)", extra=RESULT)
     return 0
 
 
 def _sweep(args: argparse.Namespace) -> int:
     import time
 
-    from .progress import current
-    from .spec import SpecError, load_spec
-    from .sweep import run_sweep
+    from dtlab.trainers.monitor.progress import RESULT
+    from dtlab.trainers.orchestrate.sweep import run_sweep
+    from dtlab.trainers.spec import SpecError, load_spec
 
     spec = load_spec(args.spec, args.overrides)
     if args.resume and not args.out:
         raise SpecError("--resume needs --out DIR: the sweep to continue")
     out = args.out or f"runs/sweep-{spec.name}-{time.strftime('%Y%m%d-%H%M%S')}"
-    summary = run_sweep(spec, out, resume=args.resume, force=args.force, source=args.spec, log=current())
+    summary = run_sweep(spec, out, resume=args.resume, force=args.force, source=args.spec)
     if (Path(out) / "trials").is_dir():
         from dtlab.analysis import tables
         from dtlab.analysis.loaders import load
 
         runs = tables.results(load([Path(out) / "trials"]).runs)  # a diverged trial is no result
-        current().say("\n" + tables.text_table(tables.closing(runs, per_run=True)), result=True)
-        current().say(f"sweep: {Path(out).resolve()} (summary.json; dtlab report {out} for the report)", result=True)
+        log.info("\n" + tables.text_table(tables.closing(runs, per_run=True)), extra=RESULT)
+        log.info(f"sweep: {Path(out).resolve()} (summary.json; dtlab report {out} for the report)", extra=RESULT)
     if summary.get("interrupted"):
         print(f"dtlab sweep: interrupted; continue with: dtlab sweep {args.spec} --out {out} --resume", file=sys.stderr)
         return 130
@@ -62,12 +63,11 @@ def _sweep_code(command: str, summary: dict) -> int:
 
 
 def _run(args: argparse.Namespace) -> int:
-    from .experiment import run_experiment
-    from .progress import current
-    from .spec import load_spec
+    from dtlab.trainers.orchestrate.experiment import run_experiment
+    from dtlab.trainers.spec import load_spec
 
     result = run_experiment(load_spec(args.spec, args.overrides), args.out, resume=args.resume, force=args.force,
-                            use_ray=False if args.no_ray else None, source=args.spec, log=current())
+                            use_ray=False if args.no_ray else None, source=args.spec)
     return _sweep_code("run", result.get("sweep") or {})
 
 
@@ -83,7 +83,7 @@ def _report(args: argparse.Namespace) -> int:
 
 
 def _bench(args: argparse.Namespace) -> int:
-    from .bench import format_table, run_bench, write_rows
+    from dtlab.trainers.tools.bench import format_table, run_bench, write_rows
 
     if args.out and Path(args.out).is_dir():
         print(f"dtlab bench: --out {args.out} is a directory; expected the path of a JSON file", file=sys.stderr)
@@ -93,7 +93,7 @@ def _bench(args: argparse.Namespace) -> int:
         return 2
     try:
         if args.decode:
-            from .decode_bench import format_decode_table, run_decode_bench
+            from dtlab.trainers.tools.decode_bench import format_decode_table, run_decode_bench
 
             variants = [v for v in args.variants if v != "hf-qwen2"]
             rows = run_decode_bench(preset=args.preset, device=args.device,
@@ -117,9 +117,9 @@ def _bench(args: argparse.Namespace) -> int:
 
 
 def _sample(args: argparse.Namespace) -> int:
-    from .device import detect_device
-    from .sample import generate_text, load_run, routed_fractions
-    from .spec import SpecError
+    from dtlab.trainers.run.device import detect_device
+    from dtlab.trainers.spec import SpecError
+    from dtlab.trainers.tools.sample import generate_text, load_run, routed_fractions
 
     prompt = args.prompt or ""
     if args.prompt_file:
@@ -140,9 +140,9 @@ def _sample(args: argparse.Namespace) -> int:
 
 
 def _eval(args: argparse.Namespace) -> int:
-    from .device import detect_device
-    from .downstream import LOCAL_TASKS, check_tasks, evaluate_run
-    from .spec import SpecError
+    from dtlab.trainers.run.device import detect_device
+    from dtlab.trainers.spec import SpecError
+    from dtlab.trainers.tools.downstream import LOCAL_TASKS, check_tasks, evaluate_run
 
     tasks = [t.strip() for t in args.tasks.split(",")] if args.tasks else list(LOCAL_TASKS)
     check_tasks(tasks, args.routing, known=False)  # what needs no lm-eval first
@@ -280,8 +280,8 @@ def _add_eval(sub) -> None:
 
 
 def _ls(args: argparse.Namespace) -> int:
-    from .listing import format_listing, listing
-    from .spec import SpecError
+    from dtlab.trainers.cli.listing import format_listing, listing
+    from dtlab.trainers.spec import SpecError
 
     root = Path(args.dir)
     if not root.is_dir():
@@ -372,23 +372,21 @@ def main(argv: list[str] | None = None) -> int:
 
 
 def _console(args: argparse.Namespace):
-    """train, run and sweep show progress (their libraries' output goes to a file); the rest print."""
-    import contextlib
-
-    from .progress import console
+    """The command's console, with the `dtlab` log on it: train, run and sweep show progress (their
+    libraries' output goes to a file); the other commands show every line."""
+    from dtlab.trainers.monitor.progress import console
 
     if not hasattr(args, "verbose"):
-        return contextlib.nullcontext()
+        return console(verbose=True)
     return console(verbose=args.verbose, stop_ray=True)
 
 
 def explain(err: Exception) -> tuple[int, str]:
     """(exit code, one line) for an error: 2 for bad input, 1 for a failure once work had started."""
     from dtlab.analysis.report import ReportError
-
-    from .checkpoint import CheckpointError
-    from .runner import RunFailed
-    from .spec import SpecError
+    from dtlab.trainers.orchestrate.runner import RunFailed
+    from dtlab.trainers.run.checkpoint import CheckpointError
+    from dtlab.trainers.spec import SpecError
 
     text = " ".join(str(err).split())
     if isinstance(err, (SpecError, ReportError, CheckpointError)):

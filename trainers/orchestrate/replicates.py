@@ -21,8 +21,8 @@ import time
 from pathlib import Path
 from typing import Any
 
-from .loop import Diverged, Hooks, Meter, RunState, advance, scalars, setup, start
-from .records import DIVERGED, METRICS, diverged_reason, read_jsonl, rewrite_jsonl
+from dtlab.analysis.rundir import DIVERGED, METRICS, JsonlWriter, diverged_reason, read_jsonl, rewrite_jsonl
+from dtlab.trainers.run.loop import Diverged, Hooks, Meter, RunState, advance, scalars, setup, start, train
 
 SEEDS = "seeds"
 
@@ -37,6 +37,7 @@ class SeedHooks(Hooks):
 
     def __init__(self, base: Hooks, seed: int, trial: str) -> None:
         self.base, self.seed, self.trial = base, seed, trial
+        self.prefix = f"{base.prefix}[seed {seed}] "
         self.saved: Path | None = None  # the checkpoint this seed wrote since the last report
 
     def device(self, requested: str):
@@ -50,9 +51,6 @@ class SeedHooks(Hooks):
 
     def export(self, record: dict[str, Any]) -> None:
         self.base.export({**record, "run": f"{self.trial}-seed{self.seed}"})  # not "0": every trial has one
-
-    def log(self, line: str) -> None:
-        self.base.log(f"[seed {self.seed}] {line}")
 
 
 def mean_record(records: list[dict[str, Any]], seeds: list[int]) -> dict[str, Any]:
@@ -105,6 +103,14 @@ def setup_seeds(config: dict[str, Any], hooks: Hooks) -> tuple[list[RunState], l
     return states, seed_hooks
 
 
+def train_trial(config: dict[str, Any], hooks: Hooks | None = None) -> dict[str, Any]:
+    """A run, or with `config["seeds"]` (two or more) a trial of seed replicates: the caller's choice,
+    made here so that the per-worker loop knows nothing of sweeps."""
+    if len(config.get("seeds") or []) > 1:
+        return train_replicates(config, hooks or Hooks())
+    return train(config, hooks)
+
+
 def train_replicates(config: dict[str, Any], hooks: Hooks) -> dict[str, Any]:
     """Train `config["seeds"]` of one configuration in lockstep; returns the trial's last record."""
     trial, seeds = Path(config["run_dir"]), [int(s) for s in config["seeds"]]
@@ -150,8 +156,6 @@ def _report(trial: Path, states, seed_hooks, seeds, after: int, until: int, hook
     """The trial's records up to `until`, then one report (on every rank) of the mean evaluation,
     with the checkpoint when the seeds wrote one."""
     if states[0].rank == 0:
-        from .records import JsonlWriter
-
         have = {(r.get("kind"), r["step"]) for r in read_jsonl(trial / METRICS).records}
         writer = JsonlWriter(trial / METRICS)
         for record in trial_records(states, seeds, after, until):

@@ -15,9 +15,9 @@ import numpy as np
 import torch
 import torch.distributed as dist
 
-from .checkpoint import unwrap
-from .device import Precision
-from .spec import Spec
+from dtlab.trainers.run.checkpoint import unwrap
+from dtlab.trainers.run.device import Precision
+from dtlab.trainers.spec import Spec
 
 
 def flat_stats(stats: dict[int, dict[str, torch.Tensor]]) -> dict[str, dict[str, Any]]:

@@ -1,7 +1,8 @@
-"""The records a run writes, read and written in one place: `metrics.jsonl` and its kin.
+"""The run directory's format: its file names, JSONL records, status, and the one atomic write.
 
-Pure Python (no torch, no pandas): the training loop, `dtlab run`, sweeps and `analysis` all
-read run directories through these functions.
+Pure Python (no torch, no pandas, no Ray): the training loop, `dtlab run`, sweeps, the terminal display
+and `analysis` all read and write run directories through these functions. It sits in `analysis`, the
+lower layer, so that training and analysis share it and analysis imports nothing of `trainers`.
 """
 
 from __future__ import annotations
@@ -62,12 +63,19 @@ def rewrite_jsonl(path: str | os.PathLike, keep: Callable[[dict[str, Any]], bool
     file at once."""
     path = Path(path)
     kept = [r for r in read_jsonl(path).records if keep(r)] + list(append)
+    write_atomic(path, "".join(json.dumps(r) + "\n" for r in kept))
+
+
+def write_atomic(path: str | os.PathLike, text: str) -> None:
+    """Write `path` whole or not at all (a crash or a full disk leaves the old file): a hidden
+    temporary file beside it, renamed over it."""
+    path = Path(path)
     tmp = path.with_name(f".{path.name}.tmp")
-    tmp.write_text("".join(json.dumps(r) + "\n" for r in kept))
+    tmp.write_text(text)
     os.replace(tmp, path)
 
 
-def finished(run_dir: str | os.PathLike) -> bool:
+def reached_last_step(run_dir: str | os.PathLike) -> bool:
     """A run whose last evaluation says it reached its last step."""
     evals = read_jsonl(Path(run_dir) / METRICS).of_kind("eval")
     return bool(evals and evals[-1].get("done"))
@@ -96,9 +104,7 @@ def write_status(run_dir: str | os.PathLike, state: str, **extra: Any) -> None:
     if not run_dir.is_dir():
         return
     record = {"state": state, "pid": os.getpid(), "host": platform.node(), "time": time.time(), **extra}
-    tmp = run_dir / f".{STATUS}.tmp"
-    tmp.write_text(json.dumps(record))
-    os.replace(tmp, run_dir / STATUS)
+    write_atomic(run_dir / STATUS, json.dumps(record))
 
 
 def read_status(run_dir: str | os.PathLike) -> dict[str, Any]:

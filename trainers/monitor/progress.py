@@ -8,13 +8,17 @@ follows each active run's `metrics.jsonl`, so the same display serves runs in th
 runs in Ray workers and a sweep's trials. On a terminal it is one live line per run (rich);
 elsewhere (CI, a pipe) plain lines, at most one per run every `DTLAB_PROGRESS_SECONDS` (30 s).
 
-No Ray here: the sweep's Tune callback (`sweep.py`) reports trial states to `Console`.
+dtlab's modules say things through Python's `logging` (the `dtlab` logger and its children); while a
+command runs, `ConsoleHandler` puts those lines on the `Console`: INFO and above for the person at the
+terminal (a line logged with `extra=RESULT` to stdout), DEBUG as detail (`note`). No Ray here: the
+sweep's Tune callback (`sweep.py`) reports trial states to `Console`.
 """
 
 from __future__ import annotations
 
 import io
 import json
+import logging
 import math
 import os
 import sys
@@ -26,9 +30,10 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, TextIO
 
-from .records import METRICS, diverged_reason
+from dtlab.analysis.rundir import METRICS, diverged_reason
 
 LOG_NAME = "output.log"  # what the libraries printed, in the output directory
+RESULT = {"result": True}  # `log.info(line, extra=RESULT)`: a result, to stdout
 
 
 def _isatty(stream: TextIO) -> bool:
@@ -423,6 +428,25 @@ class Console:
                 ray.shutdown()
 
 
+class ConsoleHandler(logging.Handler):
+    """The `dtlab` log on the command's console: INFO and above as lines for the person (results to
+    stdout), DEBUG as detail (the terminal with --verbose, output.log otherwise)."""
+
+    def __init__(self, console: Console) -> None:
+        super().__init__(logging.DEBUG)
+        self.console = console
+
+    def emit(self, record: logging.LogRecord) -> None:
+        try:
+            line = record.getMessage()
+            if record.levelno >= logging.INFO:
+                self.console.say(line, result=bool(getattr(record, "result", False)))
+            else:
+                self.console.note(line)
+        except Exception:
+            self.handleError(record)
+
+
 _current: Console | None = None
 
 
@@ -435,13 +459,22 @@ def current() -> Console:
 
 
 @contextmanager
-def console(verbose: bool = False, **kwargs) -> Iterator[Console]:
-    """Set up the command's console; restores the output when the command ends."""
+def console(verbose: bool = False, **kwargs: Any) -> Iterator[Console]:
+    """Set up the command's console, with the `dtlab` log on it; restores the output (and the log's
+    handlers) when the command ends."""
     global _current
     previous, _current = _current, Console(verbose=verbose, **kwargs)
+    logger = logging.getLogger("dtlab")
+    handler, level, propagate = ConsoleHandler(_current), logger.level, logger.propagate
+    logger.addHandler(handler)
+    logger.setLevel(logging.DEBUG)
+    logger.propagate = False  # once on the console, not again through the root logger
     try:
         yield _current
     finally:
+        logger.removeHandler(handler)
+        logger.setLevel(level)
+        logger.propagate = propagate
         try:
             _current.close()
         finally:

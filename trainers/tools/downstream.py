@@ -3,7 +3,7 @@
 A routed model scored in `topk` routing would cheat: its routing would look at the answer tokens.
 The run's best checkpoint is wrapped in lm-eval's own Hugging Face model class (`HFLM`, given the
 loaded model and the run's tokenizer) and scored with `lm_eval.simple_evaluate`. Tasks are lm-eval's
-(from the hub, where it is reachable) or the shipped offline ones (`trainers/tasks/*.jsonl`, built
+(from the hub, where it is reachable) or the shipped offline ones (`trainers/tools/tasks/*.jsonl`, built
 from Python's documentation by `scripts/make_eval_tasks.py`): `dtlab_next_line` (multiple choice)
 and `dtlab_cloze` (the last word of a sentence). They come from the builtin corpus, so a model
 trained on it has seen their text: they check the path and compare variants on equal terms, not
@@ -24,7 +24,7 @@ from typing import Any
 
 import torch
 
-from .spec import SpecError
+from dtlab.trainers.spec import SpecError
 
 TASKS_DIR = Path(__file__).resolve().parent / "tasks"
 LOCAL_TASKS = ("dtlab_next_line", "dtlab_cloze")
@@ -146,7 +146,7 @@ def evaluate_run(run_dir: str | Path, tasks=LOCAL_TASKS, limit: int | None = Non
     writes) its records."""
     from lm_eval.models.huggingface import HFLM
 
-    from .sample import load_run
+    from dtlab.trainers.tools.sample import load_run
 
     check_tasks(list(tasks))
     run = load_run(run_dir, device=device)
@@ -223,8 +223,7 @@ def _num(value: Any) -> float | None:
 def write_results(run_dir: Path, out: Path, results: dict[str, Any], records: list[dict[str, Any]]) -> None:
     """lm-eval's results JSON into `out`; the records into the run's `eval_tasks.jsonl`, replacing
     earlier records of the same tasks (other tasks' records are kept)."""
-    from .records import read_jsonl, rewrite_jsonl
-    from .runner import write_atomic
+    from dtlab.analysis.rundir import read_jsonl, rewrite_jsonl, write_atomic
 
     out.mkdir(parents=True, exist_ok=True)
     name = RESULTS if out == run_dir else f"{run_dir.parent.name}-{run_dir.name}-{RESULTS}"

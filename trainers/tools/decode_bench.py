@@ -9,6 +9,7 @@ it (see `calibrate_routing`); each row records the capacity the routed blocks th
 
 from __future__ import annotations
 
+import logging
 import statistics
 import time
 from typing import Any
@@ -16,8 +17,9 @@ from typing import Any
 import torch
 
 from dtlab import models
+from dtlab.trainers.run.device import detect_device, detect_precision, synchronize
 
-from .device import detect_device, detect_precision, synchronize
+log = logging.getLogger(__name__)
 
 DEFAULTS = {"cpu": dict(preset="small", prompt=128, new_tokens=64),
             "cuda": dict(preset="0.5B", prompt=512, new_tokens=128),
@@ -110,8 +112,8 @@ def bench_variant(model, prompt: torch.Tensor, new_tokens: int, repeats: int, de
 
 def run_decode_bench(preset: str | None = None, device: str | None = None, batches=(1, 8),
                      prompt: int | None = None, new_tokens: int | None = None, repeats: int = 3,
-                     capacity: float = 0.125, variants=("standard", "mod", "dtf"), seed: int = 0,
-                     log=print) -> list[dict[str, Any]]:
+                     capacity: float = 0.125, variants=("standard", "mod", "dtf"),
+                     seed: int = 0) -> list[dict[str, Any]]:
     device = detect_device(device)
     precision = detect_precision(device)
     d = DEFAULTS[device]
@@ -123,8 +125,8 @@ def run_decode_bench(preset: str | None = None, device: str | None = None, batch
     if prompt + new_tokens + 1 > base.max_position_embeddings:
         raise ValueError(f"prompt {prompt} + {new_tokens} new tokens exceed the {preset} preset's "
                          f"max_position_embeddings ({base.max_position_embeddings})")
-    log(f"dtlab bench --decode: preset {preset}, {device} ({precision.name}), prompt {prompt}, "
-        f"{new_tokens} new tokens, batch {', '.join(map(str, batches))}, median of {repeats}")
+    log.info(f"dtlab bench --decode: preset {preset}, {device} ({precision.name}), prompt {prompt}, "
+             f"{new_tokens} new tokens, batch {', '.join(map(str, batches))}, median of {repeats}")
     rows = []
     for name in variants:
         torch.manual_seed(seed)

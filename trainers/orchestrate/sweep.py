@@ -11,20 +11,27 @@ directory under `OUT/trials/` (its seeds under `seeds/`), whose `metrics.jsonl` 
 
 from __future__ import annotations
 
+import functools
 import json
+import logging
 import math
 import os
 import time
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import yaml
+from ray.tune import Callback
 
+from dtlab.analysis.rundir import METRICS, diverged_reason, reached_last_step, read_jsonl, read_status, write_status
 from dtlab.models.config import CONFIG_CLASSES, did_you_mean
+from dtlab.trainers.spec import DENSE_CONTROL, MODEL_KEYS, Distribution, Spec, SpecError, dump_spec
 
-from .records import METRICS, diverged_reason, finished, read_jsonl, read_status, write_status
-from .spec import DENSE_CONTROL, MODEL_KEYS, Distribution, Spec, SpecError, dump_spec
+if TYPE_CHECKING:
+    from dtlab.trainers.monitor.tracking import Tracking
+
+log = logging.getLogger(__name__)
 
 TUNE_DIR, EXPERIMENT = "tune", "sweep"
 
@@ -184,11 +191,11 @@ def sweep_trial(config: dict[str, Any]) -> None:
     from ray.train.torch import TorchTrainer
     from ray.tune.integration.ray_train import TuneReportCallback
 
-    from .checkpoint import last_checkpoint
-    from .data import prepare_data
-    from .ray_train import ray_worker, run_config, scaling
-    from .replicates import seed_dir
-    from .runner import check_fit, holds_run
+    from dtlab.trainers.orchestrate.ray_train import ray_worker, run_config, scaling
+    from dtlab.trainers.orchestrate.replicates import seed_dir
+    from dtlab.trainers.orchestrate.runner import check_fit, holds_run
+    from dtlab.trainers.run.checkpoint import last_checkpoint
+    from dtlab.trainers.run.data import prepare_data
 
     trial_id = ray.tune.get_context().get_trial_id()
     params = {k: v for k, v in config.items() if "." in k}
@@ -218,10 +225,10 @@ def lay_out_trial(run_dir: Path, runs: dict[int, Path], trial_id: str, params: d
                   data) -> None:
     """A new trial's directory: its spec and facts, and each seed a run of its own (in a replicate
     trial, under `seeds/`), each with the trial's parameters."""
-    from .runner import holds_run, prepare_run_dir, write_run_files
+    from dtlab.trainers.orchestrate.runner import holds_run, prepare_run_dir, write_run_files
 
     seeds = list(runs)
-    prepare_run_dir(run_dir, resume=False, force=holds_run(run_dir), log=lambda s: None)
+    prepare_run_dir(run_dir, resume=False, force=holds_run(run_dir))
     write_run_files(run_dir, trial_spec(sweep_spec, params, seeds[0]), data, resume=False)
     for seed, one in runs.items():
         if one != run_dir:  # a seed of a replicate trial: a run of its own
@@ -266,63 +273,54 @@ def trial_resources(spec: Spec, gpus: float) -> tuple[float, float]:
 
 
 def run_sweep(spec: Spec, out: str | Path, resume: bool = False, force: bool = False, source: str = "spec",
-              log=print, tracking=None) -> dict[str, Any]:
+              tracking: Tracking | None = None) -> dict[str, Any]:
     """Check everything, lay out `out`, run the trials through Tune, write `summary.json`. The trials'
     progress shows on the command's console and their records go to the spec's trackers."""
-    from .progress import current
-    from .tracking import Tracking, check_tracking
+    from dtlab.trainers.monitor.progress import current
+    from dtlab.trainers.monitor.tracking import Tracking, check_tracking
 
     plan = plan_sweep(spec, source)
     check_tracking(spec)
     out = Path(out)
-    lay_out(plan, out, resume, force, log)
+    lay_out(plan, out, resume, force)
     current().capture(out)  # Ray's and Tune's output goes to out/output.log
     own = tracking is None
     tracking = tracking or Tracking(out)
     try:
-        concurrent = start_cluster(plan, out, log)
-        results = make_tuner(plan, out, resume, concurrent, log, [TrialProgress(plan, out, tracking)]).fit()
+        concurrent = start_cluster(plan, out)
+        results = make_tuner(plan, out, resume, concurrent, [TrialProgress(plan, out, tracking)]).fit()
     finally:
         current().end_display()  # the summary and the table print below the live lines (stdout stays stdout)
         if own:
             tracking.close()
-    return finish(plan, out, results, log)
+    return finish(plan, out, results)
 
 
-def _harmless(method):
-    """The display and the trackers never stop a sweep: what fails is said in output.log."""
-    import functools
+def _failure_logged(method):
+    """The display and the trackers never stop a sweep: what fails is logged (output.log), not raised."""
 
     @functools.wraps(method)
     def guarded(self, *args, **kwargs):
         try:
             return method(self, *args, **kwargs)
         except Exception as err:
-            self.ui.note(f"sweep progress/tracking: {method.__name__} failed: {type(err).__name__}: {err}")
+            log.debug(f"sweep progress/tracking: {method.__name__} failed: {type(err).__name__}: {err}")
             return None
 
     return guarded
 
 
-def _dropped_callback():
-    from ray.tune import Callback
-
+def _dropped_callback() -> Callback:
     return Callback()
 
 
-def _callback_base():
-    from ray.tune import Callback
-
-    return Callback
-
-
-class TrialProgress(_callback_base()):
+class TrialProgress(Callback):
     """A Tune callback (on the driver): each trial's progress on the console, its records to the
     trackers, and a line of counts: running, finished, stopped (by ASHA), diverged, failed, and the
     best so far."""
 
     def __init__(self, plan: Plan, out: Path, tracking) -> None:
-        from .progress import current
+        from dtlab.trainers.monitor.progress import current
 
         self.plan, self.out, self.tracking, self.ui = plan, out, tracking, current()
         self.first = plan.spec.sweep.objective_list()[0]
@@ -339,10 +337,10 @@ class TrialProgress(_callback_base()):
         best = f" | best {self.first.metric} {self.best[0]:.4f} ({self.best[1]})" if self.best else ""
         return "sweep: " + ", ".join(f"{n} {s}" for s, n in counts.items()) + best
 
-    @_harmless
+    @_failure_logged
     def on_trial_start(self, iteration, trials, trial, **info):
         run_dir = self.out / "trials" / trial.trial_id
-        if finished(run_dir):  # a resumed sweep's trial that had finished: kept, not rerun
+        if reached_last_step(run_dir):  # a resumed sweep's trial that had finished: kept, not rerun
             self.states[trial.trial_id] = "finished"
             return
         params = {k: v for k, v in trial.config.items() if "." in k}
@@ -352,7 +350,7 @@ class TrialProgress(_callback_base()):
         self.ui.follow(trial.trial_id, run_dir, label, sinks=[tracker.record] if tracker else [])
         self.states[trial.trial_id] = "running"
 
-    @_harmless
+    @_failure_logged
     def on_trial_result(self, iteration, trials, trial, result, **info):
         value, sign = result.get(self.first.metric), 1 if self.first.mode == "min" else -1
         if isinstance(value, (int, float)) and math.isfinite(value) and (
@@ -372,21 +370,21 @@ class TrialProgress(_callback_base()):
         write_status(run_dir, status)
         self.tracking.end(run_dir, status)
         if not self.ui.live:
-            self.ui.say(self.line())
+            log.info(self.line())
 
-    @_harmless
+    @_failure_logged
     def on_trial_complete(self, iteration, trials, trial, **info):
         self._end(trial, "finished")
 
-    @_harmless
+    @_failure_logged
     def on_trial_error(self, iteration, trials, trial, **info):
         self._end(trial, "failed")
 
 
-def lay_out(plan: Plan, out: Path, resume: bool, force: bool, log) -> None:
+def lay_out(plan: Plan, out: Path, resume: bool, force: bool) -> None:
     """Every check before Ray starts (devices, data, model fit, `--out`), then the sweep's own files."""
-    from .data import prepare_data
-    from .runner import check_fit, check_resources, check_run_dir, holds_run, prepare_run_dir
+    from dtlab.trainers.orchestrate.runner import check_fit, check_resources, check_run_dir, holds_run, prepare_run_dir
+    from dtlab.trainers.run.data import prepare_data
 
     spec = plan.spec
     check_ray_dashboard()
@@ -402,7 +400,7 @@ def lay_out(plan: Plan, out: Path, resume: bool, force: bool, log) -> None:
         check_resources(one, use_ray=True)
     for one in ones:  # data and model fit, once per variant, before any trial
         check_fit(one, prepare_data(one.data), spec.resources.num_workers)
-    prepare_run_dir(out, resume, force, log)
+    prepare_run_dir(out, resume, force)
     if not resume:
         (out / "spec.yaml").write_text(dump_spec(spec))
         (out / "sweep.json").write_text(json.dumps(
@@ -412,17 +410,17 @@ def lay_out(plan: Plan, out: Path, resume: bool, force: bool, log) -> None:
             indent=1))
 
 
-def start_cluster(plan: Plan, out: Path, log) -> int:
+def start_cluster(plan: Plan, out: Path) -> int:
     """Start (or join) Ray; returns how many trials run at once: what the cluster fits, capped."""
     import ray
 
     spec = plan.spec
     if not ray.is_initialized():
-        from .ray_train import init_ray
+        from dtlab.trainers.orchestrate.ray_train import init_ray
 
         ctx = init_ray(spec.sweep.dashboard_host)
         url = getattr(ctx, "dashboard_url", None)
-        log(f"Ray dashboard: http://{url}" if url and not str(url).startswith("http") else f"Ray dashboard: {url}")
+        log.info(f"Ray dashboard: http://{url}" if url and not str(url).startswith("http") else f"Ray dashboard: {url}")
     cluster = ray.cluster_resources()
     check_gpus(spec, cluster.get("GPU", 0.0))
     cpus, gpus = trial_resources(spec, cluster.get("GPU", 0.0))
@@ -430,12 +428,12 @@ def start_cluster(plan: Plan, out: Path, log) -> int:
     if gpus > 0:
         fits = min(fits, math.floor(cluster.get("GPU", 0.0) / gpus + 1e-9))
     concurrent = max(1, min(spec.sweep.max_concurrent or fits, fits))
-    log(f"sweep: {spec.sweep.num_samples} trial(s) over {plan.variants}, {len(plan.seeds)} seed(s) in each, "
-        f"{concurrent} at a time ({cpus:g} CPU, {gpus:g} GPU per trial), results in {out}")
+    log.info(f"sweep: {spec.sweep.num_samples} trial(s) over {plan.variants}, {len(plan.seeds)} seed(s) in each, "
+             f"{concurrent} at a time ({cpus:g} CPU, {gpus:g} GPU per trial), results in {out}")
     return concurrent
 
 
-def make_tuner(plan: Plan, out: Path, resume: bool, concurrent: int, log, callbacks=()):
+def make_tuner(plan: Plan, out: Path, resume: bool, concurrent: int, callbacks: tuple | list = ()):
     """A new Tuner (Optuna, ASHA), or the interrupted one restored from `out`."""
     from ray import tune
 
@@ -443,13 +441,13 @@ def make_tuner(plan: Plan, out: Path, resume: bool, concurrent: int, log, callba
     trainable = tune.with_resources(sweep_trial, {"cpu": spec.sweep.driver_cpus})
     tune_path = out / TUNE_DIR / EXPERIMENT
     if resume:
-        log(f"resuming the sweep in {tune_path}")
+        log.info(f"resuming the sweep in {tune_path}")
         tuner = tune.Tuner.restore(str(tune_path.resolve()), trainable=trainable, resume_unfinished=True,
                                    resume_errored=True)
         tuner._local_tuner._run_config.callbacks = list(callbacks)  # noqa: SLF001 (restore keeps no callbacks)
         scheduler = tuner._local_tuner._tune_config.scheduler  # noqa: SLF001
         if scheduler is not None and hasattr(scheduler, "_brackets"):
-            log(f"ASHA: {restore_rungs(scheduler, out)} rung result(s) restored from the trials' records")
+            log.info(f"ASHA: {restore_rungs(scheduler, out)} rung result(s) restored from the trials' records")
         return tuner
     first = spec.sweep.objective_list()[0]
     scheduler = None
@@ -493,7 +491,7 @@ def restore_rungs(scheduler, out: Path) -> int:
     return n
 
 
-def finish(plan: Plan, out: Path, results, log) -> dict[str, Any]:
+def finish(plan: Plan, out: Path, results) -> dict[str, Any]:
     """`summary.json` from the trials' own records (whether the sweep was interrupted, how many
     trials finished, were stopped, diverged or failed), then one line that counts them."""
     spec = plan.spec
@@ -508,14 +506,14 @@ def finish(plan: Plan, out: Path, results, log) -> dict[str, Any]:
     (out / "summary.json").write_text(json.dumps(summary, indent=1))
     for t in summary["trials"]:
         if t["status"] == "diverged":
-            log(f"trial {t['trial_id']}: {t.get('reason', 'diverged')}")
+            log.info(f"trial {t['trial_id']}: {t.get('reason', 'diverged')}")
     if errors and counts["failed"]:
-        log(f"{counts['failed']} trial(s) failed: {[' '.join(str(e).split())[:200] for e in errors[:3]]}")
+        log.info(f"{counts['failed']} trial(s) failed: {[' '.join(str(e).split())[:200] for e in errors[:3]]}")
     best, first = summary.get("best"), spec.sweep.objective_list()[0]
     if best:
-        log(f"best finished trial: {best['trial_id']} {first.metric} {best.get(first.metric):.4f} with "
-            f"{best['params']}")
-    log("trials: " + ", ".join(f"{n} {state}" for state, n in counts.items() if n or state != "unfinished"))
+        log.info(f"best finished trial: {best['trial_id']} {first.metric} {best.get(first.metric):.4f} with "
+                 f"{best['params']}")
+    log.info("trials: " + ", ".join(f"{n} {state}" for state, n in counts.items() if n or state != "unfinished"))
     return summary
 
 

@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import contextlib
 import json
+import logging
 import math
 import os
 import time
@@ -29,18 +30,22 @@ import torch
 import torch.distributed as dist
 
 from dtlab import models
+from dtlab.analysis.rundir import DIVERGED, METRICS, JsonlWriter, diverged_reason, read_jsonl, rewrite_jsonl
+from dtlab.trainers.run import checkpoint
+from dtlab.trainers.run.checkpoint import unwrap
+from dtlab.trainers.run.data import load_prepared
+from dtlab.trainers.run.device import Precision, detect_device, detect_precision, synchronize
+from dtlab.trainers.run.evaluation import evaluate, flat_stats
+from dtlab.trainers.spec import Spec
 
-from . import checkpoint
-from .checkpoint import unwrap
-from .data import load_prepared
-from .device import Precision, detect_device, detect_precision, synchronize
-from .evaluation import evaluate, flat_stats
-from .records import DIVERGED, METRICS, JsonlWriter, diverged_reason, read_jsonl, rewrite_jsonl
-from .spec import Spec
+log = logging.getLogger(__name__)
 
 
 class Hooks:
-    """What the loop needs from whoever runs it. The default runs in this process."""
+    """What the loop needs from whoever runs it. The default runs in this process. `prefix` starts
+    each of the run's log lines (a seed replicate says which seed it is)."""
+
+    prefix = ""
 
     def device(self, requested: str) -> torch.device:
         kind = detect_device(requested)
@@ -61,8 +66,12 @@ class Hooks:
     def export(self, record: dict[str, Any]) -> None:
         """Called on rank 0 with each logged record (Ray exports them as metrics)."""
 
-    def log(self, line: str) -> None:
-        print(line, flush=True)
+
+def say(state: RunState, line: str) -> None:
+    """A line about the run, from rank 0, to the `dtlab` log (detail: output.log, or the terminal with
+    --verbose)."""
+    if state.rank == 0:
+        log.debug("%s%s", state.hooks.prefix, line)
 
 
 class Diverged(RuntimeError):
@@ -83,7 +92,7 @@ def check_finite(state: RunState, record: dict[str, Any], keys: tuple[str, ...])
         state.write({"kind": "diverged", "step": state.step, "reason": reason, **bad})
         (state.run_dir / DIVERGED).write_text(json.dumps({"step": state.step, "reason": reason,
                                                           **{k: str(v) for k, v in bad.items()}}))
-        state.hooks.log(reason)
+        say(state, reason)
     raise Diverged(reason)
 
 
@@ -276,7 +285,7 @@ def resume(state: RunState) -> None:
         on_record = any(r.get("kind") == "eval" and r["step"] == state.step for r in read_jsonl(metrics).records)
         rewrite_jsonl(metrics, lambda r: r.get("step", 0) <= state.step,
                       append=[state.last_eval] if state.last_eval and not on_record else [])
-        state.hooks.log(f"resumed from {path.resolve().name} at step {state.step}")
+        say(state, f"resumed from {path.resolve().name} at step {state.step}")
 
 
 def start_records(state: RunState) -> None:
@@ -285,7 +294,7 @@ def start_records(state: RunState) -> None:
     run_json.write_text(json.dumps({**run, "training": state.info}, indent=1))
     state.metrics = JsonlWriter(state.run_dir / METRICS)
     info = state.info
-    state.hooks.log(f"training {info['variant']} on {state.device} ({state.precision.name}), {state.world} "
+    say(state, f"training {info['variant']} on {state.device} ({state.precision.name}), {state.world} "
                     f"worker(s), {state.total_steps} steps of {info['tokens_per_step']:,} tokens")
 
 
@@ -363,9 +372,8 @@ def log_step(state: RunState, meter: Meter, last: StepResult) -> None:
               "routing": flat_stats({i: {k: v for k, v in s.items() if v.ndim == 0} for i, s in last.routing.items()})}
     state.write(record)
     check_finite(state, record, ("loss", "lm_loss", "grad_norm"))
-    if state.rank == 0:
-        state.hooks.log(f"step {state.step}/{state.total_steps} | loss {record['loss']:.4f} | "
-                        f"lm {record['lm_loss']:.4f} | lr {record['lr']:.2e} | {record['tokens_per_s']:,.0f} tok/s")
+    say(state, f"step {state.step}/{state.total_steps} | loss {record['loss']:.4f} | "
+            f"lm {record['lm_loss']:.4f} | lr {record['lr']:.2e} | {record['tokens_per_s']:,.0f} tok/s")
 
 
 def evaluate_and_save(state: RunState) -> dict[str, Any]:
@@ -389,10 +397,9 @@ def evaluate_and_save(state: RunState) -> dict[str, Any]:
         path = checkpoint.save(state.run_dir, state.model, state.optimizer, state.scheduler, state.scaler,
                                counters, improved)
     state.write(record)
-    if state.rank == 0:
-        topk = f", top-k {record['val_loss_topk']:.4f}" if record["routing_mode"] != "topk" else ""
-        state.hooks.log(f"eval step {state.step}: val_loss {record['val_loss']:.4f} ({record['routing_mode']} "
-                        f"routing, ppl {record['val_ppl']:.1f}){topk}")
+    topk = f", top-k {record['val_loss_topk']:.4f}" if record["routing_mode"] != "topk" else ""
+    say(state, f"eval step {state.step}: val_loss {record['val_loss']:.4f} ({record['routing_mode']} "
+        f"routing, ppl {record['val_ppl']:.1f}){topk}")
     state.hooks.report(scalars(record), path)
     return record
 
@@ -442,13 +449,9 @@ def advance(state: RunState, until: int, meter: Meter) -> Meter:
 
 
 def train(config: dict[str, Any], hooks: Hooks | None = None) -> dict[str, Any]:
-    """Train one variant as `config["spec"]` says; returns the last evaluation record. With
-    `config["seeds"]` (two or more), the seeds are replicates trained side by side (`replicates.py`)."""
+    """Train one run (one variant, one seed) as `config["spec"]` says; returns the last evaluation
+    record. Seed replicates are the caller's choice (`orchestrate/replicates.py`)."""
     hooks = hooks or Hooks()
-    if len(config.get("seeds") or []) > 1:
-        from .replicates import train_replicates
-
-        return train_replicates(config, hooks)
     why = diverged_reason(Path(config["run_dir"]))
     if why:  # a restarted worker group, or a resumed run: it would only diverge again
         raise Diverged(f"{why}; the run stays stopped")

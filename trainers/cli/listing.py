@@ -15,7 +15,7 @@ import time
 from dataclasses import dataclass
 from pathlib import Path
 
-from .records import METRICS, diverged_reason, read_jsonl, read_status
+from dtlab.analysis.rundir import METRICS, diverged_reason, read_jsonl, read_status
 
 STATES = ("running", "finished", "stopped", "interrupted", "failed", "diverged")
 

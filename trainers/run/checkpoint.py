@@ -297,7 +297,7 @@ def install(src: Path, run_dir: Path) -> list[str]:
     run holds one as new, and then its `metrics.jsonl` replaces a local one that lacks that
     checkpoint's evaluation (or is gone); the resume then cuts the records back to the checkpoint.
     Recurses into the seeds of a replicate trial. Returns a line per checkpoint installed."""
-    from .records import read_jsonl
+    from dtlab.analysis.rundir import read_jsonl
 
     said = []
     step = saved_step(src / CHECKPOINT) if (src / CHECKPOINT).is_dir() else -1

@@ -8,6 +8,7 @@ work starts and before anything is written.
 from __future__ import annotations
 
 import json
+import logging
 import os
 import platform
 import shutil
@@ -15,18 +16,24 @@ import subprocess
 import sys
 import time
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
-from .checkpoint import CheckpointError
-from .data import Prepared, prepare_data
-from .records import METRICS, diverged_reason, write_status
-from .spec import Spec, SpecError, dump_spec
+from dtlab.analysis.rundir import METRICS, diverged_reason, write_atomic, write_status
+from dtlab.trainers.run.checkpoint import CheckpointError
+from dtlab.trainers.run.data import Prepared, prepare_data
+from dtlab.trainers.spec import Spec, SpecError, dump_spec
+
+if TYPE_CHECKING:
+    from dtlab.trainers.monitor.tracking import Tracking
+    from dtlab.trainers.run.loop import Hooks
+
+log = logging.getLogger(__name__)
 
 RUN_MARKERS = (METRICS, "spec.yaml", "run.json", "checkpoints")
 
 
 def git_commit() -> dict[str, Any]:
-    root = Path(__file__).resolve().parent.parent
+    root = Path(__file__).resolve().parents[2]  # the repository (trainers/orchestrate/runner.py)
     try:
         sha = subprocess.run(["git", "-C", str(root), "rev-parse", "HEAD"], capture_output=True, text=True,
                              timeout=10, check=True).stdout.strip()
@@ -93,8 +100,8 @@ def check_out(path: Path, what: str = "run") -> None:
 def check_resume(run_dir: Path, spec: Spec) -> None:
     """Before anything is written: the run in `run_dir` can continue where it stopped, with the same
     model and data, from a readable checkpoint (else its records would be logged twice)."""
-    from .checkpoint import last_checkpoint, problem
-    from .records import read_jsonl
+    from dtlab.analysis.rundir import read_jsonl
+    from dtlab.trainers.run.checkpoint import last_checkpoint, problem
 
     old, new = _comparable(_read_mapping(run_dir / "spec.yaml")), _comparable(spec.model_dump(mode="json"))
     changed = [f"{section}.{key}: {old[section].get(key)!r} -> {new[section].get(key)!r}"
@@ -122,7 +129,7 @@ def _comparable(raw: dict[str, Any]) -> dict[str, dict[str, Any]]:
     added since), less where the data are cached (a place, not the data)."""
     from pydantic import ValidationError
 
-    from .spec import Spec
+    from dtlab.trainers.spec import Spec
 
     try:
         raw = Spec.model_validate(raw).model_dump(mode="json")
@@ -170,7 +177,7 @@ def check_resources(spec: Spec, use_ray: bool) -> None:
         check_storage(res.storage)
     if use_ray and os.environ.get("RAY_ADDRESS"):
         return
-    from .device import detect_device, detect_precision
+    from dtlab.trainers.run.device import detect_device, detect_precision
 
     try:
         detect_precision(detect_device(res.device), res.precision)
@@ -228,14 +235,14 @@ def check_run_dir(run_dir: Path, resume: bool, force: bool, spec: Spec | None = 
                         "(nothing there is overwritten)")
 
 
-def prepare_run_dir(run_dir: Path, resume: bool, force: bool, log=print) -> None:
+def prepare_run_dir(run_dir: Path, resume: bool, force: bool) -> None:
     check_run_dir(run_dir, resume, force)
     if holds_run(run_dir):
         if resume:
             return
         backup = run_dir.with_name(f"{run_dir.name}.old-{time.strftime('%Y%m%d-%H%M%S')}")
         shutil.move(str(run_dir), backup)
-        log(f"moved the existing run to {backup}")
+        log.info(f"moved the existing run to {backup}")
     try:
         run_dir.mkdir(parents=True, exist_ok=True)
     except OSError as err:
@@ -263,22 +270,15 @@ def write_run_files(run_dir: Path, spec: Spec, data: Prepared, resume: bool) -> 
     write_atomic(run_dir / "run.json", json.dumps(run, indent=1))
 
 
-def write_atomic(path: Path, text: str) -> None:
-    """Write `path` whole or not at all (a crash or a full disk leaves the old file)."""
-    tmp = path.with_name(f".{path.name}.tmp")
-    tmp.write_text(text)
-    os.replace(tmp, path)
-
-
-def launch(config: dict[str, Any], spec: Spec, run_dir: Path, use_ray: bool, hooks, log) -> dict[str, Any]:
+def launch(config: dict[str, Any], spec: Spec, run_dir: Path, use_ray: bool, hooks: Hooks | None) -> dict[str, Any]:
     """Train; a failure once training has started is a `RunFailed` that says how to continue."""
     resume_hint = f"continue with --resume (--out {run_dir})"
     try:
         if use_ray:
-            from .ray_train import train_with_ray
+            from dtlab.trainers.orchestrate.ray_train import train_with_ray
 
-            return train_with_ray(config, spec, log=log)
-        from .loop import train
+            return train_with_ray(config, spec)
+        from dtlab.trainers.run.loop import train
 
         return train(config, hooks)
     except (SpecError, CheckpointError):
@@ -314,12 +314,13 @@ def _cause(err: BaseException) -> BaseException:
 
 
 def run_training(spec: Spec, out: str | Path | None = None, resume: bool = False, force: bool = False,
-                 use_ray: bool | None = None, hooks=None, log=print, tracking=None) -> dict[str, Any]:
+                 use_ray: bool | None = None, hooks: Hooks | None = None,
+                 tracking: Tracking | None = None) -> dict[str, Any]:
     """Check, lay out and run one training run; returns the last evaluation record. Its progress
     shows on the command's console; `tracking` (a `tracking.Tracking`, else one of the run's own)
     sends its records to the spec's trackers."""
-    from .progress import current
-    from .tracking import check_tracking
+    from dtlab.trainers.monitor.progress import current
+    from dtlab.trainers.monitor.tracking import check_tracking
 
     use_ray = spec.resources.use_ray if use_ray is None else use_ray
     run_dir = Path(out) if out else default_run_dir(spec)
@@ -331,7 +332,7 @@ def run_training(spec: Spec, out: str | Path | None = None, resume: bool = False
     check_fit(spec, data, spec.resources.num_workers, shape)
     fresh = not run_dir.exists()
     try:
-        prepare_run_dir(run_dir, resume, force, log)  # the first write
+        prepare_run_dir(run_dir, resume, force)  # the first write
         write_run_files(run_dir, spec, data, resume)
     except OSError as err:
         if fresh:  # a failed start leaves nothing behind
@@ -339,25 +340,24 @@ def run_training(spec: Spec, out: str | Path | None = None, resume: bool = False
         raise RunFailed(f"could not write the run directory {run_dir} ({err.strerror or err})") from err
     config = {"spec": spec.model_dump(mode="json"), "run_dir": str(run_dir.resolve()), "data_dir": str(data.path),
               "resume": resume}
-    ui = current()
-    ui.capture(run_dir)  # from here on, what the libraries print goes to the run's output.log
-    result = launch_watched(config, spec, run_dir, use_ray, hooks, log, tracking)
-    from .sample import ensure_samples
+    current().capture(run_dir)  # from here on, what the libraries print goes to the run's output.log
+    result = launch_watched(config, spec, run_dir, use_ray, hooks, tracking)
+    from dtlab.trainers.tools.sample import ensure_samples
 
-    ensure_samples(run_dir, ui.note, replace=True)  # greedy samples of the best checkpoint, for the report
+    ensure_samples(run_dir, replace=True)  # greedy samples of the best checkpoint, for the report
     record = {k: v for k, v in (result or {}).items() if not isinstance(v, dict)}
     if record:
-        ui.note("final: " + ", ".join(f"{k} {v:.4f}" if isinstance(v, float) else f"{k} {v}"
-                                      for k, v in record.items()))
+        log.debug("final: " + ", ".join(f"{k} {v:.4f}" if isinstance(v, float) else f"{k} {v}"
+                                for k, v in record.items()))
     return result or {}
 
 
-def launch_watched(config: dict[str, Any], spec: Spec, run_dir: Path, use_ray: bool, hooks, log,
-                   tracking=None) -> dict[str, Any]:
+def launch_watched(config: dict[str, Any], spec: Spec, run_dir: Path, use_ray: bool, hooks: Hooks | None,
+                   tracking: Tracking | None = None) -> dict[str, Any]:
     """`launch`, with the run's progress on the console, its records to the trackers, and how it
     ended in its `status.json` (running while it trains)."""
-    from .progress import current
-    from .tracking import Tracking, TrackingError
+    from dtlab.trainers.monitor.progress import current
+    from dtlab.trainers.monitor.tracking import TrackingError
 
     own = tracking is None
     tracking = tracking or Tracking(run_dir)
@@ -370,7 +370,7 @@ def launch_watched(config: dict[str, Any], spec: Spec, run_dir: Path, use_ray: b
             raise RunFailed(f"{err}; nothing was trained; fix tracking: and continue with --resume (--out "
                             f"{run_dir})") from err
         with current().following(run_dir, sinks=[tracker.record] if tracker else []):
-            result = launch(config, spec, run_dir, use_ray, hooks, log)
+            result = launch(config, spec, run_dir, use_ray, hooks)
         status = "finished"
         return result
     except KeyboardInterrupt:

@@ -21,7 +21,7 @@ from typing import Any
 
 import numpy as np
 
-from .spec import DataSpec, SpecError
+from dtlab.trainers.spec import DataSpec, SpecError
 
 EOT = "<|endoftext|>"
 LOCAL_BUILDERS = {".txt": "text", ".md": "text", ".text": "text", ".jsonl": "json", ".json": "json",

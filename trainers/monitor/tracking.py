@@ -25,7 +25,8 @@ import uuid
 from pathlib import Path
 from typing import Any
 
-from .spec import Spec, SpecError
+from dtlab.analysis.rundir import write_atomic
+from dtlab.trainers.spec import Spec, SpecError
 
 PACKAGES = {"tensorboard": "tensorboard", "mlflow": "mlflow", "wandb": "wandb"}
 STATE = "tracking.json"
@@ -128,9 +129,7 @@ class RunTracker:
     def _save_state(self) -> None:
         if not self.run_dir.is_dir():  # a sweep's trial before its driver laid the directory out
             return
-        tmp = self.run_dir / f".{STATE}.tmp"
-        tmp.write_text(json.dumps(self.state, indent=1))
-        os.replace(tmp, self.run_dir / STATE)
+        write_atomic(self.run_dir / STATE, json.dumps(self.state, indent=1))
 
     # ---- opening ------------------------------------------------------------------------------------
     def _open_tensorboard(self):
@@ -138,7 +137,7 @@ class RunTracker:
 
         writer = SummaryWriter(log_dir=str(self.store / "tensorboard" / self.name), flush_secs=5)
         if not self.state.get("tensorboard"):
-            from .spec import dump_spec
+            from dtlab.trainers.spec import dump_spec
 
             writer.add_text("spec", "```yaml\n" + dump_spec(self.spec) + "\n```", 0)
             self.state["tensorboard"] = str(self.store / "tensorboard" / self.name)

@@ -1,0 +1,1 @@
+"""The `dtlab` command and `dtlab ls`."""

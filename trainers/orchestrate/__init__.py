@@ -1,0 +1,1 @@
+"""Runs, experiments and sweeps: the run driver, Ray Train, Ray Tune with Optuna, seed replicates."""

@@ -1,0 +1,1 @@
+"""What uses a trained model or a model shape: text generation, lm-eval tasks, benchmarks."""
