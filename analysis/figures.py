@@ -2,13 +2,15 @@
 
 from __future__ import annotations
 
+from collections.abc import Iterable
+
 import pandas as pd
 import plotly.graph_objects as go
 
 PALETTE = ["#1f77b4", "#d62728", "#2ca02c", "#9467bd", "#ff7f0e", "#8c564b", "#e377c2", "#17becf", "#7f7f7f"]
 
 
-def _colors(labels) -> dict[str, str]:
+def _colors(labels: Iterable[str]) -> dict[str, str]:
     return {lab: PALETTE[i % len(PALETTE)] for i, lab in enumerate(sorted(set(labels)))}
 
 
@@ -60,7 +62,8 @@ def pareto(runs: pd.DataFrame) -> go.Figure | None:
                                              symbol="diamond" if lab.startswith("dense control") else "circle"),
                                  text=g["run_id"], hovertemplate="%{text}<br>%{x:.3g} FLOPs: %{y:.4f}<extra></extra>"))
     front, best = [], float("inf")
-    for _, r in df.sort_values("train_flops").iterrows():
+    # at equal FLOPs (the seeds of one configuration) the lower loss first, so the higher is dominated
+    for _, r in df.sort_values(["train_flops", "val_loss"]).iterrows():
         if r["val_loss"] < best:
             best = r["val_loss"]
             front.append((r["train_flops"], r["val_loss"]))

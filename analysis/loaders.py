@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -26,8 +27,8 @@ from typing import Any
 import pandas as pd
 import yaml
 
-from dtlab.analysis.rundir import METRICS, diverged_reason
-from dtlab.analysis.rundir import read_jsonl as _read_records
+from .rundir import METRICS, diverged_reason
+from .rundir import read_jsonl as _read_records
 
 
 @dataclass
@@ -99,7 +100,8 @@ def spec_fingerprint(spec: dict[str, Any]) -> str:
     return hashlib.sha256(json.dumps(s, sort_keys=True).encode()).hexdigest()[:10]
 
 
-def _routing_rows(run_id: str, rec: dict[str, Any], rows: list, pos_rows: list) -> None:
+def _routing_rows(run_id: str, rec: dict[str, Any], rows: list[dict[str, Any]],
+                  pos_rows: list[dict[str, Any]]) -> None:
     for mode, key in (("topk", "routing"), ("causal", "routing_causal")):
         for layer, stats in (rec.get(key) or {}).items():
             for stat, value in stats.items():
@@ -128,7 +130,8 @@ def headline(rec: dict[str, Any]) -> dict[str, Any]:
     return rec
 
 
-def load_run(path: Path, problems: list[str]) -> tuple[dict[str, Any], list[dict], list[dict], list, list]:
+def load_run(path: Path, problems: list[str]) -> tuple[dict[str, Any], list[dict[str, Any]], list[dict[str, Any]],
+                                                       list[dict[str, Any]], list[dict[str, Any]]]:
     run_id = path.name if path.parent.name != "trials" else f"trial-{path.name}"
     if path.parent.name == "seeds" and path.parent.parent.parent.name == "trials":  # one seed of a trial
         run_id = f"trial-{path.parent.parent.name}-seed{path.name}"
@@ -140,7 +143,8 @@ def load_run(path: Path, problems: list[str]) -> tuple[dict[str, Any], list[dict
              for r in records if r.get("kind", "train") == "train"]
     evals = [headline({"run_id": run_id, **{k: v for k, v in r.items() if not isinstance(v, (dict, list))}})
              for r in records if r.get("kind") == "eval"]
-    routing, positions = [], []
+    routing: list[dict[str, Any]] = []
+    positions: list[dict[str, Any]] = []
     for r in records:
         _routing_rows(run_id, r, routing, positions)
     if not evals:
@@ -224,7 +228,7 @@ def load_downstream(path: Path, run_id: str, problems: list[str]) -> list[dict[s
             for r in read_jsonl(path / "eval_tasks.jsonl", problems) if "task" in r and "metric" in r]
 
 
-def load(paths: list[str | Path]) -> RunSet:
+def load(paths: Sequence[str | Path]) -> RunSet:
     """Every run under `paths` (run, sweep or experiment directories) as DataFrames."""
     problems: list[str] = []
     runs, steps, evals, routing, positions, benches, samples, downstream = [], [], [], [], [], [], [], []

@@ -6,8 +6,10 @@ from __future__ import annotations
 import html
 import json
 import time
+from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import pandas as pd
 
@@ -53,7 +55,7 @@ class ReportError(ValueError):
     """The report cannot be written where asked (it would replace something not made by dtlab)."""
 
 
-def _sweep_space(paths: list[Path]) -> dict:
+def _sweep_space(paths: list[Path]) -> dict[str, Any]:
     for p in paths:
         for f in [p / "sweep.json", *p.glob("*/sweep.json")] if p.is_dir() else []:
             if f.is_file():
@@ -68,14 +70,14 @@ def _studies(paths: list[Path]) -> list[Path]:
     return [f for p in paths if p.is_dir() for f in [p / "optuna.db", *p.glob("*/optuna.db")] if f.is_file()]
 
 
-def _importance(runs: pd.DataFrame, space: dict, studies: list[Path]) -> pd.DataFrame:
+def _importance(runs: pd.DataFrame, space: dict[str, Any], studies: Sequence[Path]) -> pd.DataFrame:
     """From the sweeps' Optuna studies (one trial per configuration) where there are any, else the runs."""
     study = pd.concat([tables.study_trials(db) for db in studies]) if studies else pd.DataFrame()
     return tables.importances(study if not study.empty else runs, space)
 
 
-def build_sections(rs: RunSet, space: dict, studies: list[Path] = ()) -> tuple[list[Section],
-                                                                                dict[str, pd.DataFrame]]:
+def build_sections(rs: RunSet, space: dict[str, Any], studies: Sequence[Path] = ()) -> tuple[list[Section],
+                                                                                              dict[str, pd.DataFrame]]:
     runs = tables.results(rs.runs)
     swept = runs["params"].notna().any()
     if swept:  # a trial stopped early has a loss from fewer steps: compared, it would look worse or better
@@ -179,7 +181,7 @@ def _markdown(df: pd.DataFrame) -> str:
     if df.empty:
         return "_no data_\n"
 
-    def cell(v):
+    def cell(v: object) -> str:
         if isinstance(v, float):
             return "" if v != v else f"{v:.4g}"
         return _md_text(str(v)).replace("|", "\\|").replace("\r", "").replace("\n", " ⏎ ")  # one line per row
@@ -230,30 +232,30 @@ def check_report_targets(out: Path, tables: list[str] | None = None, force: bool
                               "choose another --out or pass --force to replace it")
 
 
-def write_report(paths: list[str | Path], out: str | Path | None = None, force: bool = False) -> Report:
+def write_report(paths: Sequence[str | Path], out: str | Path | None = None, force: bool = False) -> Report:
     """The report of every run under `paths`: `out` (HTML), its Markdown twin and CSV tables."""
     import plotly.offline
 
-    paths = [Path(p) for p in paths]
-    out = Path(out) if out else (paths[0] / "report.html" if len(paths) == 1 and paths[0].is_dir()
+    roots = [Path(p) for p in paths]
+    out = Path(out) if out else (roots[0] / "report.html" if len(roots) == 1 and roots[0].is_dir()
                                  else Path("report.html"))
     check_report_targets(out, force=force)
-    rs = load(paths)
+    rs = load(roots)
     if rs.empty:
         why = "; ".join(rs.problems)
-        raise ReportError(f"no runs found under {', '.join(map(str, paths))}: a run directory holds metrics.jsonl "
+        raise ReportError(f"no runs found under {', '.join(map(str, roots))}: a run directory holds metrics.jsonl "
                           f"(dtlab train, sweep or run writes one){'; ' + why if why else ''}")
     problems = list(rs.problems)
-    sections, frames = build_sections(rs, _sweep_space(paths), _studies(paths))
+    sections, frames = build_sections(rs, _sweep_space(roots), _studies(roots))
     stopped = (rs.runs[rs.runs["params"].notna() & ~rs.runs["done"].astype(bool) & rs.runs["diverged"].isna()]
-               if "params" in rs.runs else [])
+               if "params" in rs.runs else rs.runs.iloc[0:0])
     if len(stopped):  # a replicate trial's seeds stop together: counted once
         steps = sorted({int(s) for s in stopped["final_step"].dropna()})
         n = stopped["trial_id"].fillna(stopped["run_id"]).nunique()
         problems.append(f"{n} trial(s) stopped early by ASHA (at step {', '.join(map(str, steps))}) are "
                         "left out of the loss comparisons, which compare finished trials only")
     check_report_targets(out, list(frames), force)
-    subtitle = f"{len(rs.runs)} run(s) from {', '.join(map(str, paths))} · generated {time.strftime('%Y-%m-%d %H:%M')}"
+    subtitle = f"{len(rs.runs)} run(s) from {', '.join(map(str, roots))} · generated {time.strftime('%Y-%m-%d %H:%M')}"
     lead = lead_sentence(rs.runs)
     page, charts = render("dtlab comparison report", subtitle, sections, problems, plotly.offline.get_plotlyjs(),
                           lead=lead)
@@ -265,7 +267,7 @@ def write_report(paths: list[str | Path], out: str | Path | None = None, force: 
     written = _write_all(out, page, markdown, "\n".join(md), tables_dir, frames)
     _manifest_path(out).write_text(json.dumps({"generator": GENERATOR, "files": written}, indent=1))
     runs = tables.results(rs.runs)
-    closing = tables.closing(runs, per_run=runs["params"].notna().any())
+    closing = tables.closing(runs, per_run=bool(runs["params"].notna().any()))
     return Report(out, markdown, tables_dir, charts, problems, closing)
 
 

@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import json
 import os
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -58,7 +58,7 @@ def read_jsonl(path: str | os.PathLike) -> Jsonl:
 
 
 def rewrite_jsonl(path: str | os.PathLike, keep: Callable[[dict[str, Any]], bool],
-                  append: list[dict[str, Any]] = ()) -> None:
+                  append: Sequence[dict[str, Any]] = ()) -> None:
     """Keep only the records `keep` accepts (lines that do not parse go), then `append`, replacing the
     file at once."""
     path = Path(path)

@@ -4,6 +4,9 @@ from __future__ import annotations
 
 import json
 import math
+from collections.abc import Hashable
+from pathlib import Path
+from typing import Any
 
 import pandas as pd
 
@@ -38,9 +41,11 @@ def label_runs(runs: pd.DataFrame) -> pd.DataFrame:
     family = _shape_key(runs)
     deepest = runs["num_hidden_layers"].groupby(family).transform("max") if "num_hidden_layers" in runs else None
 
-    def label(r) -> str:
+    def label(r: pd.Series) -> str:
         v = r.get("variant") or "unknown"
-        layers, top = r.get("num_hidden_layers"), None if deepest is None else deepest[r.name]
+        layers = r.get("num_hidden_layers")
+        # pandas-stubs take only scalar types in Series[...]; a row's name is any Hashable index label
+        top = None if deepest is None else deepest[r.name]  # type: ignore[call-overload]
         if v == "standard" and top and layers and not pd.isna(layers) and layers < top:
             return f"dense control ({int(layers)} layers)"
         cap = r.get("capacity")
@@ -158,7 +163,7 @@ def with_verdicts(table: pd.DataFrame) -> pd.DataFrame:
 def speed(runs: pd.DataFrame, benches: pd.DataFrame) -> pd.DataFrame:
     """Measured tokens/s and memory next to each label's FLOP ratio (from the runs' own records,
     and from `dtlab bench` files found beside them)."""
-    rows = []
+    rows: list[dict[str, Any]] = []
     dense = runs.loc[runs["label"] == "standard", "tokens_per_s"].dropna()  # full depth, not the controls
     dense_tps = float(dense.median()) if len(dense) else float("nan")
     for label, g in runs.groupby("label", sort=True):
@@ -188,7 +193,7 @@ def speed(runs: pd.DataFrame, benches: pd.DataFrame) -> pd.DataFrame:
     return pd.DataFrame(rows)
 
 
-def _decode_row(b: pd.Series, cap) -> dict:
+def _decode_row(b: pd.Series, cap: object) -> dict[str, Any]:
     """A `dtlab bench --decode` row: generated tokens/s, the time per token relative to Standard."""
     label = b["variant"] + (f" c={cap:g}" if isinstance(cap, (int, float)) and cap == cap else "")
     speedup = b.get("decode_speedup_vs_standard")
@@ -284,7 +289,7 @@ def importances(runs: pd.DataFrame, space: dict | None = None) -> pd.DataFrame:
     """Which hyperparameters mattered: Optuna's fANOVA importance of each swept key for the final
     validation loss, per variant (needs at least 4 trials with results)."""
     import optuna
-    from optuna.distributions import CategoricalDistribution, FloatDistribution
+    from optuna.distributions import BaseDistribution, CategoricalDistribution, FloatDistribution
 
     optuna.logging.set_verbosity(optuna.logging.WARNING)
     rows = []
@@ -294,7 +299,7 @@ def importances(runs: pd.DataFrame, space: dict | None = None) -> pd.DataFrame:
         keys = sorted({k for p in params for k in p if all(k in q for q in params)})
         if len(g) < 4 or not keys:
             continue
-        dists = {}
+        dists: dict[str, BaseDistribution] = {}
         for k in keys:
             values = [p[k] for p in params]
             kind = next(iter((space or {}).get(k, {})), None)
@@ -309,8 +314,8 @@ def importances(runs: pd.DataFrame, space: dict | None = None) -> pd.DataFrame:
             continue
         study = optuna.create_study(direction="minimize")
         for p, loss in zip(params, g["val_loss"], strict=True):
-            values = {k: (float(p[k]) if isinstance(dists[k], FloatDistribution) else str(p[k])) for k in dists}
-            study.add_trial(optuna.trial.create_trial(params=values, distributions=dists, value=float(loss)))
+            chosen = {k: (float(p[k]) if isinstance(dists[k], FloatDistribution) else str(p[k])) for k in dists}
+            study.add_trial(optuna.trial.create_trial(params=chosen, distributions=dists, value=float(loss)))
         try:
             imp = optuna.importance.get_param_importances(study)
         except (RuntimeError, ValueError) as err:  # too little variation to tell
@@ -322,7 +327,7 @@ def importances(runs: pd.DataFrame, space: dict | None = None) -> pd.DataFrame:
     return pd.DataFrame(rows)
 
 
-def study_trials(db) -> pd.DataFrame:
+def study_trials(db: str | Path) -> pd.DataFrame:
     """The completed trials of a sweep's Optuna study (`optuna.db`: one per configuration, its value
     the mean over seeds) as rows `importances` takes: variant, params (JSON), val_loss (the first
     objective)."""
@@ -389,11 +394,12 @@ def closing(runs: pd.DataFrame, per_run: bool = False, limit: int = 12) -> pd.Da
     return out.reset_index(drop=True)
 
 
-def _int(value) -> str:
+def _int(value: Any) -> str:
     return "?" if value is None or pd.isna(value) else str(int(value))
 
 
-FORMATS = {"val loss": "{:.4f}", "FLOP ratio": "{:.3f}", "tokens/s": "{:,.0f}", "peak mem GiB": "{:.2f}"}
+FORMATS: dict[Hashable, str] = {"val loss": "{:.4f}", "FLOP ratio": "{:.3f}", "tokens/s": "{:,.0f}",
+                                 "peak mem GiB": "{:.2f}"}
 
 
 def text_table(df: pd.DataFrame) -> str:

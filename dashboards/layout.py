@@ -52,7 +52,7 @@ class Section:
 
 
 def _table(df: pd.DataFrame) -> str:
-    def fmt(v):
+    def fmt(v: object) -> str:
         if isinstance(v, float):
             if v != v:
                 return ""

@@ -6,9 +6,12 @@ Tags: `run`, `variant`, and `layer` for per-layer routing metrics.
 
 from __future__ import annotations
 
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
-_GAUGES: dict[str, Any] = {}
+if TYPE_CHECKING:
+    from ray.util.metrics import Gauge
+
+_GAUGES: dict[str, Gauge] = {}
 DESCRIPTIONS = {
     "dtlab_loss": "training loss (LM + weighted aux)",
     "dtlab_lm_loss": "training LM loss",
@@ -21,7 +24,7 @@ DESCRIPTIONS = {
 }
 
 
-def _gauge(name: str, layer: bool):
+def _gauge(name: str, layer: bool) -> Gauge:
     if name not in _GAUGES:
         from ray.util.metrics import Gauge
 

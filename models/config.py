@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import difflib
 import math
+from collections.abc import Iterable
 from typing import Any, ClassVar
 
 from transformers import PretrainedConfig
@@ -58,14 +59,14 @@ COMMON_DEFAULTS: dict[str, Any] = dict(
 )
 
 
-def did_you_mean(name: str, choices) -> str:
+def did_you_mean(name: str, choices: Iterable[object]) -> str:
     """' (did you mean 'x'?)' for the closest of `choices`, or ''. The one helper for every
     unknown-name message of dtlab (configs, specs, sweeps)."""
     close = difflib.get_close_matches(str(name), [str(c) for c in choices], n=1)
     return f" (did you mean {close[0]!r}?)" if close else ""
 
 
-def _check_capacity(name: str, value: float) -> None:
+def _check_capacity(name: str, value: object) -> None:
     if not isinstance(value, (int, float)) or isinstance(value, bool) or not 0.0 < value <= 1.0:
         raise ValueError(f"{name}={value!r}: capacity must be a number in (0, 1]")
 
@@ -101,7 +102,7 @@ class DTLabConfig(PretrainedConfig):
             setattr(self, key, kwargs.pop(key, default))
         tie = self.tie_word_embeddings
         super().__init__(**kwargs)
-        self.tie_word_embeddings = tie
+        self.tie_word_embeddings: bool = tie
         self.check_fields()
 
     @classmethod

@@ -54,6 +54,9 @@ class DTFDecisionLayer(DecoderBlock):
 class DTFRouter(nn.Module):
     """The four router scalars of a dynamic layer and its causal threshold."""
 
+    threshold: torch.Tensor  # buffers (annotations only: `register_buffer` sets them)
+    threshold_updates: torch.Tensor
+
     def __init__(self, config: DTFConfig) -> None:
         super().__init__()
         self.config = config
@@ -120,7 +123,7 @@ class DTFRouter(nn.Module):
         store.extra["d_st"], store.extra["d_st_ok"] = d_st_BT[:, -W:], ok_BT[:, -W:]
         return causal_window_mean(d_st_BT, W, ok_BT)[:, -T:]
 
-    def forward(self, h_BTD, h_post_BTD, h_prior_BTD, ctx: Context,
+    def forward(self, h_BTD: torch.Tensor, h_post_BTD: torch.Tensor, h_prior_BTD: torch.Tensor, ctx: Context,
                 store: KVStore | None = None) -> dict[str, torch.Tensor]:
         """The gate G [B, T] and its parts, all fp32 (spec section 3). With a KV `store` (cached
         inference) the moving average also reads the surprise of the W columns before these."""

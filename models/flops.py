@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import math
 from types import SimpleNamespace
+from typing import Any
 
 SHAPE_KEYS = ("vocab_size", "hidden_size", "intermediate_size", "num_hidden_layers", "num_attention_heads",
               "num_key_value_heads", "tie_word_embeddings")
@@ -31,7 +32,7 @@ def capacity_k(capacity: float, T: int) -> int:
     return max(1, min(T, math.floor(capacity * T + 1e-9)))
 
 
-def _block_flops(config, S: int) -> float:
+def _block_flops(config: Any, S: int) -> float:
     """Forward FLOPs of one block for ONE of the S tokens that take part."""
     D, H, Hkv, d, I = (config.hidden_size, config.num_attention_heads, config.num_key_value_heads,
                        config.hidden_size // config.num_attention_heads, config.intermediate_size)
@@ -40,13 +41,13 @@ def _block_flops(config, S: int) -> float:
     return linear + attention
 
 
-def _routed_block_flops(config, T: int) -> float:
+def _routed_block_flops(config: Any, T: int) -> float:
     """Per token of the row: the block over its k selected tokens."""
     k = capacity_k(config.capacity, T)
     return (k / T) * _block_flops(config, k)
 
 
-def forward_flops_per_token(config, seq_len: int) -> float:
+def forward_flops_per_token(config: Any, seq_len: int) -> float:
     """Forward FLOPs per token of a row of `seq_len` tokens, in the config's routing."""
     T, D = seq_len, config.hidden_size
     total = 2 * D * config.vocab_size  # LM head
@@ -64,12 +65,12 @@ def forward_flops_per_token(config, seq_len: int) -> float:
     return total
 
 
-def flops_per_token(config, seq_len: int) -> float:
+def flops_per_token(config: Any, seq_len: int) -> float:
     """Training FLOPs per token (forward + backward = 3 x forward) at sequence length `seq_len`."""
     return 3.0 * forward_flops_per_token(config, seq_len)
 
 
-def dense_equivalent(config, num_hidden_layers: int | None = None) -> SimpleNamespace:
+def dense_equivalent(config: Any, num_hidden_layers: int | None = None) -> SimpleNamespace:
     """The same shape as a Standard model (optionally with another depth), for FLOP ratios."""
     shape = {key: getattr(config, key) for key in SHAPE_KEYS}
     if num_hidden_layers is not None:
@@ -77,7 +78,7 @@ def dense_equivalent(config, num_hidden_layers: int | None = None) -> SimpleName
     return SimpleNamespace(**shape, layer_kinds=["dense"] * shape["num_hidden_layers"], capacity=None)
 
 
-def matched_dense_depth(config, target_flops_per_token: float, seq_len: int) -> int:
+def matched_dense_depth(config: Any, target_flops_per_token: float, seq_len: int) -> int:
     """The depth (1..L) of a Standard model of `config`'s shape whose training FLOPs per token are
     closest to `target_flops_per_token`: a compute-matched dense control."""
     depths = range(1, config.num_hidden_layers + 1)
@@ -85,11 +86,11 @@ def matched_dense_depth(config, target_flops_per_token: float, seq_len: int) -> 
                                          - target_flops_per_token))
 
 
-def flop_ratio_vs_dense(config, seq_len: int) -> float:
+def flop_ratio_vs_dense(config: Any, seq_len: int) -> float:
     return flops_per_token(config, seq_len) / flops_per_token(dense_equivalent(config), seq_len)
 
 
-def param_count(config) -> int:
+def param_count(config: Any) -> int:
     """Parameters of the model `build_model` makes for `config` (tied head counted once)."""
     D, H, Hkv, I, V = (config.hidden_size, config.num_attention_heads, config.num_key_value_heads,
                        config.intermediate_size, config.vocab_size)

@@ -7,18 +7,22 @@ Parameter names follow Hugging Face `Qwen2ForCausalLM`, so checkpoints load by k
 
 from __future__ import annotations
 
-from typing import NamedTuple
+from collections.abc import Callable
+from typing import TYPE_CHECKING, NamedTuple
 
 import torch
 import torch.nn.functional as F
 from torch import nn
+
+if TYPE_CHECKING:
+    from .config import DTLabConfig
 
 # Initialisers for the models' `_init_weights` (re-exported): transformers >= 5 has ones that
 # respect weights already loaded from a checkpoint.
 try:
     from transformers import initialization as init  # noqa: F401
 except ImportError:  # pragma: no cover
-    from torch.nn import init  # noqa: F401
+    from torch.nn import init  # type: ignore[no-redef]  # noqa: F401  (same functions, older transformers)
 
 
 class RMSNorm(nn.Module):
@@ -54,6 +58,8 @@ class RotaryEmbedding(nn.Module):
     """RoPE frequencies, kept in fp32 whatever the model is cast to: `model.to(torch.bfloat16)`
     would otherwise round them (angles off by whole radians at long positions)."""
 
+    inv_freq: torch.Tensor  # a buffer (annotation only: `register_buffer` sets it)
+
     def __init__(self, head_dim: int, theta: float) -> None:
         super().__init__()
         self.head_dim, self.theta = head_dim, theta
@@ -63,7 +69,7 @@ class RotaryEmbedding(nn.Module):
         d = self.head_dim
         return 1.0 / (self.theta ** (torch.arange(0, d, 2, dtype=torch.float, device=device) / d))
 
-    def _apply(self, fn, recurse: bool = True):
+    def _apply(self, fn: Callable[[torch.Tensor], torch.Tensor], recurse: bool = True) -> RotaryEmbedding:
         super()._apply(fn, recurse)
         if self.inv_freq.dtype != torch.float32:  # recomputed, not cast back: the rounding is lost
             self.inv_freq = self.compute_inv_freq(self.inv_freq.device)
@@ -102,7 +108,7 @@ def sdpa_mask(key_ok_BS: torch.Tensor | None, S: int, device: torch.device) -> t
 class Attention(nn.Module):
     """Grouped-query causal self-attention; bias on q/k/v only (Qwen2)."""
 
-    def __init__(self, config) -> None:
+    def __init__(self, config: DTLabConfig) -> None:
         super().__init__()
         D, H, Hkv, d = config.hidden_size, config.num_attention_heads, config.num_key_value_heads, config.head_dim
         self.num_heads, self.num_kv_heads, self.head_dim = H, Hkv, d
@@ -122,6 +128,7 @@ class Attention(nn.Module):
         q, k = apply_rope(q, rope), apply_rope(k, rope)
         causal = True
         if store is not None:
+            assert slots is not None, "a KV store needs the slots it keeps"
             k, v, mask, causal = store.extend(k, v, slots)
         return self.o_proj(attend(q, k, v, mask, causal).transpose(1, 2).reshape(B, S, -1))
 
@@ -176,6 +183,7 @@ class KVStore:
     def reorder(self, idx_B: torch.Tensor) -> None:
         """Rows `idx_B` of the batch become its rows 0..B-1 (beam search)."""
         if self.k is not None:
+            assert self.v is not None and self.ok_BC is not None and self.len_B is not None  # set together
             self.k, self.v = self.k.index_select(0, idx_B), self.v.index_select(0, idx_B)
             self.ok_BC, self.len_B = self.ok_BC.index_select(0, idx_B), self.len_B.index_select(0, idx_B)
         self.extra = {name: t.index_select(0, idx_B) for name, t in self.extra.items()}
@@ -187,6 +195,7 @@ class KVStore:
             self.v = v.new_zeros(B, v.shape[1], cap, v.shape[-1])
             self.ok_BC = torch.zeros(B, cap, dtype=torch.bool, device=k.device)
             self.len_B = torch.zeros(B, dtype=torch.long, device=k.device)
+        assert self.v is not None and self.ok_BC is not None  # set together with `k`
         cap = self.k.shape[2]
         if need > cap:
             grow = max(need, 2 * cap) - cap
@@ -207,6 +216,7 @@ class KVStore:
         if ok_RS is None:
             ok_RS = torch.ones(R, S, dtype=torch.bool, device=k_RHSd.device)
         self._reserve(k_RHSd, v_RHSd, self.bound + S)
+        assert self.k is not None and self.v is not None and self.ok_BC is not None and self.len_B is not None
         ar = torch.arange(R, device=k_RHSd.device) if rows is None else rows
         start_R = self.len_B[ar]
         pos_RS = start_R[:, None] + torch.arange(S, device=k_RHSd.device)
@@ -247,7 +257,7 @@ class MLP(nn.Module):
 class DecoderBlock(nn.Module):
     """`x + Attn(RMSNorm(x))`, then `+ MLP(RMSNorm(x))`: the block all three variants share."""
 
-    def __init__(self, config) -> None:
+    def __init__(self, config: DTLabConfig) -> None:
         super().__init__()
         self.input_layernorm = RMSNorm(config.hidden_size, config.rms_norm_eps)
         self.self_attn = Attention(config)

@@ -13,11 +13,16 @@ import json
 import os
 import re
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any, TypeVar
 
 import torch
 
 from .config import CONFIG_CLASSES, SHAPE_DEFAULTS, DTLabConfig, check_override_keys, check_rope, config_class
+
+if TYPE_CHECKING:
+    from transformers import PreTrainedModel
+
+_ModelT = TypeVar("_ModelT", bound="PreTrainedModel")
 
 # Parameters a pretrained Qwen2 cannot have: they start fresh.
 FRESH_KEY = re.compile(r"^model\.layers\.\d+\.(router|predictor|prior|prior_norm)\.")
@@ -100,7 +105,7 @@ def read_state_dict(path: Path) -> dict[str, torch.Tensor]:
     raise ValueError(f"{path}: no weights found, expected one of {WEIGHT_FILES}")
 
 
-def load_into(model: torch.nn.Module, state: dict[str, torch.Tensor], source: str) -> None:
+def load_into(model: PreTrainedModel, state: dict[str, torch.Tensor], source: str) -> None:
     """Copy `state` into `model` by key, accounting for every key on both sides."""
     own = model.state_dict()
     tied = bool(getattr(model.config, "tie_word_embeddings", False))
@@ -159,8 +164,8 @@ def checkpoint_config(variant: str, path: Path, overrides: dict[str, Any]) -> DT
     return cls(**{**kept, **shape, **overrides})
 
 
-def build_pretrained(model_cls: type[torch.nn.Module], variant: str, pretrained: str | os.PathLike,
-                     overrides: dict[str, Any]) -> torch.nn.Module:
+def build_pretrained(model_cls: type[_ModelT], variant: str, pretrained: str | os.PathLike,
+                     overrides: dict[str, Any]) -> _ModelT:
     """A `model_cls` (the `variant`'s class) whose shape (and, for a dtlab checkpoint of that variant,
     routing settings) comes from the checkpoint and whose weights are loaded from it."""
     path = resolve_checkpoint(pretrained)

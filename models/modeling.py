@@ -9,7 +9,7 @@ from __future__ import annotations
 import contextlib
 from collections.abc import Iterator
 from dataclasses import dataclass
-from typing import Any, NamedTuple
+from typing import TYPE_CHECKING, Any, NamedTuple
 
 import torch
 import torch.nn.functional as F
@@ -22,6 +22,9 @@ from .dtf import DTFDecisionLayer, DTFDynamicLayer, DTFRouter
 from .layers import DecoderBlock, KVStore, RMSNorm, RotaryEmbedding, Slots, init, sdpa_mask
 from .mod import MoDLayer
 from .routing import Context, LayerOutput
+
+if TYPE_CHECKING:
+    from transformers.generation.utils import GenerateOutput
 
 
 class DenseLayer(DecoderBlock):
@@ -125,6 +128,8 @@ class DTLabPreTrainedModel(PreTrainedModel):
 class DTLabModel(DTLabPreTrainedModel):
     """Embedding -> layers (by `config.layer_kinds`) -> final RMSNorm."""
 
+    schedule_step: torch.Tensor  # a buffer (annotation only: `register_buffer` sets it)
+
     def __init__(self, config: DTLabConfig) -> None:
         super().__init__(config)
         self.embed_tokens = nn.Embedding(config.vocab_size, config.hidden_size)
@@ -135,8 +140,8 @@ class DTLabModel(DTLabPreTrainedModel):
         self.register_buffer("schedule_step", torch.tensor(0, dtype=torch.long))
         self.post_init()
 
-    def forward(self, input_ids, attention_mask=None, position_ids=None,
-                cache: DTLabCache | None = None) -> BackboneOutput:
+    def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor | None = None,
+                position_ids: torch.Tensor | None = None, cache: DTLabCache | None = None) -> BackboneOutput:
         """input_ids [B, T]: the next T columns. attention_mask [B, past + T] (1 real, 0 padding),
         covering the columns a `cache` has seen too; positions count real tokens from 0 (so a
         left-padded row reads as the same row unpadded) unless `position_ids` [B, T] say otherwise."""
@@ -162,7 +167,8 @@ class DTLabModel(DTLabPreTrainedModel):
         aux_mean = {name: torch.stack(values).mean() for name, values in aux.items()}
         return BackboneOutput(self.norm(x), aux_mean, stats, masks)
 
-    def _check_lengths(self, input_ids, attention_mask, cache: DTLabCache | None) -> None:
+    def _check_lengths(self, input_ids: torch.Tensor, attention_mask: torch.Tensor | None,
+                       cache: DTLabCache | None) -> None:
         B, T = input_ids.shape
         past = 0 if cache is None else cache.seen
         if T == 0:
@@ -175,7 +181,8 @@ class DTLabModel(DTLabPreTrainedModel):
             raise ValueError(f"attention_mask has shape {tuple(attention_mask.shape)}; expected {(B, past + T)} "
                              f"(batch, columns seen before + input_ids' {T})")
 
-    def _context(self, input_ids, attention_mask, position_ids, cache: DTLabCache | None, dtype) -> Context:
+    def _context(self, input_ids: torch.Tensor, attention_mask: torch.Tensor | None, position_ids: torch.Tensor | None,
+                 cache: DTLabCache | None, dtype: torch.dtype) -> Context:
         """What every layer needs for these columns; counts a cache's real tokens."""
         T = input_ids.shape[1]
         key_mask = None if attention_mask is None else attention_mask[:, -T:].to(torch.bool)
@@ -193,7 +200,8 @@ class DTLabModel(DTLabPreTrainedModel):
                        real_BT=real)
 
     @staticmethod
-    def positions(input_ids, attention_mask, cache: DTLabCache | None) -> torch.Tensor:
+    def positions(input_ids: torch.Tensor, attention_mask: torch.Tensor | None,
+                  cache: DTLabCache | None) -> torch.Tensor:
         """RoPE positions of the new columns: real tokens counted from 0 in each row (with a cache,
         from the real tokens it has seen when no attention_mask is given)."""
         B, T = input_ids.shape
@@ -222,7 +230,8 @@ class _LinearCrossEntropy(torch.autograd.Function):
     """
 
     @staticmethod
-    def forward(ctx, h_ND, weight_VD, y_N, chunk_tokens: int):
+    def forward(ctx: Any, h_ND: torch.Tensor, weight_VD: torch.Tensor, y_N: torch.Tensor,
+                chunk_tokens: int) -> torch.Tensor:
         w = weight_VD.to(h_ND.dtype)
         grad_h = torch.empty_like(h_ND)
         grad_w = torch.zeros(weight_VD.shape, dtype=torch.float32, device=weight_VD.device)
@@ -244,12 +253,13 @@ class _LinearCrossEntropy(torch.autograd.Function):
         return total
 
     @staticmethod
-    def backward(ctx, grad_out):
+    def backward(ctx: Any, grad_out: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, None, None]:
         grad_h, grad_w = ctx.saved_tensors
         return grad_h * grad_out.to(grad_h.dtype), (grad_w * grad_out).to(ctx.weight_dtype), None, None
 
 
-def chunked_lm_loss(hidden_BTD, weight_VD, labels_BT, chunk_tokens: int) -> torch.Tensor:
+def chunked_lm_loss(hidden_BTD: torch.Tensor, weight_VD: torch.Tensor, labels_BT: torch.Tensor,
+                    chunk_tokens: int) -> torch.Tensor:
     """Mean next-token cross-entropy; labels are shifted here, exactly once.
 
     fp32 logits exist for at most `chunk_tokens` tokens at a time. With gradients wanted the
@@ -341,7 +351,8 @@ class DTLabForCausalLM(DTLabPreTrainedModel, GenerationMixin):
             out["past_key_values"] = cache
         return out
 
-    def _check_inputs(self, input_ids, labels, cache, use_cache, logits_to_keep, kwargs) -> DTLabCache | None:
+    def _check_inputs(self, input_ids: torch.Tensor | None, labels: torch.Tensor | None, cache: DTLabCache | None,
+                      use_cache: bool | None, logits_to_keep: int, kwargs: dict[str, Any]) -> DTLabCache | None:
         """Refuse what `forward` does not support; return the cache to use (made when asked for)."""
         past = kwargs.pop("past_key_values", None)
         for name, default in (("return_dict", True), ("output_attentions", False), ("output_hidden_states", False)):
@@ -381,12 +392,13 @@ class DTLabForCausalLM(DTLabPreTrainedModel, GenerationMixin):
     def _supports_default_dynamic_cache(cls) -> bool:
         return False  # the model makes its own DTLabCache on the first call (use_cache=True)
 
-    def generate(self, *args: Any, **kwargs: Any):
+    def generate(self, *args: Any, **kwargs: Any) -> GenerateOutput | torch.LongTensor:
         """transformers' `generate`, always in `causal` routing (top-k would read future tokens)."""
         with self.routing("causal"):
             return super().generate(*args, **kwargs)
 
-    def prepare_inputs_for_generation(self, input_ids: torch.LongTensor, attention_mask=None, **kwargs: Any):
+    def prepare_inputs_for_generation(self, input_ids: torch.Tensor, attention_mask: torch.Tensor | None = None,
+                                      **kwargs: Any) -> dict[str, Any]:
         """The columns the cache has not seen, the full attention mask, and the cache."""
         cache = kwargs.pop("cache", None)
         past = kwargs.pop("past_key_values", None)

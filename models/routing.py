@@ -12,13 +12,16 @@ routing math in fp32 and never reads a tensor value on the host, so forward has 
 
 from __future__ import annotations
 
-from typing import Any, ClassVar, NamedTuple
+from typing import TYPE_CHECKING, Any, ClassVar, NamedTuple
 
 import torch
 import torch.nn.functional as F
 
 from .flops import capacity_k
 from .layers import DecoderBlock, KVStore, Rope, Slots, sdpa_mask
+
+if TYPE_CHECKING:
+    from .config import DTLabConfig
 
 
 class Context(NamedTuple):
@@ -63,9 +66,10 @@ class RoutedLayer(DecoderBlock):
     # Auxiliary losses this layer returns, and the config field that weighs each.
     aux_loss_weights: ClassVar[dict[str, str]] = {}
 
-    def __init__(self, config) -> None:
+    def __init__(self, config: DTLabConfig) -> None:
         super().__init__(config)
-        self.capacity = config.capacity
+        assert config.capacity is not None, "a routed layer's config names its capacity"
+        self.capacity: float = config.capacity
         self.force_unit_gate = config.force_unit_gate  # ablation: gate = 1 (contract item 4)
 
     def route(self, x_BTD: torch.Tensor, ctx: Context, carry: tuple | None, store: KVStore | None) -> Routing:
@@ -186,7 +190,8 @@ def _rope_rows(rope: Rope, rows: torch.Tensor | None) -> Rope:
     return rope if rows is None or rope.cos.shape[0] == 1 else Rope(rope.cos[rows], rope.sin[rows])
 
 
-def _gathered_update(layer: DecoderBlock, x_RTD, gate_RT, sel_RT, n_R, N: int, rope: Rope,
+def _gathered_update(layer: DecoderBlock, x_RTD: torch.Tensor, gate_RT: torch.Tensor, sel_RT: torch.Tensor,
+                     n_R: torch.Tensor, N: int, rope: Rope,
                      store: KVStore | None, rows: torch.Tensor | None) -> torch.Tensor:
     """`causal_update` of rows that select some of their tokens: gathered in order into [R, N, D]."""
     R, _, D = x_RTD.shape

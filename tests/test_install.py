@@ -88,7 +88,10 @@ def test_wheel_holds_only_the_dtlab_package(tmp_path):
     for pkg in TOP:
         assert f"dtlab/{pkg}/__init__.py" in names
     assert "dtlab/dashboards/grafana_dtlab.json" in names
-    assert {"dtlab/trainers/tasks/dtlab_next_line.jsonl", "dtlab/trainers/tasks/dtlab_cloze.jsonl"} <= set(names)
+    for sub in ("cli", "orchestrate", "tools", "monitor", "run"):  # each sub-package listed in pyproject.toml
+        assert f"dtlab/trainers/{sub}/__init__.py" in names, sub
+    tasks = "dtlab/trainers/tools/tasks"
+    assert {f"{tasks}/dtlab_next_line.jsonl", f"{tasks}/dtlab_cloze.jsonl"} <= set(names)
 
 
 def test_the_repository_explains_itself():

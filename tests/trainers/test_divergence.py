@@ -14,14 +14,11 @@ from dtlab.trainers.cli.listing import listing
 from dtlab.trainers.cli.main import main
 from dtlab.trainers.orchestrate.runner import RunDiverged, run_training
 from dtlab.trainers.spec import spec_from_dict
+from tests.records import records
 from tests.trainers.conftest import tiny_spec
 
 ROOT = Path(__file__).resolve().parents[2]
 EXPLODES = {"optimizer": {"lr": 1.0e6}, "scheduler": {"warmup_steps": 1}}  # AdamW steps of 1e6: NaN in 2 steps
-
-
-def records(run_dir: Path) -> list[dict]:
-    return [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
 
 
 def test_a_diverging_run_stops_within_one_logging_interval_and_stays_stopped(tmp_path):

@@ -2,6 +2,7 @@
 
 import collections
 import json
+import logging
 import random
 
 import pytest
@@ -169,7 +170,14 @@ def test_dtlab_run_refuses_an_unknown_task_before_training(tmp_path):
     assert not (tmp_path / "exp").exists()
 
 
-def test_dtlab_run_scores_the_eval_section_and_reports_it(tmp_path):
+def _said(caplog) -> list[str]:
+    """What dtlab said (its `dtlab` log) since the last call."""
+    lines = [r.getMessage() for r in caplog.records if r.name.startswith("dtlab.")]
+    caplog.clear()
+    return lines
+
+
+def test_dtlab_run_scores_the_eval_section_and_reports_it(tmp_path, caplog):
     from dtlab.trainers.orchestrate.experiment import run_experiment
 
     spec = spec_from_dict(tiny_spec(variants=["standard", "mod"], training={"max_steps": 4, "eval_every": 2},
@@ -182,12 +190,15 @@ def test_dtlab_run_scores_the_eval_section_and_reports_it(tmp_path):
     assert "## downstream" in md and "| dtlab_next_line | acc | mod c=0.125 | causal |" in md, md
     assert "Downstream accuracy against training FLOPs" in (tmp_path / "exp" / "report.html").read_text()
     # resumed with another limit: scored again (the same limit and step would be kept)
-    lines = []
+    caplog.set_level(logging.INFO, logger="dtlab")
     spec = spec.model_copy(update={"eval": spec.eval.model_copy(update={"limit": 6})})
-    run_experiment(spec, tmp_path / "exp", resume=True, use_ray=False, log=lines.append)
+    _said(caplog)
+    run_experiment(spec, tmp_path / "exp", resume=True, use_ray=False)
+    lines = _said(caplog)
     assert sum("downstream (lm-eval, causal routing): dtlab_next_line acc" in line for line in lines) == 2
     records = [json.loads(line) for line in (tmp_path / "exp" / "mod-seed0" / RECORDS).read_text().splitlines()]
     assert {r["limit"] for r in records} == {6} and len(records) == 2
-    lines.clear()
-    run_experiment(spec, tmp_path / "exp", resume=True, use_ray=False, log=lines.append)
-    assert not any("downstream" in line for line in lines)
+    run_experiment(spec, tmp_path / "exp", resume=True, use_ray=False)
+    lines = _said(caplog)
+    assert any("finished earlier, kept" in line for line in lines), lines  # it did say what it did
+    assert not any("downstream" in line for line in lines), lines

@@ -12,14 +12,10 @@ import pytest
 import yaml
 
 from dtlab.trainers.cli.main import main
+from tests.records import records
 from tests.trainers.conftest import tiny_spec
 
 VOLATILE = ("tokens_per_s", "peak_rss_gib", "peak_mem_gib")
-
-
-def records(run: Path) -> list[dict]:
-    lines = (run / "metrics.jsonl").read_text().splitlines()
-    return [{k: v for k, v in json.loads(line).items() if k not in VOLATILE} for line in lines]
 
 
 def train(spec: Path, out: Path, *extra: str, env: dict | None = None) -> subprocess.CompletedProcess:
@@ -35,7 +31,7 @@ def uninterrupted(tmp_path_factory):
     spec.write_text(yaml.safe_dump(tiny_spec(training={"max_steps": 8, "eval_every": 2, "log_every": 2})))
     proc = train(spec, folder / "full")
     assert proc.returncode == 0, proc.stderr[-2000:]
-    return spec, records(folder / "full")
+    return spec, records(folder / "full", drop=VOLATILE)
 
 
 @pytest.mark.parametrize("point", ["checkpoint-written:3", "checkpoint-best:3", "checkpoint-last:3"])
@@ -51,10 +47,11 @@ def test_kill_during_a_checkpoint_save_then_resume(uninterrupted, tmp_path, poin
     moved = {"checkpoint-written:3": (), "checkpoint-best:3": ("best",), "checkpoint-last:3": ("best", "last")}[point]
     for link in ("best", "last"):  # the losses fall at every evaluation here: each checkpoint is the best
         assert os.readlink(ckpt / link) == ("step-0000004" if link in moved else "step-0000002"), link
-    assert max(r["step"] for r in records(run)) == 4  # the step-4 training record is there; its eval record is not
+    # the step-4 training record is there; its eval record is not
+    assert max(r["step"] for r in records(run, drop=VOLATILE)) == 4
     proc = train(spec, run, "--resume")
     assert proc.returncode == 0, proc.stderr[-2000:]
-    assert records(run) == full
+    assert records(run, drop=VOLATILE) == full
     best = min((r for r in full if r["kind"] == "eval"), key=lambda r: r["val_loss"])["step"]
     assert json.loads((ckpt / "best" / "trainer_state.json").read_text())["step"] == best
     assert json.loads((ckpt / "last" / "trainer_state.json").read_text())["step"] == 8
@@ -83,7 +80,7 @@ def test_disk_full_during_a_checkpoint_then_resume(uninterrupted, tmp_path, monk
     assert os.readlink(tmp_path / "run" / "checkpoints" / "last") == "step-0000002"  # the old one, intact
     monkeypatch.setattr(safetensors.torch, "save_file", real)
     assert main(["train", str(spec), "--out", str(tmp_path / "run"), "--no-ray", "--resume"]) == 0
-    assert records(tmp_path / "run") == full
+    assert records(tmp_path / "run", drop=VOLATILE) == full
     assert not [p for p in (tmp_path / "run" / "checkpoints").iterdir() if p.name.endswith(".tmp")]
 
 
@@ -93,5 +90,5 @@ def test_resume_from_the_step_0_checkpoint_does_not_evaluate_step_0_twice(uninte
     assert proc.returncode == -9 and os.readlink(tmp_path / "run" / "checkpoints" / "last") == "step-0000000"
     proc = train(spec, tmp_path / "run", "--resume")
     assert proc.returncode == 0, proc.stderr[-2000:]
-    evals = [r["step"] for r in records(tmp_path / "run") if r["kind"] == "eval"]
-    assert evals == [0, 2, 4, 6, 8] and records(tmp_path / "run") == full
+    evals = [r["step"] for r in records(tmp_path / "run", drop=VOLATILE) if r["kind"] == "eval"]
+    assert evals == [0, 2, 4, 6, 8] and records(tmp_path / "run", drop=VOLATILE) == full

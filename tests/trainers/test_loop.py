@@ -1,6 +1,7 @@
 """The training loop without Ray: records, checkpoints, exact resume, refusals."""
 
 import json
+import logging
 from pathlib import Path
 
 import pytest
@@ -11,11 +12,8 @@ from dtlab.trainers.cli.main import main
 from dtlab.trainers.orchestrate.runner import run_training
 from dtlab.trainers.run.loop import Hooks, lr_lambda, param_groups
 from dtlab.trainers.spec import SpecError, spec_from_dict
+from tests.records import records
 from tests.trainers.conftest import tiny_spec
-
-
-def records(run_dir, kind):
-    return [r for r in map(json.loads, (run_dir / "metrics.jsonl").read_text().splitlines()) if r["kind"] == kind]
 
 
 @pytest.mark.parametrize("variant", ["standard", "mod", "dtf"])
@@ -219,7 +217,7 @@ def test_gradient_accumulation_matches_one_big_batch(tmp_path):
         assert a["grad_norm"] == pytest.approx(b["grad_norm"], rel=1e-4)
 
 
-def test_dtlab_run_trains_every_variant_then_reports(tmp_path):
+def test_dtlab_run_trains_every_variant_then_reports(tmp_path, caplog):
     from dtlab.trainers.orchestrate.experiment import run_experiment
 
     spec = spec_from_dict(tiny_spec(variants=["standard", "mod", "dtf"], training={"max_steps": 4, "eval_every": 2}))
@@ -235,10 +233,11 @@ def test_dtlab_run_trains_every_variant_then_reports(tmp_path):
     before = (exp / "mod-seed0" / "metrics.jsonl").read_text()
     with pytest.raises(SpecError, match="already holds an experiment"):
         run_experiment(spec, exp, use_ray=False)
-    lines = []
-    run_experiment(spec, exp, resume=True, use_ray=False, log=lines.append)
+    with caplog.at_level(logging.INFO, logger="dtlab"):  # what it says goes to the `dtlab` log
+        run_experiment(spec, exp, resume=True, use_ray=False)
     assert (exp / "mod-seed0" / "metrics.jsonl").read_text() == before
-    assert sum("finished earlier, kept" in line for line in lines) == 3
+    lines = [r.getMessage() for r in caplog.records if r.name.startswith("dtlab.")]
+    assert sum("finished earlier, kept" in line for line in lines) == 3, lines
     assert (exp / "mod-seed0" / "samples.json").stat().st_mtime_ns == written  # kept, not regenerated
 
 

@@ -9,6 +9,7 @@ import pytest
 
 from dtlab.trainers.orchestrate.runner import run_training
 from dtlab.trainers.spec import spec_from_dict
+from tests.records import evals, records
 from tests.trainers.conftest import tiny_spec
 
 ROOT = Path(__file__).resolve().parents[2]
@@ -22,11 +23,6 @@ def ray_session():
     yield
     if ray.is_initialized():
         ray.shutdown()
-
-
-def evals(run_dir):
-    lines = (Path(run_dir) / "metrics.jsonl").read_text().splitlines()
-    return [r for r in map(json.loads, lines) if r["kind"] == "eval"]
 
 
 def test_two_cpu_workers(tmp_path, ray_session):
@@ -55,8 +51,8 @@ def test_replicates_on_two_workers(tmp_path, ray_session):
     result = train_with_ray({"spec": spec.model_dump(mode="json"), "run_dir": str(run), "seeds": [0, 1],
                              "data_dir": str(prepare_data(spec.data).path)}, spec)
     seeds = [evals(run / "seeds" / str(s)) for s in (0, 1)]
-    for records in (evals(run), *seeds):
-        assert [r["step"] for r in records] == [0, 4, 8]
+    for recs in (evals(run), *seeds):
+        assert [r["step"] for r in recs] == [0, 4, 8]
     assert seeds[0][-1]["val_loss"] != seeds[1][-1]["val_loss"]
     assert result["val_loss"] == (seeds[0][-1]["val_loss"] + seeds[1][-1]["val_loss"]) / 2
     for s in (0, 1):
@@ -71,9 +67,9 @@ def test_quick_spec_target_from_the_command_line(tmp_path, variant):
                            f"model.type={variant}", "training.max_steps=120", "--out", str(out)],
                           cwd=ROOT, capture_output=True, text=True, timeout=600)
     assert proc.returncode == 0, proc.stderr[-3000:]
-    records = evals(out)
-    assert records[0]["val_loss"] - records[-1]["val_loss"] > 0.3, [r["val_loss"] for r in records]
-    assert all(r["routing_mode"] == ("topk" if variant == "standard" else "causal") for r in records)
+    recs = evals(out)
+    assert recs[0]["val_loss"] - recs[-1]["val_loss"] > 0.3, [r["val_loss"] for r in recs]
+    assert all(r["routing_mode"] == ("topk" if variant == "standard" else "causal") for r in recs)
     # and the run generates text (best checkpoint, its tokenizer, causal routing with the KV cache)
     proc = subprocess.run([sys.executable, "-m", "dtlab.trainers.cli", "sample", str(out), "--prompt", "The",
                            "--max-new-tokens", "16", "--stats"], cwd=ROOT, capture_output=True, text=True, timeout=300)
@@ -149,11 +145,8 @@ def test_a_killed_ray_worker_says_how_to_resume_and_resume_loses_nothing(tmp_pat
                              timeout=600)
     assert resumed.returncode == 0, resumed.stderr[-3000:]
 
-    def strip(run):
-        keep = lambda r: {k: v for k, v in r.items() if k not in ("tokens_per_s", "peak_rss_gib")}  # noqa: E731
-        return [keep(json.loads(line)) for line in (run / "metrics.jsonl").read_text().splitlines()]
-
-    assert strip(tmp_path / "run") == strip(tmp_path / "full")
+    volatile = ("tokens_per_s", "peak_rss_gib")
+    assert records(tmp_path / "run", drop=volatile) == records(tmp_path / "full", drop=volatile)
 
 
 def test_a_killed_worker_is_restarted_from_the_checkpoint_with_each_record_once(tmp_path):
@@ -178,7 +171,7 @@ def test_a_killed_worker_is_restarted_from_the_checkpoint_with_each_record_once(
                             cwd=ROOT, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
     deadline, killed = time.time() + 300, None
     while time.time() < deadline and killed is None and proc.poll() is None:
-        steps = [r["step"] for r in evals(run)] if (run / "metrics.jsonl").exists() else []
+        steps = [r["step"] for r in evals(run, cut_end_ok=True)] if (run / "metrics.jsonl").exists() else []
         if steps and steps[-1] >= 16:
             workers = [p for p in psutil.process_iter(["cmdline"])
                        if "RayTrainWorker" in " ".join(p.info["cmdline"] or []) and p.pid != os.getpid()]
@@ -189,8 +182,7 @@ def test_a_killed_worker_is_restarted_from_the_checkpoint_with_each_record_once(
         time.sleep(0.2)
     assert killed is not None and killed < 40, "the run finished before a worker could be killed"
     assert proc.wait(timeout=600) == 0, proc.stderr.read()[-3000:]
-    got = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
-    want = [json.loads(line) for line in (tmp_path / "whole" / "metrics.jsonl").read_text().splitlines()]
+    got, want = records(run), records(tmp_path / "whole")
     keys = [(r["kind"], r["step"]) for r in got]
     assert len(keys) == len(set(keys)) and keys == [(r["kind"], r["step"]) for r in want]  # each step once
     assert got[-1]["val_loss"] == want[-1]["val_loss"] and got[-1]["done"]

@@ -1,7 +1,6 @@
 """Seed replicates in one trial: seeds in lockstep, the trial's records and reports are the mean over
 seeds at one step, each seed is the run it would be alone, and a resume continues each seed."""
 
-import json
 from pathlib import Path
 
 import pytest
@@ -10,6 +9,7 @@ from dtlab.trainers.orchestrate.replicates import seed_dir, train_trial
 from dtlab.trainers.run.data import prepare_data
 from dtlab.trainers.run.loop import Hooks
 from dtlab.trainers.spec import spec_from_dict
+from tests.records import evals, records
 from tests.trainers.conftest import tiny_spec
 
 
@@ -27,10 +27,6 @@ class Reports(Hooks):
 
     def export(self, record):
         self.exported = getattr(self, "exported", set()) | {record["run"]}
-
-
-def evals(run_dir, kind="eval"):
-    return [r for r in map(json.loads, (run_dir / "metrics.jsonl").read_text().splitlines()) if r["kind"] == kind]
 
 
 def config(tmp_path, name, seeds=None, seed=0):
@@ -56,7 +52,7 @@ def test_seeds_advance_together_and_the_trial_reports_their_mean(tmp_path):
     steps = [0, 4, 8, 12]
     assert [m["step"] for m, _ in hooks.reports] == steps  # one report per step, never per seed
     mine = evals(trial)
-    assert [r["step"] for r in mine] == steps and [r["step"] for r in evals(trial, "train")] == [2, 4, 6, 8, 10, 12]
+    assert [r["step"] for r in mine] == steps and [r["step"] for r in records(trial, "train")] == [2, 4, 6, 8, 10, 12]
     for (metrics, ckpt), rec, a, b in zip(hooks.reports, mine, alone[0], alone[1], strict=True):
         mean = (a["val_loss"] + b["val_loss"]) / 2
         assert metrics["val_loss"] == pytest.approx(mean, rel=1e-12) and rec["val_loss"] == metrics["val_loss"]
@@ -82,39 +78,39 @@ def test_an_interrupted_trial_resumes_each_seed_and_keeps_one_record_per_step(tm
     train_trial(config(tmp_path, "cut", seeds=[0, 1]), again)
     assert [m["step"] for m, _ in again.reports] == [8, 12]
     for kind in ("train", "eval"):
-        got = [(r["step"], r.get("val_loss", r.get("loss"))) for r in evals(cut_trial, kind)]
-        want = [(r["step"], r.get("val_loss", r.get("loss"))) for r in evals(tmp_path / "whole", kind)]
+        got = [(r["step"], r.get("val_loss", r.get("loss"))) for r in records(cut_trial, kind)]
+        want = [(r["step"], r.get("val_loss", r.get("loss"))) for r in records(tmp_path / "whole", kind)]
         assert got == want
     assert again.reports[-1][0]["val_loss"] == whole.reports[-1][0]["val_loss"]
 
 
 def test_a_replicate_trial_comes_back_whole_from_its_storage_bundle(tmp_path):
-    """What Ray's storage keeps of a replicate trial (`bundle`: the trial's records, each seed's last
+    """What Ray's storage keeps of a replicate trial (`pack_for_storage`: the trial's records, each seed's last
     checkpoint and records) is enough to resume it with every local copy gone."""
     import shutil
 
-    from dtlab.trainers.run.checkpoint import bundle, install
+    from dtlab.trainers.run.checkpoint import pack_for_storage, unpack_from_storage
 
     whole = Reports()
     train_trial(config(tmp_path, "whole", seeds=[0, 1]), whole)
     with pytest.raises(KeyboardInterrupt):
         train_trial(config(tmp_path, "cut", seeds=[0, 1]), Reports(stop_after=4 + 4 + 2))
     trial = tmp_path / "cut"
-    bundle(trial, tmp_path / "stored")
+    pack_for_storage(trial, tmp_path / "stored")
     assert (tmp_path / "stored" / "seeds" / "1" / "checkpoint" / "model.safetensors").is_file()
     assert not (tmp_path / "stored" / "checkpoint").exists()  # the trial itself has no weights
     for seed in (0, 1):  # the local copies are lost
         shutil.rmtree(seed_dir(trial, seed) / "checkpoints")
         (seed_dir(trial, seed) / "metrics.jsonl").unlink()
     (trial / "metrics.jsonl").unlink()
-    said = install(tmp_path / "stored", trial)
+    said = unpack_from_storage(tmp_path / "stored", trial)
     assert len(said) == 2 and all("checkpoint of step 4 read back" in line for line in said)
     again = Reports()
     train_trial(config(tmp_path, "cut", seeds=[0, 1]), again)
     assert [m["step"] for m, _ in again.reports] == [8, 12]
     for kind in ("train", "eval"):
-        assert [(r["step"], r.get("val_loss", r.get("loss"))) for r in evals(trial, kind)] == \
-            [(r["step"], r.get("val_loss", r.get("loss"))) for r in evals(tmp_path / "whole", kind)]
+        assert [(r["step"], r.get("val_loss", r.get("loss"))) for r in records(trial, kind)] == \
+            [(r["step"], r.get("val_loss", r.get("loss"))) for r in records(tmp_path / "whole", kind)]
 
 
 def test_a_worker_on_another_node_prepares_the_same_data(tmp_path, monkeypatch):

@@ -14,14 +14,10 @@ import pytest
 import yaml
 
 from dtlab.trainers.spec import SpecError, spec_from_dict
+from tests.records import records
 from tests.trainers.conftest import stored, tiny_spec
 
 ROOT = Path(__file__).resolve().parents[2]
-
-
-def records(run):
-    keep = lambda r: {k: v for k, v in r.items() if k not in ("tokens_per_s", "peak_rss_gib")}  # noqa: E731
-    return [keep(json.loads(line)) for line in (run / "metrics.jsonl").read_text().splitlines()]
 
 
 @pytest.mark.slow
@@ -55,7 +51,8 @@ def test_resume_reads_the_checkpoint_back_from_s3_after_the_local_copy_is_delete
     # controller took in its last report (its upload then lies unregistered in storage)
     read_back = re.findall(r"checkpoint of step (\d+) read back from storage", said)
     assert read_back and int(read_back[0]) in (6, 8), said[-3000:]
-    got, want = records(run), records(tmp_path / "full")
+    volatile = ("tokens_per_s", "peak_rss_gib")
+    got, want = records(run, drop=volatile), records(tmp_path / "full", drop=volatile)
     # each record once, as an uninterrupted run's (that one ran without Ray: two threads, not one, so a
     # loss may differ in its last float32 bit)
     assert [(r["kind"], r["step"]) for r in got] == [(r["kind"], r["step"]) for r in want]

@@ -13,6 +13,7 @@ import yaml
 
 from dtlab.trainers.orchestrate.sweep import check_gpus, plan_sweep, trial_resources, trial_spec
 from dtlab.trainers.spec import SpecError, load_spec, spec_from_dict
+from tests.records import records
 from tests.trainers.conftest import stored, tiny_spec
 
 ROOT = Path(__file__).resolve().parents[2]
@@ -96,10 +97,6 @@ def test_cli_refuses_bad_sweep_before_ray(tmp_path, capsys):
     assert not (tmp_path / "s").exists()
 
 
-def _evals(path):
-    return [r for r in map(json.loads, path.read_text().splitlines()) if r["kind"] == "eval"]
-
-
 @pytest.mark.slow
 def test_sweep_smoke_end_to_end_with_asha(tmp_path):
     out = tmp_path / "sweep"
@@ -128,7 +125,7 @@ def test_sweep_smoke_end_to_end_with_asha(tmp_path):
     assert table[table.index(next(t for t in table if t.startswith("run "))) + 2].startswith("trial-")
     assert variants == {"mod", "dtf"}
     for run in runs:
-        steps = [r["step"] for r in _evals(run)]
+        steps = [r["step"] for r in records(run, "eval")]
         assert steps == sorted(set(steps)) and steps[0] == 0
 
 
@@ -183,7 +180,7 @@ def test_sigint_then_resume_loses_nothing(tmp_path, s3):
     for name, text in after.items():
         evals = [r for r in map(json.loads, text.splitlines()) if r["kind"] == "eval"]
         assert [r["step"] for r in evals] == list(range(0, 81, 10)), f"trial {name}: evaluations {evals}"
-        seeds = {s: _evals(out / "trials" / name / "seeds" / str(s) / "metrics.jsonl") for s in (0, 1)}
+        seeds = {s: records(out / "trials" / name / "seeds" / str(s) / "metrics.jsonl", "eval") for s in (0, 1)}
         for i, rec in enumerate(evals):  # the trial's record at each step: the mean of its seeds at that step
             assert rec["seeds"] == {str(s): seeds[s][i]["val_loss"] for s in (0, 1)}
             assert rec["val_loss"] == pytest.approx((seeds[0][i]["val_loss"] + seeds[1][i]["val_loss"]) / 2)

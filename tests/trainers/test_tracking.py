@@ -10,11 +10,8 @@ import pytest
 from dtlab.trainers.monitor.tracking import flatten
 from dtlab.trainers.orchestrate.runner import run_training
 from dtlab.trainers.spec import SpecError, spec_from_dict
+from tests.records import records
 from tests.trainers.conftest import tiny_spec
-
-
-def records(run_dir: Path) -> list[dict]:
-    return [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
 
 
 def expected(run_dir: Path) -> dict[str, list[tuple[int, float]]]:

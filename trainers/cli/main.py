@@ -7,6 +7,7 @@ import logging
 import math
 import sys
 from pathlib import Path
+from typing import NoReturn
 
 log = logging.getLogger(__name__)
 
@@ -224,7 +225,7 @@ def _capacity(text: str) -> float:
 class Parser(argparse.ArgumentParser):
     """argparse with one line for bad arguments (not the whole usage), exit code 2."""
 
-    def error(self, message: str):
+    def error(self, message: str) -> NoReturn:
         self.exit(2, f"{self.prog}: {message} (see {self.prog} --help)\n")
 
 

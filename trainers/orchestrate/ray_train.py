@@ -6,15 +6,19 @@ import logging
 import shutil
 import sys
 import tempfile
+from collections.abc import Sequence
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import torch
 
 from dtlab.trainers.orchestrate.replicates import train_trial
-from dtlab.trainers.run.checkpoint import bundle, install
+from dtlab.trainers.run.checkpoint import pack_for_storage, unpack_from_storage
 from dtlab.trainers.run.loop import Hooks
 from dtlab.trainers.spec import Spec
+
+if TYPE_CHECKING:
+    from ray.train import RunConfig, ScalingConfig
 
 log = logging.getLogger(__name__)
 
@@ -22,7 +26,7 @@ log = logging.getLogger(__name__)
 class RayHooks(Hooks):
     """The loop's Ray lines: device from Ray, metrics to `ray.train.report`. With
     `resources.storage` set, Ray's storage holds the checkpoint of record: each checkpoint goes there
-    with the run's records (`checkpoint.bundle`), and a start reads the latest back from
+    with the run's records (`checkpoint.pack_for_storage`), and a start reads the latest back from
     `ray.train.get_checkpoint()`. Without it, the run directory is the record and Ray keeps no copy."""
 
     def __init__(self, config: dict[str, Any]) -> None:
@@ -47,7 +51,7 @@ class RayHooks(Hooks):
         for stale in (self.run_dir / "checkpoints").glob(".storage-*.tmp"):
             shutil.rmtree(stale, ignore_errors=True)
         with tempfile.TemporaryDirectory(dir=self.run_dir / "checkpoints", prefix=".storage-", suffix=".tmp") as tmp:
-            bundle(self.run_dir, Path(tmp) / "run")
+            pack_for_storage(self.run_dir, Path(tmp) / "run")
             ray.train.report(metrics, checkpoint=ray.train.Checkpoint.from_directory(str(Path(tmp) / "run")))
 
     def restore(self, run_dir: Path) -> None:
@@ -62,7 +66,7 @@ class RayHooks(Hooks):
         for turn in (first, not first and ctx.get_local_rank() == 0):
             if ckpt is not None and turn:
                 with ckpt.as_directory() as folder:
-                    for line in install(Path(folder), run_dir):
+                    for line in unpack_from_storage(Path(folder), run_dir):
                         log.debug(line)
             if torch.distributed.is_initialized():
                 torch.distributed.barrier()
@@ -73,7 +77,7 @@ class RayHooks(Hooks):
         export_record(record)
 
 
-def init_ray(dashboard_host: str = "127.0.0.1"):
+def init_ray(dashboard_host: str = "127.0.0.1") -> Any:
     """Join the cluster at RAY_ADDRESS, or start a local one on 127.0.0.1: its nodes advertise and
     connect over loopback and the dashboard listens there only. (Ray 2.60's own gRPC servers, GCS,
     raylet and workers, still listen on every interface and no setting changes that; a strict xfail
@@ -116,7 +120,7 @@ def node_data(config: dict[str, Any]) -> Path:
     return here
 
 
-def run_config(spec: Spec, name: str, local: Path, callbacks=()):
+def run_config(spec: Spec, name: str, local: Path, callbacks: Sequence[Any] = ()) -> RunConfig:
     """A run's Ray `RunConfig`: storage in `resources.storage` (a URI or a path all nodes share) or
     `local`; at most one latest and one best (lowest val_loss) checkpoint kept there; restarts."""
     from ray.train import CheckpointConfig, FailureConfig, RunConfig
@@ -137,7 +141,7 @@ def cluster_gpus() -> float:
     return float(torch.cuda.device_count()) if torch.cuda.is_available() else 0.0
 
 
-def scaling(spec: Spec):
+def scaling(spec: Spec) -> ScalingConfig:
     """The workers of a run, decided from the cluster's resources: Ray then places each rank where
     what it asks for is."""
     from ray.train import ScalingConfig

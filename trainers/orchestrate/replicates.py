@@ -21,8 +21,20 @@ import time
 from pathlib import Path
 from typing import Any
 
+import torch
+
 from dtlab.analysis.rundir import DIVERGED, METRICS, JsonlWriter, diverged_reason, read_jsonl, rewrite_jsonl
-from dtlab.trainers.run.loop import Diverged, Hooks, Meter, RunState, advance, scalars, setup, start, train
+from dtlab.trainers.run.loop import (
+    Diverged,
+    Hooks,
+    Meter,
+    RunState,
+    evaluate_at_start,
+    scalars,
+    setup,
+    train,
+    train_until,
+)
 
 SEEDS = "seeds"
 
@@ -40,7 +52,7 @@ class SeedHooks(Hooks):
         self.prefix = f"{base.prefix}[seed {seed}] "
         self.saved: Path | None = None  # the checkpoint this seed wrote since the last report
 
-    def device(self, requested: str):
+    def device(self, requested: str) -> torch.device:
         return self.base.device(requested)
 
     def report(self, metrics: dict[str, Any], checkpoint_dir: Path | None) -> None:
@@ -121,7 +133,7 @@ def train_replicates(config: dict[str, Any], hooks: Hooks) -> dict[str, Any]:
     paused = [time.perf_counter()] * len(states)  # a seed's meter stops while the others train
     try:
         for s in states:  # a fresh seed's first pass and step-0 evaluation
-            start(s)
+            evaluate_at_start(s)
         if done == 0 or done >= total:  # step 0, or a resumed trial with nothing left: said once
             _report(trial, states, seed_hooks, seeds, -1 if done == 0 else done, done, hooks)
         while done < total:
@@ -129,7 +141,7 @@ def train_replicates(config: dict[str, Any], hooks: Hooks) -> dict[str, Any]:
             for i, s in enumerate(states):
                 if s.step < until:  # a seed can be one interval ahead (a crash between the seeds' checkpoints)
                     meters[i].exclude(time.perf_counter() - paused[i])
-                    meters[i] = advance(s, until, meters[i])
+                    meters[i] = train_until(s, until, meters[i])
                     paused[i] = time.perf_counter()
             _report(trial, states, seed_hooks, seeds, done, until, hooks)
             done = until

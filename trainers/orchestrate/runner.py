@@ -19,12 +19,13 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from dtlab.analysis.rundir import METRICS, diverged_reason, write_atomic, write_status
+from dtlab.trainers.monitor.progress import current
+from dtlab.trainers.monitor.tracking import Tracking, TrackingError, check_tracking
 from dtlab.trainers.run.checkpoint import CheckpointError
 from dtlab.trainers.run.data import Prepared, prepare_data
 from dtlab.trainers.spec import Spec, SpecError, dump_spec
 
 if TYPE_CHECKING:
-    from dtlab.trainers.monitor.tracking import Tracking
     from dtlab.trainers.run.loop import Hooks
 
 log = logging.getLogger(__name__)
@@ -101,7 +102,7 @@ def check_resume(run_dir: Path, spec: Spec) -> None:
     """Before anything is written: the run in `run_dir` can continue where it stopped, with the same
     model and data, from a readable checkpoint (else its records would be logged twice)."""
     from dtlab.analysis.rundir import read_jsonl
-    from dtlab.trainers.run.checkpoint import last_checkpoint, problem
+    from dtlab.trainers.run.checkpoint import last_checkpoint, why_not_resumable
 
     old, new = _comparable(_read_mapping(run_dir / "spec.yaml")), _comparable(spec.model_dump(mode="json"))
     changed = [f"{section}.{key}: {old[section].get(key)!r} -> {new[section].get(key)!r}"
@@ -116,7 +117,7 @@ def check_resume(run_dir: Path, spec: Spec) -> None:
     if why:
         raise SpecError(f"--resume: {run_dir} {why}; from its last checkpoint it would diverge again: change the "
                         "spec and start afresh (--force sets the run aside)")
-    why = problem(last_checkpoint(run_dir), deep=True)
+    why = why_not_resumable(last_checkpoint(run_dir), deep=True)
     if why and spec.resources.storage and spec.resources.use_ray and storage_holds(run_dir, spec.resources.storage):
         return  # the checkpoint of record is in Ray's storage: the run reads it back from there
     if why and read_jsonl(run_dir / METRICS).records:
@@ -319,9 +320,6 @@ def run_training(spec: Spec, out: str | Path | None = None, resume: bool = False
     """Check, lay out and run one training run; returns the last evaluation record. Its progress
     shows on the command's console; `tracking` (a `tracking.Tracking`, else one of the run's own)
     sends its records to the spec's trackers."""
-    from dtlab.trainers.monitor.progress import current
-    from dtlab.trainers.monitor.tracking import check_tracking
-
     use_ray = spec.resources.use_ray if use_ray is None else use_ray
     run_dir = Path(out) if out else default_run_dir(spec)
     check_resources(spec, use_ray)  # what needs no data is refused before data are prepared
@@ -356,9 +354,6 @@ def launch_watched(config: dict[str, Any], spec: Spec, run_dir: Path, use_ray: b
                    tracking: Tracking | None = None) -> dict[str, Any]:
     """`launch`, with the run's progress on the console, its records to the trackers, and how it
     ended in its `status.json` (running while it trains)."""
-    from dtlab.trainers.monitor.progress import current
-    from dtlab.trainers.monitor.tracking import TrackingError
-
     own = tracking is None
     tracking = tracking or Tracking(run_dir)
     status, error = "failed", None

@@ -17,6 +17,7 @@ import logging
 import math
 import os
 import time
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -29,7 +30,15 @@ from dtlab.models.config import CONFIG_CLASSES, did_you_mean
 from dtlab.trainers.spec import DENSE_CONTROL, MODEL_KEYS, Distribution, Spec, SpecError, dump_spec
 
 if TYPE_CHECKING:
+    import optuna
+    from ray.tune import ResultGrid, Tuner
+    from ray.tune.experiment import Trial
+    from ray.tune.schedulers import ASHAScheduler
+    from ray.tune.search.optuna import OptunaSearch
+
+    from dtlab.trainers.monitor.progress import Watch
     from dtlab.trainers.monitor.tracking import Tracking
+    from dtlab.trainers.run.data import Prepared
 
 log = logging.getLogger(__name__)
 
@@ -161,7 +170,7 @@ class DefineByRun:
 STUDY = "optuna.db"  # Optuna's study of the sweep, in the sweep directory (SQLite)
 
 
-def study_storage(out: Path):
+def study_storage(out: Path) -> optuna.storages.BaseStorage:
     """The study's store: `OUT/optuna.db`, which `--resume` continues and `optuna-dashboard
     sqlite:///OUT/optuna.db` opens."""
     import optuna
@@ -169,7 +178,7 @@ def study_storage(out: Path):
     return optuna.storages.RDBStorage(f"sqlite:///{(Path(out) / STUDY).resolve()}")
 
 
-def make_searcher(plan: Plan, out: Path | None = None):
+def make_searcher(plan: Plan, out: Path | None = None) -> OptunaSearch:
     from ray.tune.search.optuna import OptunaSearch
 
     objectives = plan.spec.sweep.objective_list()
@@ -222,7 +231,7 @@ def sweep_trial(config: dict[str, Any]) -> None:
 
 
 def lay_out_trial(run_dir: Path, runs: dict[int, Path], trial_id: str, params: dict[str, Any], sweep_spec: Spec,
-                  data) -> None:
+                  data: Prepared) -> None:
     """A new trial's directory: its spec and facts, and each seed a run of its own (in a replicate
     trial, under `seeds/`), each with the trial's parameters."""
     from dtlab.trainers.orchestrate.runner import holds_run, prepare_run_dir, write_run_files
@@ -296,11 +305,11 @@ def run_sweep(spec: Spec, out: str | Path, resume: bool = False, force: bool = F
     return finish(plan, out, results)
 
 
-def _failure_logged(method):
+def _failure_logged(method: Callable[..., Any]) -> Callable[..., Any]:
     """The display and the trackers never stop a sweep: what fails is logged (output.log), not raised."""
 
     @functools.wraps(method)
-    def guarded(self, *args, **kwargs):
+    def guarded(self: TrialProgress, *args: Any, **kwargs: Any) -> Any:
         try:
             return method(self, *args, **kwargs)
         except Exception as err:
@@ -338,7 +347,7 @@ class TrialProgress(Callback):
         return "sweep: " + ", ".join(f"{n} {s}" for s, n in counts.items()) + best
 
     @_failure_logged
-    def on_trial_start(self, iteration, trials, trial, **info):
+    def on_trial_start(self, iteration: int, trials: list[Trial], trial: Trial, **info: Any) -> None:
         run_dir = self.out / "trials" / trial.trial_id
         if reached_last_step(run_dir):  # a resumed sweep's trial that had finished: kept, not rerun
             self.states[trial.trial_id] = "finished"
@@ -351,16 +360,17 @@ class TrialProgress(Callback):
         self.states[trial.trial_id] = "running"
 
     @_failure_logged
-    def on_trial_result(self, iteration, trials, trial, result, **info):
+    def on_trial_result(self, iteration: int, trials: list[Trial], trial: Trial, result: dict[str, Any],
+                        **info: Any) -> None:
         value, sign = result.get(self.first.metric), 1 if self.first.mode == "min" else -1
         if isinstance(value, (int, float)) and math.isfinite(value) and (
                 self.best is None or sign * value < sign * self.best[0]):
             self.best = (float(value), trial.trial_id)
 
-    def _end(self, trial, status: str) -> None:
+    def _end(self, trial: Trial, status: str) -> None:
         run_dir = self.out / "trials" / trial.trial_id
 
-        def said(watch) -> str:  # the trial's own records tell diverged, and stopped early (ASHA)
+        def said(watch: Watch) -> str:  # the trial's own records tell diverged, and stopped early (ASHA)
             early = status == "finished" and (not watch.total or watch.step < watch.total)
             return "diverged" if diverged_reason(run_dir) else "stopped" if early else status
 
@@ -373,11 +383,11 @@ class TrialProgress(Callback):
             log.info(self.line())
 
     @_failure_logged
-    def on_trial_complete(self, iteration, trials, trial, **info):
+    def on_trial_complete(self, iteration: int, trials: list[Trial], trial: Trial, **info: Any) -> None:
         self._end(trial, "finished")
 
     @_failure_logged
-    def on_trial_error(self, iteration, trials, trial, **info):
+    def on_trial_error(self, iteration: int, trials: list[Trial], trial: Trial, **info: Any) -> None:
         self._end(trial, "failed")
 
 
@@ -433,7 +443,7 @@ def start_cluster(plan: Plan, out: Path) -> int:
     return concurrent
 
 
-def make_tuner(plan: Plan, out: Path, resume: bool, concurrent: int, callbacks: tuple | list = ()):
+def make_tuner(plan: Plan, out: Path, resume: bool, concurrent: int, callbacks: Sequence[Callback] = ()) -> Tuner:
     """A new Tuner (Optuna, ASHA), or the interrupted one restored from `out`."""
     from ray import tune
 
@@ -472,7 +482,7 @@ def make_tuner(plan: Plan, out: Path, resume: bool, concurrent: int, callbacks: 
     )
 
 
-def restore_rungs(scheduler, out: Path) -> int:
+def restore_rungs(scheduler: ASHAScheduler, out: Path) -> int:
     """ASHA's rungs as they stood before the interrupt. Tune restores the scheduler as it was when
     the sweep started (empty rungs), so a resumed sweep would judge its remaining trials against
     nothing; each trial's evaluation records say what ASHA had recorded: at each milestone, the
@@ -491,7 +501,7 @@ def restore_rungs(scheduler, out: Path) -> int:
     return n
 
 
-def finish(plan: Plan, out: Path, results) -> dict[str, Any]:
+def finish(plan: Plan, out: Path, results: ResultGrid) -> dict[str, Any]:
     """`summary.json` from the trials' own records (whether the sweep was interrupted, how many
     trials finished, were stopped, diverged or failed), then one line that counts them."""
     spec = plan.spec

@@ -19,7 +19,12 @@ import math
 import os
 import shutil
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
+
+if TYPE_CHECKING:
+    import torch
+
+    from dtlab.models.modeling import DTLabForCausalLM
 
 LAST, BEST = "last", "best"
 FORMAT = 1
@@ -30,14 +35,14 @@ class CheckpointError(ValueError):
     """A checkpoint that cannot be read safely or does not fit the run; the message names the file."""
 
 
-def unwrap(model):
+def unwrap(model: torch.nn.Module) -> DTLabForCausalLM:
     """The model inside a DDP wrapper (or the model itself)."""
     return model.module if hasattr(model, "module") else model
 
 
 def last_checkpoint(run_dir: Path) -> Path:
     """`checkpoints/last`; if a crash came while an older dtlab's `last` directory was being turned
-    into a link (see `_point`), the directory it was moved to."""
+    into a link (see `_move_link`), the directory it was moved to."""
     ckpt = run_dir / "checkpoints"
     if not (ckpt / LAST).exists() and not (ckpt / LAST).is_symlink() and (ckpt / f"legacy-{LAST}").is_dir():
         return ckpt / f"legacy-{LAST}"
@@ -92,7 +97,9 @@ def _finite(value: Any) -> Any:
 
 
 # ---- save ------------------------------------------------------------------------------------------------
-def save(run_dir: Path, model, optimizer, scheduler, scaler, state: dict[str, Any], best: bool) -> Path:
+def save(run_dir: Path, model: torch.nn.Module, optimizer: torch.optim.Optimizer,
+         scheduler: torch.optim.lr_scheduler.LRScheduler, scaler: torch.amp.GradScaler | None, state: dict[str, Any],
+         best: bool) -> Path:
     """Write the checkpoint of `state["step"]`, point `last` (and `best` when `best`) at it, drop the
     ones neither points at; returns its directory."""
     from safetensors.torch import save_file
@@ -115,9 +122,9 @@ def save(run_dir: Path, model, optimizer, scheduler, scaler, state: dict[str, An
     os.replace(tmp, ckpt / name)
     fault("checkpoint-written")
     if best:  # before `last`: a crash between them leaves `best` on a complete, newer checkpoint
-        _point(ckpt, BEST, name)
+        _move_link(ckpt, BEST, name)
         fault("checkpoint-best")
-    _point(ckpt, LAST, name)
+    _move_link(ckpt, LAST, name)
     fault("checkpoint-last")
     _prune(ckpt)
     return ckpt / name
@@ -140,7 +147,7 @@ def _free_name(ckpt: Path, name: str) -> str:
     return out
 
 
-def _point(ckpt: Path, link: str, target: str) -> None:
+def _move_link(ckpt: Path, link: str, target: str) -> None:
     """`ckpt/link` -> `target`, atomically. A run of an older dtlab has real directories there:
     they become ordinary checkpoint directories first."""
     path = ckpt / link
@@ -174,7 +181,7 @@ def _prune(ckpt: Path) -> None:
 
 
 # ---- check and load -----------------------------------------------------------------------------------------
-def problem(path: Path, deep: bool = False) -> str | None:
+def why_not_resumable(path: Path, deep: bool = False) -> str | None:
     """Why the checkpoint at `path` cannot be resumed from, or None. `deep`: also read the trainer
     state through (an older checkpoint's pickle with `weights_only=True`), not only the headers."""
     if not path.exists():
@@ -196,7 +203,7 @@ def problem(path: Path, deep: bool = False) -> str | None:
     if legacy:
         if deep:
             try:
-                _trainer_state(path)
+                read_trainer_state(path)
             except CheckpointError as err:
                 return str(err)
         return None
@@ -213,11 +220,12 @@ def problem(path: Path, deep: bool = False) -> str | None:
     return None
 
 
-def load(path: Path, model, optimizer, scheduler, scaler) -> dict[str, Any]:
+def load(path: Path, model: torch.nn.Module, optimizer: torch.optim.Optimizer,
+         scheduler: torch.optim.lr_scheduler.LRScheduler, scaler: torch.amp.GradScaler | None) -> dict[str, Any]:
     """Restore model, optimizer, schedule and scaler from `path`; returns the loop's counters."""
     from safetensors.torch import load_file
 
-    why = problem(path)
+    why = why_not_resumable(path)
     if why:
         raise CheckpointError(why)
     target = unwrap(model)
@@ -230,7 +238,7 @@ def load(path: Path, model, optimizer, scheduler, scaler) -> dict[str, Any]:
         raise CheckpointError(f"{path} does not fit the model: missing {missing}, unexpected {unexpected}")
     if tied:
         target.tie_weights()
-    trainer = _trainer_state(path)
+    trainer = read_trainer_state(path)
     optimizer.load_state_dict(trainer.pop("optimizer"))
     scheduler.load_state_dict(trainer.pop("scheduler"))
     scaler_state = trainer.pop("scaler")
@@ -241,7 +249,7 @@ def load(path: Path, model, optimizer, scheduler, scaler) -> dict[str, Any]:
     return trainer
 
 
-def _trainer_state(path: Path) -> dict[str, Any]:
+def read_trainer_state(path: Path) -> dict[str, Any]:
     if (path / "trainer_state.json").is_file():
         from safetensors.torch import load_file
 
@@ -261,7 +269,7 @@ def _trainer_state(path: Path) -> dict[str, Any]:
 CHECKPOINT, METRICS_FILE = "checkpoint", "metrics.jsonl"
 
 
-def bundle(run_dir: Path, dest: Path) -> None:
+def pack_for_storage(run_dir: Path, dest: Path) -> None:
     """What Ray's storage keeps of a run at a report: its last checkpoint (hard links to the files,
     not copies) as `checkpoint/`, its `metrics.jsonl` as it stands, and the same for each seed of a
     replicate trial under `seeds/<seed>/`."""
@@ -279,12 +287,12 @@ def bundle(run_dir: Path, dest: Path) -> None:
     if (run_dir / "seeds").is_dir():
         for child in sorted((run_dir / "seeds").iterdir()):
             if child.is_dir():
-                bundle(child, dest / "seeds" / child.name)
+                pack_for_storage(child, dest / "seeds" / child.name)
 
 
 def saved_step(path: Path) -> int:
     """The step of a checkpoint directory, -1 when it is not one that can be resumed from."""
-    if problem(path) is not None:
+    if why_not_resumable(path) is not None:
         return -1
     try:
         return int(json.loads((path / "trainer_state.json").read_text())["step"])
@@ -292,7 +300,7 @@ def saved_step(path: Path) -> int:
         return -1
 
 
-def install(src: Path, run_dir: Path) -> list[str]:
+def unpack_from_storage(src: Path, run_dir: Path) -> list[str]:
     """Put a bundle read back from storage into `run_dir`: its checkpoint becomes `last` unless the
     run holds one as new, and then its `metrics.jsonl` replaces a local one that lacks that
     checkpoint's evaluation (or is gone); the resume then cuts the records back to the checkpoint.
@@ -311,7 +319,7 @@ def install(src: Path, run_dir: Path) -> list[str]:
         shutil.copytree(src / CHECKPOINT, tmp)
         _fsync(tmp)
         os.replace(tmp, ckpt / name)
-        _point(ckpt, LAST, name)
+        _move_link(ckpt, LAST, name)
         _prune(ckpt)
         said.append(f"{run_dir}: checkpoint of step {step} read back from storage")
     if newer and (src / METRICS_FILE).is_file():  # with a newer local checkpoint, the local records stay
@@ -322,5 +330,5 @@ def install(src: Path, run_dir: Path) -> list[str]:
             os.replace(tmp, local)
     if (src / "seeds").is_dir():
         for child in sorted((src / "seeds").iterdir()):
-            said += install(child, run_dir / "seeds" / child.name)
+            said += unpack_from_storage(child, run_dir / "seeds" / child.name)
     return said

@@ -17,7 +17,7 @@ class Precision:
     def name(self) -> str:
         return {None: "fp32", torch.bfloat16: "bf16", torch.float16: "fp16"}[self.amp_dtype]
 
-    def autocast(self):
+    def autocast(self) -> torch.autocast:
         if self.amp_dtype is None:
             return torch.autocast(self.device, enabled=False)
         return torch.autocast(self.device, dtype=self.amp_dtype)

@@ -9,12 +9,14 @@ from __future__ import annotations
 
 import contextlib
 import math
+from collections.abc import Iterator
 from typing import Any
 
 import numpy as np
 import torch
 import torch.distributed as dist
 
+from dtlab.models.modeling import DTLabForCausalLM
 from dtlab.trainers.run.checkpoint import unwrap
 from dtlab.trainers.run.device import Precision
 from dtlab.trainers.spec import Spec
@@ -38,7 +40,7 @@ def flat_stats(stats: dict[int, dict[str, torch.Tensor]]) -> dict[str, dict[str,
 
 
 @contextlib.contextmanager
-def routing_mode(model: torch.nn.Module, mode: str):
+def routing_mode(model: torch.nn.Module, mode: str) -> Iterator[DTLabForCausalLM]:
     """Evaluation mode and `mode` routing for the duration; both restored afterwards."""
     target = unwrap(model)
     was_training, saved = model.training, target.config.routing_mode
@@ -57,7 +59,8 @@ def _reduce(tensors: list[torch.Tensor], world: int) -> None:
 
 
 @torch.no_grad()
-def eval_pass(target, rows: np.ndarray, batch: int, precision: Precision, device, world: int):
+def eval_pass(target: DTLabForCausalLM, rows: np.ndarray, batch: int, precision: Precision, device: torch.device,
+              world: int) -> tuple[float, dict[str, Any]]:
     """(mean LM loss over `rows` on all ranks, per-layer statistics averaged the same way)."""
     loss_sum, count = torch.zeros((), device=device), torch.zeros((), device=device)
     stat_sums: dict[int, dict[str, torch.Tensor]] = {}
@@ -77,7 +80,8 @@ def eval_pass(target, rows: np.ndarray, batch: int, precision: Precision, device
     return (loss_sum / n).item(), flat_stats({i: {k: v / n for k, v in s.items()} for i, s in stat_sums.items()})
 
 
-def evaluate(model, val: np.ndarray, spec: Spec, precision: Precision, device, rank: int, world: int) -> dict:
+def evaluate(model: torch.nn.Module, val: np.ndarray, spec: Spec, precision: Precision, device: torch.device,
+             rank: int, world: int) -> dict[str, Any]:
     """Validation LM loss (aux losses excluded) and routing statistics in each routing mode the
     model declares: `val_loss_topk` and `routing` for top-k (training semantics: it looks ahead
     within the row), `val_loss_causal` and `routing_causal` for causal routing (routed models).
@@ -85,14 +89,14 @@ def evaluate(model, val: np.ndarray, spec: Spec, precision: Precision, device, r
     `val_loss` (and `val_ppl`) is the headline, the one that selects the best checkpoint and that
     sweeps optimise: the causal loss where there is one (what the model can do token by token),
     else the top-k loss; `routing_mode` says which."""
-    tcfg = spec.training
-    n_rows = min(len(val), tcfg.eval_batches * tcfg.batch_size * world)
+    training = spec.training
+    n_rows = min(len(val), training.eval_batches * training.batch_size * world)
     mine = val[np.arange(rank, n_rows, world)]
     modes = unwrap(model).config.routing_modes
     record: dict[str, Any] = {}
-    for mode in modes if tcfg.eval_causal else modes[:1]:
+    for mode in modes if training.eval_causal else modes[:1]:
         with routing_mode(model, mode) as target:
-            val_loss, routing = eval_pass(target, mine, tcfg.batch_size, precision, device, world)
+            val_loss, routing = eval_pass(target, mine, training.batch_size, precision, device, world)
         record.update({f"val_loss_{mode}": val_loss, f"val_ppl_{mode}": math.exp(min(val_loss, 50.0)),
                        "routing" if mode == "topk" else f"routing_{mode}": routing})
         record.update(val_loss=val_loss, val_ppl=record[f"val_ppl_{mode}"], routing_mode=mode)  # the last: causal

@@ -3,7 +3,7 @@
     train({"spec": spec_dict, "run_dir": "...", "data_dir": "...", "resume": False})
 
 It runs bare (tests, one process, `--no-ray`), under `torchrun`, or inside a Ray Train
-`TorchTrainer` (see `ray_train.py`), which passes `Hooks` that report to Ray. When a process
+`TorchTrainer` (see `orchestrate/ray_train.py`), which passes `Hooks` that report to Ray. When a process
 group is initialised the model is wrapped in DDP and every rank reads its own shard.
 
 A run's state is built once (`setup`); then `train_step` makes one optimizer step,
@@ -21,6 +21,7 @@ import logging
 import math
 import os
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -110,7 +111,7 @@ def param_groups(model: torch.nn.Module, weight_decay: float) -> list[dict[str, 
     return [{"params": decay, "weight_decay": weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
 
 
-def lr_lambda(warmup: int, total: int, min_ratio: float):
+def lr_lambda(warmup: int, total: int, min_ratio: float) -> Callable[[int], float]:
     """Linear warm-up, then cosine from 1 to `min_ratio` at `total` steps."""
 
     def f(step: int) -> float:
@@ -213,24 +214,24 @@ class RunState:
 
 
 def _optimizer(spec: Spec, model, device: torch.device, precision: Precision, steps: int):
-    tcfg = spec.training
-    optimizer = torch.optim.AdamW(param_groups(model, tcfg.optimizer.weight_decay), lr=tcfg.optimizer.lr,
-                                  betas=tuple(tcfg.optimizer.betas), eps=tcfg.optimizer.eps,
+    training = spec.training
+    optimizer = torch.optim.AdamW(param_groups(model, training.optimizer.weight_decay), lr=training.optimizer.lr,
+                                  betas=tuple(training.optimizer.betas), eps=training.optimizer.eps,
                                   fused=device.type == "cuda")
     scheduler = torch.optim.lr_scheduler.LambdaLR(
-        optimizer, lr_lambda(tcfg.scheduler.warmup_steps, steps, tcfg.scheduler.min_lr_ratio))
+        optimizer, lr_lambda(training.scheduler.warmup_steps, steps, training.scheduler.min_lr_ratio))
     scaler = torch.amp.GradScaler(device.type) if precision.grad_scaler else None
     return optimizer, scheduler, scaler
 
 
 def run_info(state: RunState, seq_len: int) -> dict[str, Any]:
     """The facts of the run that `run.json` keeps (and the report reads)."""
-    config, tcfg = state.target.config, state.spec.training
+    config, training = state.target.config, state.spec.training
     return {"variant": config.variant, "capacity": config.capacity, "routing_modes": list(config.routing_modes),
             "device": str(state.device), "precision": state.precision.name, "world_size": state.world,
             "compiled": compiles(state.spec, state.device.type),
             "total_steps": state.total_steps, "seq_len": seq_len,
-            "tokens_per_step": tcfg.batch_size * tcfg.grad_accum_steps * state.world * seq_len,
+            "tokens_per_step": training.batch_size * training.grad_accum_steps * state.world * seq_len,
             "parameters": sum(p.numel() for p in state.target.parameters()),
             "flops_per_token": models.flops_per_token(config, seq_len),
             "flop_ratio_vs_dense": models.flop_ratio_vs_dense(config, seq_len), "run": state.run_dir.name,
@@ -309,22 +310,22 @@ class StepResult:
 
 def train_step(state: RunState) -> StepResult:
     """One optimizer step over `grad_accum_steps` micro-batches (DDP syncs on the last only)."""
-    tcfg, model, scaler = state.spec.training, state.model, state.scaler
+    training, model, scaler = state.spec.training, state.model, state.scaler
     state.target.set_schedule_step(state.step)
     losses: dict[str, torch.Tensor] = {}
-    for m in range(tcfg.grad_accum_steps):
-        x = state.batches.get(state.step * tcfg.grad_accum_steps + m).to(state.device, non_blocking=True)
-        last_micro = m == tcfg.grad_accum_steps - 1
+    for m in range(training.grad_accum_steps):
+        x = state.batches.get(state.step * training.grad_accum_steps + m).to(state.device, non_blocking=True)
+        last_micro = m == training.grad_accum_steps - 1
         with model.no_sync() if state.world > 1 and not last_micro else contextlib.nullcontext():
             with state.precision.autocast():
                 out = model(x, labels=x, return_logits=False)
-            loss = out.loss / tcfg.grad_accum_steps
+            loss = out.loss / training.grad_accum_steps
             (scaler.scale(loss) if scaler else loss).backward()
         for name, value in [("loss", out.loss), ("lm_loss", out.lm_loss), *out.aux_losses.items()]:
-            losses[name] = losses.get(name, 0) + value.detach().float() / tcfg.grad_accum_steps
+            losses[name] = losses.get(name, 0) + value.detach().float() / training.grad_accum_steps
     if scaler:
         scaler.unscale_(state.optimizer)
-    grad_norm = torch.nn.utils.clip_grad_norm_(model.parameters(), tcfg.grad_clip)
+    grad_norm = torch.nn.utils.clip_grad_norm_(model.parameters(), training.grad_clip)
     if scaler:
         scaler.step(state.optimizer)
         scaler.update()
@@ -405,7 +406,7 @@ def evaluate_and_save(state: RunState) -> dict[str, Any]:
 
 
 @torch.no_grad()
-def prime(state: RunState) -> None:
+def fill_estimates(state: RunState) -> None:
     """At the start of a fresh run: one training-mode pass without gradients over the first training
     batch, so that what the model estimates from training batches (DTF's causal threshold) holds a
     training batch's value, not its initial placeholder, before the step-0 evaluation or a first step
@@ -419,29 +420,29 @@ def scalars(record: dict[str, Any]) -> dict[str, Any]:
 
 
 # ---- the loop -------------------------------------------------------------------------------------
-def start(state: RunState) -> None:
+def evaluate_at_start(state: RunState) -> None:
     """A fresh run's first pass (and its step-0 evaluation); a resumed run with nothing left to do
     says its last evaluation once."""
     if state.step == 0 and not state.resumed:
-        prime(state)
+        fill_estimates(state)
         if state.spec.training.eval_at_start:
             evaluate_and_save(state)
     elif state.step >= state.total_steps and state.last_eval:
         state.hooks.report(scalars(state.last_eval), None)
 
 
-def advance(state: RunState, until: int, meter: Meter) -> Meter:
+def train_until(state: RunState, until: int, meter: Meter) -> Meter:
     """Train to step `until` (an evaluation step or the last), logging and evaluating on the way;
     returns the meter of the steps not yet logged."""
-    tcfg = state.spec.training
+    training = state.spec.training
     while state.step < until:
         state.hooks.on_step(state.step)
         result = train_step(state)
         meter.add(result)
-        if state.step % tcfg.log_every == 0 or state.step == state.total_steps:
+        if state.step % training.log_every == 0 or state.step == state.total_steps:
             log_step(state, meter, result)
             meter = Meter()
-        if state.step % tcfg.eval_every == 0 or state.step == state.total_steps:
+        if state.step % training.eval_every == 0 or state.step == state.total_steps:
             started = time.perf_counter()
             evaluate_and_save(state)
             meter.exclude(time.perf_counter() - started)
@@ -458,8 +459,8 @@ def train(config: dict[str, Any], hooks: Hooks | None = None) -> dict[str, Any]:
     hooks.restore(Path(config["run_dir"]))
     state = setup(config, hooks)
     try:
-        start(state)
-        advance(state, state.total_steps, Meter())
+        evaluate_at_start(state)
+        train_until(state, state.total_steps, Meter())
     finally:
         if state.metrics is not None:
             state.metrics.close()

@@ -14,14 +14,18 @@ import math
 import os
 import statistics
 import time
+from collections.abc import Callable, Sequence
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import torch
 
 from dtlab import models
 from dtlab.models.flops import flop_ratio_vs_dense, flops_per_token
 from dtlab.trainers.run.device import Precision, detect_device, detect_precision, peak_flops, synchronize
+
+if TYPE_CHECKING:
+    from dtlab.models.config import DTLabConfig
 
 log = logging.getLogger(__name__)
 
@@ -30,7 +34,7 @@ DEFAULTS = {"cpu": dict(preset="debug", batch=8, seq=256), "cuda": dict(preset="
             "mps": dict(preset="debug", batch=8, seq=256)}
 
 
-def hf_baseline(config) -> torch.nn.Module:
+def hf_baseline(config: DTLabConfig) -> torch.nn.Module:
     """transformers' Qwen2 on the same shape, SDPA attention."""
     from transformers import Qwen2Config, Qwen2ForCausalLM
 
@@ -45,7 +49,7 @@ def hf_baseline(config) -> torch.nn.Module:
     return Qwen2ForCausalLM(cfg)
 
 
-def estimate_memory_gib(config, batch: int, seq: int, precision: Precision) -> float:
+def estimate_memory_gib(config: DTLabConfig, batch: int, seq: int, precision: Precision) -> float:
     """Rough peak of a training step: fp32 weights, grads and AdamW moments (16 bytes per
     parameter), saved activations (about 10*D + 5*I values per token per block, in the autocast
     dtype) and the baseline's full logits (bf16 plus their fp32 copy and its gradient)."""
@@ -70,11 +74,11 @@ def available_memory_gib(device: str) -> float | None:
     return None
 
 
-def _train_step_fn(model, x, precision: Precision, ours: bool):
+def _train_step_fn(model: torch.nn.Module, x: torch.Tensor, precision: Precision, ours: bool) -> Callable[[], None]:
     opt = torch.optim.AdamW(model.parameters(), lr=1e-4, betas=(0.9, 0.95), fused=precision.device == "cuda")
     kwargs = {"return_logits": False} if ours else {}
 
-    def step():
+    def step() -> None:
         with precision.autocast():
             loss = model(input_ids=x, labels=x, **kwargs).loss
         loss.backward()
@@ -84,7 +88,7 @@ def _train_step_fn(model, x, precision: Precision, ours: bool):
     return step
 
 
-def _median_time(fn, device: str, warmup: int, steps: int) -> float:
+def _median_time(fn: Callable[[], None], device: str, warmup: int, steps: int) -> float:
     for _ in range(warmup):
         fn()
     synchronize(device)
@@ -97,8 +101,8 @@ def _median_time(fn, device: str, warmup: int, steps: int) -> float:
     return statistics.median(times)
 
 
-def bench_one(name: str, model, config, x, precision: Precision, warmup: int, steps: int,
-              compile: bool) -> dict[str, Any]:
+def bench_one(name: str, model: torch.nn.Module, config: DTLabConfig, x: torch.Tensor, precision: Precision,
+              warmup: int, steps: int, compile: bool) -> dict[str, Any]:
     device = precision.device
     ours = name != "hf-qwen2"
     model = model.to(device).train()
@@ -109,7 +113,7 @@ def bench_one(name: str, model, config, x, precision: Precision, warmup: int, st
     step_s = _median_time(_train_step_fn(run, x, precision, ours), device, warmup, steps)
     peak = torch.cuda.max_memory_allocated() / 2**30 if device == "cuda" else None
 
-    def forward():
+    def forward() -> None:
         with torch.no_grad(), precision.autocast():
             run(input_ids=x)
 
@@ -133,7 +137,8 @@ def bench_one(name: str, model, config, x, precision: Precision, warmup: int, st
 
 def run_bench(preset: str | None = None, device: str | None = None, batch: int | None = None,
               seq: int | None = None, compile: bool = False, steps: int = 10, warmup: int = 3,
-              capacities=CAPACITIES, variants=("hf-qwen2", "standard", "mod", "dtf"),
+              capacities: Sequence[float] = CAPACITIES,
+              variants: Sequence[str] = ("hf-qwen2", "standard", "mod", "dtf"),
               seed: int = 0) -> list[dict[str, Any]]:
     device = detect_device(device)
     precision = detect_precision(device)

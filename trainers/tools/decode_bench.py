@@ -12,12 +12,17 @@ from __future__ import annotations
 import logging
 import statistics
 import time
-from typing import Any
+from collections.abc import Callable, Sequence
+from contextlib import AbstractContextManager
+from typing import TYPE_CHECKING, Any
 
 import torch
 
 from dtlab import models
 from dtlab.trainers.run.device import detect_device, detect_precision, synchronize
+
+if TYPE_CHECKING:
+    from dtlab.models.modeling import DTLabForCausalLM
 
 log = logging.getLogger(__name__)
 
@@ -26,7 +31,8 @@ DEFAULTS = {"cpu": dict(preset="small", prompt=128, new_tokens=64),
             "mps": dict(preset="small", prompt=128, new_tokens=64)}
 
 
-def calibrate_routing(model, prompt: torch.Tensor, new_tokens: int, capacity: float, rounds: int = 3) -> None:
+def calibrate_routing(model: DTLabForCausalLM, prompt: torch.Tensor, new_tokens: int, capacity: float,
+                      rounds: int = 3) -> None:
     """Fit a fresh model's causal routing to `capacity` on the text it decodes (random routers route
     arbitrary fractions), layer by layer in order, since a layer's input depends on the layers before:
     DTF's threshold becomes the (1 - c) quantile of G over the decoded tokens (what its running
@@ -94,7 +100,8 @@ def _decode(model, prompt: torch.Tensor, new_tokens: int, device: str, autocast)
     return t1 - t0, (t2 - t1) / new_tokens, out.cache
 
 
-def bench_variant(model, prompt: torch.Tensor, new_tokens: int, repeats: int, device: str, autocast) -> dict:
+def bench_variant(model: DTLabForCausalLM, prompt: torch.Tensor, new_tokens: int, repeats: int, device: str,
+                  autocast: Callable[[], AbstractContextManager[Any]]) -> dict[str, Any]:
     _decode(model, prompt, min(new_tokens, 8), device, autocast)  # warm-up
     runs = [_decode(model, prompt, new_tokens, device, autocast) for _ in range(repeats)]
     cache = runs[-1][2]
@@ -110,9 +117,9 @@ def bench_variant(model, prompt: torch.Tensor, new_tokens: int, repeats: int, de
             "realised_capacity_mean": statistics.fmean(realised.values()) if realised else None}
 
 
-def run_decode_bench(preset: str | None = None, device: str | None = None, batches=(1, 8),
+def run_decode_bench(preset: str | None = None, device: str | None = None, batches: Sequence[int] = (1, 8),
                      prompt: int | None = None, new_tokens: int | None = None, repeats: int = 3,
-                     capacity: float = 0.125, variants=("standard", "mod", "dtf"),
+                     capacity: float = 0.125, variants: Sequence[str] = ("standard", "mod", "dtf"),
                      seed: int = 0) -> list[dict[str, Any]]:
     device = detect_device(device)
     precision = detect_precision(device)

@@ -19,12 +19,19 @@ from __future__ import annotations
 import json
 import math
 import tempfile
+from collections.abc import Sequence
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import torch
 
 from dtlab.trainers.spec import SpecError
+
+if TYPE_CHECKING:
+    from lm_eval.tasks import TaskManager
+    from transformers import PreTrainedTokenizerBase
+
+    from dtlab.trainers.run.data import Tokenizer
 
 TASKS_DIR = Path(__file__).resolve().parent / "tasks"
 LOCAL_TASKS = ("dtlab_next_line", "dtlab_cloze")
@@ -60,7 +67,7 @@ def write_task_dir(folder: Path, configs: dict[str, dict[str, Any]]) -> Path:
     return folder
 
 
-def hf_tokenizer(tok):
+def hf_tokenizer(tok: Tokenizer) -> PreTrainedTokenizerBase:
     """The run's tokenizer as a transformers tokenizer (lm-eval's HFLM needs one)."""
     if tok.hf:
         return tok.backend
@@ -105,10 +112,10 @@ class RoutingProbe:
         self.handle.remove()
 
 
-_MANAGER: list = []
+_MANAGER: list[TaskManager] = []
 
 
-def task_manager():
+def task_manager() -> TaskManager:
     """lm-eval's task index with the shipped offline tasks added (built once per process: ~5 s)."""
     if not _MANAGER:
         import atexit
@@ -140,7 +147,7 @@ def check_tasks(tasks: list[str], routing: str = "causal", known: bool = True) -
                             f"shipped with dtlab: {', '.join(LOCAL_TASKS)} (others load their data from the hub)")
 
 
-def evaluate_run(run_dir: str | Path, tasks=LOCAL_TASKS, limit: int | None = None, batch_size: int = 8,
+def evaluate_run(run_dir: str | Path, tasks: Sequence[str] = LOCAL_TASKS, limit: int | None = None, batch_size: int = 8,
                  out: str | Path | None = None, device: str = "cpu", seed: int = 0) -> list[dict[str, Any]]:
     """Score one run's best checkpoint on `tasks` in causal routing, task by task; returns (and
     writes) its records."""

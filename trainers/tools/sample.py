@@ -9,14 +9,18 @@ from __future__ import annotations
 
 import json
 import logging
+from collections.abc import Sequence
 from pathlib import Path
-from typing import Any, NamedTuple
+from typing import TYPE_CHECKING, Any, NamedTuple
 
 import torch
 
-from dtlab.trainers.run.checkpoint import CheckpointError, problem
+from dtlab.trainers.run.checkpoint import CheckpointError, read_trainer_state, why_not_resumable
 from dtlab.trainers.run.data import Tokenizer, load_hf_tokenizer
 from dtlab.trainers.spec import SpecError
+
+if TYPE_CHECKING:
+    from dtlab.models.modeling import DTLabForCausalLM
 
 log = logging.getLogger(__name__)
 
@@ -46,7 +50,7 @@ def load_run(run_dir: str | Path, device: str = "cpu") -> LoadedRun:
     ckpt = run_checkpoint(run_dir)
     if ckpt is None:
         raise CheckpointError(f"{run_dir}: no checkpoint yet (checkpoints/best or checkpoints/last)")
-    if (why := problem(ckpt)) is not None:
+    if (why := why_not_resumable(ckpt)) is not None:
         raise CheckpointError(f"{ckpt}: {why}")
     from transformers.utils import logging as hf_logging
 
@@ -71,9 +75,7 @@ def _step(ckpt: Path) -> int:
     """The training step a checkpoint holds (`step-NNNNNNN`; older dtlab: its trainer state)."""
     if ckpt.name.startswith("step-") and ckpt.name[5:].isdigit():
         return int(ckpt.name[5:])
-    from dtlab.trainers.run.checkpoint import _trainer_state
-
-    return int(_trainer_state(ckpt).get("step", 0))
+    return int(read_trainer_state(ckpt).get("step", 0))
 
 
 def run_tokenizer(run_dir: Path, info: dict[str, Any]) -> Tokenizer:
@@ -107,7 +109,7 @@ def generate_text(run: LoadedRun, prompt: str, max_new_tokens: int = 64, tempera
     return tok.decode(out[0, len(ids):].tolist()), out, len(ids)
 
 
-def routed_fractions(model, ids: torch.Tensor, prompt_len: int) -> dict[int, float]:
+def routed_fractions(model: DTLabForCausalLM, ids: torch.Tensor, prompt_len: int) -> dict[int, float]:
     """Per routed layer, the fraction of generated tokens its block processed (the decisions of the
     full-sequence causal forward, which cached decoding reproduces)."""
     if ids.shape[1] <= prompt_len:
@@ -122,7 +124,7 @@ SAMPLE_PROMPTS = ("The", "def ", "import ")
 SAMPLES = "samples.json"
 
 
-def write_samples(run_dir: str | Path, prompts=SAMPLE_PROMPTS, max_new_tokens: int = 32) -> Path:
+def write_samples(run_dir: str | Path, prompts: Sequence[str] = SAMPLE_PROMPTS, max_new_tokens: int = 32) -> Path:
     """Greedy samples of the run's best checkpoint from fixed prompts, into `samples.json`."""
     from dtlab.analysis.rundir import write_atomic
 
