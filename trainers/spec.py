@@ -11,13 +11,29 @@ and the routing knobs (`mod_capacity`, `dtf_capacity`, `beta_ce_init`, ...) unde
 from __future__ import annotations
 
 import math
+import re
 from pathlib import Path
 from typing import Annotated, Any, Literal
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_serializer, model_validator
+from pydantic import (
+    BaseModel,
+    ConfigDict,
+    Field,
+    ValidationError,
+    ValidationInfo,
+    field_validator,
+    model_serializer,
+    model_validator,
+)
 
 from dtlab.models.config import CONFIG_CLASSES, config_class, did_you_mean
+
+# The largest whole number the code can hold (torch and numpy count steps, rows and seeds in int64).
+INT64 = 2**63 - 1
+SPEC_MAX_BYTES = 1_000_000  # a spec file is configuration: larger is refused before it is parsed
+# A name becomes part of directory names (runs/NAME-...): letters, digits, '.', '_', '-', no path.
+NAME_PATTERN = r"^[A-Za-z0-9_][A-Za-z0-9._-]*$"
 
 # Keys of the `model` section that are not model config fields.
 MODEL_KEYS = ("type", "size", "pretrained")
@@ -82,9 +98,9 @@ class DataSpec(Strict):
     contiguous: bool = False
     tokenizer: str | None = None  # hub name or local directory; None: a byte-level BPE trained here
     vocab_size: int = Field(4096, ge=260, le=1_000_000)  # of the locally trained tokenizer
-    block_size: int = Field(256, ge=8)
+    block_size: int = Field(256, ge=8, le=2**20)
     val_fraction: float = Field(0.05, gt=0.0, lt=0.5)
-    max_bytes: int = Field(4_000_000, ge=10_000)  # text budget, builtin or loaded
+    max_bytes: int = Field(4_000_000, ge=10_000, le=2**50)  # text budget, builtin or loaded
     cache_dir: str | None = None  # default $DTLAB_CACHE or ~/.cache/dtlab
 
 
@@ -96,24 +112,24 @@ class OptimizerSpec(Strict):
 
 
 class SchedulerSpec(Strict):
-    warmup_steps: int = Field(20, ge=0)
+    warmup_steps: int = Field(20, ge=0, le=INT64)
     min_lr_ratio: float = Field(0.1, ge=0.0, le=1.0)
 
 
 class TrainingSpec(Strict):
     from_scratch: bool = True
-    num_epochs: int = Field(1, ge=1)
-    max_steps: int | None = Field(None, ge=1)  # overrides num_epochs when set
-    batch_size: int = Field(8, ge=1)  # rows per worker per micro-step
-    grad_accum_steps: int = Field(1, ge=1)
+    num_epochs: int = Field(1, ge=1, le=2**31 - 1)
+    max_steps: int | None = Field(None, ge=1, le=INT64)  # overrides num_epochs when set
+    batch_size: int = Field(8, ge=1, le=2**31 - 1)  # rows per worker per micro-step
+    grad_accum_steps: int = Field(1, ge=1, le=2**31 - 1)
     grad_clip: float = Field(1.0, gt=0.0)
     optimizer: OptimizerSpec = OptimizerSpec()
     scheduler: SchedulerSpec = SchedulerSpec()
-    eval_every: int = Field(50, ge=1)
-    eval_batches: int = Field(8, ge=1)
+    eval_every: int = Field(50, ge=1, le=INT64)
+    eval_batches: int = Field(8, ge=1, le=2**31 - 1)
     eval_at_start: bool = True
     eval_causal: bool = True  # routed variants: also the validation loss in `causal` routing
-    log_every: int = Field(10, ge=1)
+    log_every: int = Field(10, ge=1, le=INT64)
     checkpoint: bool = True
     # torch.compile the model (fullgraph) for training and evaluation; auto: on CUDA only
     compile: Literal["auto", "on", "off"] = "auto"
@@ -128,7 +144,7 @@ class TrainingSpec(Strict):
 
 
 class ResourcesSpec(Strict):
-    num_workers: int = Field(1, ge=1)
+    num_workers: int = Field(1, ge=1, le=65_536)
     device: Literal["auto", "cpu", "cuda", "mps"] = "auto"
     precision: Literal["auto", "fp32", "bf16", "fp16"] = "auto"
     cpus_per_worker: float = Field(1.0, gt=0.0)
@@ -136,7 +152,7 @@ class ResourcesSpec(Strict):
     use_ray: bool = True
     # Ray: how often a run's worker group (Train) and a sweep's trial (Tune) are restarted after a
     # failure, each time from the run's last checkpoint (node preemptions are always restarted)
-    max_failures: int = Field(0, ge=0)
+    max_failures: int = Field(0, ge=0, le=1_000)
     # Ray's storage for the checkpoints of record (a URI pyarrow opens, s3://bucket/prefix, or a path all
     # nodes share); unset, the run directory is the record and Ray keeps no copy
     storage: str | None = None
@@ -158,9 +174,10 @@ class Objective(Strict):
 
 class AshaSpec(Strict):
     enabled: bool = True
-    grace_period: int = Field(1, ge=1)  # evaluations before a trial can be stopped
+    grace_period: int = Field(1, ge=1, le=INT64)  # evaluations before a trial can be stopped
     reduction_factor: float = Field(2.0, gt=1.0)
-    max_t: int | None = Field(None, ge=1)  # default: the number of evaluations + 1, so finished trials end normally
+    # default: the number of evaluations + 1, so finished trials end normally
+    max_t: int | None = Field(None, ge=1, le=INT64)
 
 
 DISTRIBUTIONS = ("choice", "uniform", "loguniform", "int")
@@ -218,8 +235,9 @@ class SweepSpec(Strict):
     metric: str = "val_loss"
     mode: Literal["min", "max"] = "min"
     objectives: list[Objective] | None = None  # multi-objective, e.g. val_loss and train_flops (Pareto front)
-    num_samples: int = Field(4, ge=1)  # configurations Optuna proposes: a trial each, training all the seeds
-    max_concurrent: int | None = Field(None, ge=1)  # default: as many trials as the cluster fits
+    # configurations Optuna proposes: a trial each, training all the seeds
+    num_samples: int = Field(4, ge=1, le=1_000_000)
+    max_concurrent: int | None = Field(None, ge=1, le=1_000_000)  # default: as many trials as the cluster fits
     search_space: dict[str, Distribution] = Field(default_factory=dict)
     asha: AshaSpec = AshaSpec()
     driver_cpus: float = Field(0.1, gt=0.0)  # the per-trial driver that builds the TorchTrainer
@@ -233,8 +251,8 @@ class EvalSpec(Strict):
     """Downstream tasks (lm-evaluation-harness) that `dtlab run` scores each run on after training."""
 
     tasks: list[Annotated[str, Field(min_length=1)]] = Field(["dtlab_next_line", "dtlab_cloze"], min_length=1)
-    limit: int | None = Field(None, ge=1)  # examples per task (None: all)
-    batch_size: int = Field(8, ge=1)
+    limit: int | None = Field(None, ge=1, le=INT64)  # examples per task (None: all)
+    batch_size: int = Field(8, ge=1, le=2**31 - 1)
     routing: str = "causal"
 
     @model_validator(mode="after")
@@ -268,10 +286,11 @@ class TrackingSpec(Strict):
 
 
 class Spec(Strict):
-    name: str = "experiment"
+    name: str = Field("experiment", min_length=1, max_length=200)  # part of directory names: see `_plain_name`
     description: str = ""
-    seed: int = Field(0, ge=0)
-    seeds: list[Annotated[int, Field(ge=0)]] | None = Field(None, min_length=1)  # replicates (experiments, sweeps)
+    seed: int = Field(0, ge=0, le=2**32 - 1)  # numpy's and torch's seeds
+    # replicates (experiments, sweeps)
+    seeds: list[Annotated[int, Field(ge=0, le=2**32 - 1)]] | None = None
     # compared by `dtlab run`; `dense_control` is Standard at the depth whose training FLOPs per token
     # match the routed variants' (a compute-matched dense baseline)
     variants: list[Literal["standard", "mod", "dtf", "dense_control"]] | None = None
@@ -282,6 +301,28 @@ class Spec(Strict):
     sweep: SweepSpec | None = None
     eval: EvalSpec | None = None  # downstream tasks after training (`dtlab run`)
     tracking: TrackingSpec = TrackingSpec()  # tensorboard, mlflow, wandb (none by default)
+
+    @field_validator("name")
+    @classmethod
+    def _plain_name(cls, name: str) -> str:
+        """A name, never a path: it becomes part of directory names (`runs/NAME-...`), so a '/', '..' or a
+        leading '.' would write outside the output directory or hide the run."""
+        if not re.match(NAME_PATTERN, name) or ".." in name:
+            raise ValueError(f"{name!r} is not a plain name: expected letters, digits, '.', '_' and '-' (no '/', "
+                             "no '..', not starting with '.'), since it becomes part of directory names")
+        return name
+
+    @field_validator("seeds", "variants")
+    @classmethod
+    def _each_once(cls, values: list[Any] | None, info: ValidationInfo) -> list[Any] | None:
+        """Each seed and variant names a run (`VARIANT-seedS`): listed twice, two entries would be one run."""
+        if values is not None and not values:
+            what = "seed, e.g. [0, 1]" if info.field_name == "seeds" else "of standard, mod, dtf, dense_control"
+            raise ValueError(f"an empty list: name at least one {what} (or leave the key out)")
+        twice = sorted({str(v) for v in values or [] if values.count(v) > 1})
+        if twice:
+            raise ValueError(f"{', '.join(twice)} listed more than once; each entry names a run, list it once")
+        return values
 
     @model_validator(mode="after")
     def _eval_not_in_sweeps(self) -> Spec:
@@ -297,7 +338,8 @@ class Spec(Strict):
         if self.model.size not in PRESETS:
             raise ValueError(f"model.size={self.model.size!r}: expected one of {list(PRESETS)}"
                              f"{did_you_mean(self.model.size, PRESETS)}")
-        variants = {base_variant(v) for v in self.variants or []} | {self.model.type}
+        # the variants that run: the list when there is one (model.type then only gives the default)
+        variants = {base_variant(v) for v in self.variants} if self.variants else {self.model.type}
         known = {k for v in variants for k in CONFIG_CLASSES[v].field_names()}
         every = {k for c in CONFIG_CLASSES.values() for k in c.field_names()}
         for key in self.model.overrides():
@@ -370,12 +412,55 @@ def _section_keys(model: type[BaseModel], path: list[str]) -> list[str]:
     return keys
 
 
+def _bounds(loc: list[str]) -> tuple[Any, Any]:
+    """The (ge, le) bounds of the spec field at `loc` (None where there is none)."""
+    model: Any = Spec
+    field = None
+    for part in loc:
+        if part.isdigit() or not (isinstance(model, type) and issubclass(model, BaseModel)):
+            continue  # an item of a list: the list's own field says the bounds of its items
+        field = model.model_fields.get(part)
+        if field is None:
+            return None, None
+        ann = field.annotation
+        model = next((a for a in getattr(ann, "__args__", (ann,)) if isinstance(a, type)
+                      and issubclass(a, BaseModel)), ann)
+    metadata = list(getattr(field, "metadata", []))
+    for arg in getattr(getattr(field, "annotation", None), "__args__", ()):  # list[Annotated[int, Field(...)]]
+        for inner in getattr(arg, "__args__", ()):
+            metadata += list(getattr(inner, "__metadata__", ()))
+            metadata += [m for a in getattr(inner, "__metadata__", ()) for m in getattr(a, "metadata", [])]
+    ge = next((m.ge for m in metadata if getattr(m, "ge", None) is not None), None)
+    le = next((m.le for m in metadata if getattr(m, "le", None) is not None), None)
+    return ge, le
+
+
+def _whole_number_error(loc: list[str], key: str, value: Any) -> str | None:
+    """For a whole-number key given something like `1e30` or `2.5`: what is wrong with it, in words."""
+    try:
+        number = float(value)
+    except (TypeError, ValueError, OverflowError):
+        return None
+    ge, le = _bounds(loc)
+    span = f" from {ge:,} to {le:,}" if ge is not None and le is not None else ""
+    if math.isfinite(number) and number == int(number) and ((le is not None and number > le) or
+                                                            (ge is not None and number < ge)):
+        return f"{key}: {value} is out of range (expected a whole number{span})"
+    if math.isfinite(number) and number == int(number) and isinstance(value, str):
+        return f"{key}: {value!r}: write it as a plain whole number ({int(number)}), expected{span or ' an integer'}"
+    return f"{key}: {value!r} is not a whole number (expected one{span})"
+
+
 def _format_error(err: ValidationError, source: str) -> str:
     lines = []
     for e in err.errors():
         loc = [str(p) for p in e["loc"]]
         key = ".".join(loc) or "(top level)"
-        if e["type"] == "extra_forbidden":
+        said = _whole_number_error(loc, key, e.get("input")) if e["type"] in ("int_parsing", "int_from_float") \
+            else None
+        if said:
+            lines.append(f"{source}: {said}")
+        elif e["type"] == "extra_forbidden":
             hint = did_you_mean(loc[-1], _section_keys(Spec, loc[:-1]))
             lines.append(f"{source}: unknown key {key}{hint}")
         elif e["type"] == "value_error":
@@ -424,6 +509,10 @@ def load_spec(path: str | Path, overrides: list[str] | None = None) -> Spec:
     path = Path(path)
     if not path.is_file():
         raise SpecError(f"{path}: no such spec file" + (" (it is a directory)" if path.is_dir() else ""))
+    size = path.stat().st_size
+    if size > SPEC_MAX_BYTES:
+        raise SpecError(f"{path}: {size:,} bytes; a spec file is at most {SPEC_MAX_BYTES:,} bytes (it holds "
+                        "settings, not data: point data.source at the data instead)")
     try:
         text = path.read_text(encoding="utf-8")
     except UnicodeDecodeError:

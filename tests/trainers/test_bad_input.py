@@ -197,6 +197,53 @@ CASES = {
                         r"is a file"),
     "run-into-a-train-run": (lambda t: ["run", str(write_spec(t / "s.yaml")), "--out", str(_train_run_with_report(t))],
                              r"holds something that is not a dtlab experiment"),
+    # ---- a name from a spec never leaves its output directory (no --out: the default under runs/) ----------
+    "name-climbs-out": (lambda t: ["train", str(write_spec(t / "s.yaml")), "name=../../evil"],
+                        r"name: '../../evil' is not a plain name"),
+    "name-is-absolute": (lambda t: ["run", str(write_spec(t / "s.yaml")), "name=/tmp/evil"],
+                         r"name: '/tmp/evil' is not a plain name"),
+    "name-is-hidden": (lambda t: ["sweep", str(write_spec(t / "s.yaml", sweep={})), "name=.x"],
+                       r"name: '.x' is not a plain name"),
+    # ---- an empty --out is not "the default" -------------------------------------------------------------
+    "train-out-empty": (lambda t: [*_train(t)[:-1], ""], r"--out: ''.*expected a path"),
+    "report-out-empty": (lambda t: ["report", str(_report_dir(t)), "--out", ""], r"--out: ''.*expected a path"),
+    # ---- memory that cannot exist, numbers the code cannot hold ---------------------------------------------
+    "vocabulary-beyond-memory": (lambda t: _train(t, "model.vocab_size=1000000000"),
+                                 r"parameters need about [\d,.]+ GiB .* GiB available"),
+    "width-beyond-memory": (lambda t: _train(t, "model.hidden_size=262144", "model.num_attention_heads=4",
+                                             "model.num_key_value_heads=2"), r"parameters need about"),
+    "steps-1e30": (lambda t: _train(t, "training.max_steps=1e30"), r"training.max_steps: 1e30 is out of range"),
+    "warmup-1e30": (lambda t: _train(t, "training.scheduler.warmup_steps=1e30"),
+                    r"training.scheduler.warmup_steps: 1e30 is out of range"),
+    "seed-beyond-64-bits": (lambda t: _train(t, "seed=18446744073709551616"), r"seed: .*less than or equal"),
+    "steps-not-whole": (lambda t: _train(t, "training.max_steps=2.5"), r"training.max_steps: 2.5 is not a whole"),
+    # ---- lists that name runs: each entry once, never empty ---------------------------------------------
+    "seeds-twice": (lambda t: ["run", str(write_spec(t / "s.yaml")), "seeds=[0,0]", "--out", str(t / "o")],
+                    r"seeds: 0 listed more than once"),
+    "variants-twice": (lambda t: ["run", str(write_spec(t / "s.yaml")), "variants=[mod,mod]", "--out", str(t / "o")],
+                       r"variants: mod listed more than once"),
+    "variants-empty": (lambda t: ["run", str(write_spec(t / "s.yaml")), "variants=[]", "--out", str(t / "o")],
+                       r"variants: an empty list"),
+    "seeds-empty": (lambda t: ["run", str(write_spec(t / "s.yaml")), "seeds=[]", "--out", str(t / "o")],
+                    r"seeds: an empty list"),
+    "routing-key-of-no-listed-variant": (
+        lambda t: ["run", str(write_spec(t / "s.yaml", variants=["mod"], model={"mod_capacity": 0.25})),
+                   "variants=[standard]", "--out", str(t / "o")],
+        r"model.mod_capacity: .*belongs to \['mod'\], not to the variants here \(\['standard'\]\)"),
+    # ---- a directory that holds something else is named for what it holds ---------------------------------
+    "sweep-into-a-train-run": (lambda t: ["sweep", str(write_spec(t / "s.yaml", sweep={})), "--out",
+                                          str(_train_run_with_report(t))], r"holds a training run, not a sweep"),
+    "sweep-resume-a-train-run": (lambda t: ["sweep", str(write_spec(t / "s.yaml", sweep={})), "--out",
+                                            str(_train_run_with_report(t)), "--resume"],
+                                 r"holds a training run, not a sweep"),
+    # ---- spec files are settings: at most 1 MB --------------------------------------------------------------
+    "spec-too-large": (lambda t: ["train", str(_text(t, "big.yaml", yaml.safe_dump(tiny_spec()) + "#" * 1_000_001)),
+                                  "--out", str(t / "out")], r"big.yaml: 1,000,[\d,]+ bytes; a spec file is at most"),
+    # ---- eval: its outputs are checked before any work ------------------------------------------------------
+    "eval-tasks-empty": (lambda t: ["eval", str(_report_dir(t) / "mod-seed0"), "--tasks", ""], r"tasks \[''\]"),
+    "eval-tasks-comma": (lambda t: ["eval", str(_report_dir(t) / "mod-seed0"), "--tasks", ","], r"tasks \['', ''\]"),
+    "eval-out-empty": (lambda t: ["eval", str(_report_dir(t) / "mod-seed0"), "--out", ""], r"expected a path"),
+    "bench-out-empty": (lambda t: ["bench", "--out", ""], r"expected a path"),
 }
 if NO_CUDA:
     CASES["cuda-without-gpu"] = (lambda t: _train(t, "resources.device=cuda"), r"device='cuda'.*no CUDA device")
@@ -229,7 +276,8 @@ def _check(tmp: Path, argv: list[str], match: str, capsys) -> str:
 
 
 @pytest.mark.parametrize("name", sorted(CASES))
-def test_bad_input_is_one_line_exit_2_and_writes_nothing(name, tmp_path, capsys):
+def test_bad_input_is_one_line_exit_2_and_writes_nothing(name, tmp_path, capsys, monkeypatch):
+    monkeypatch.chdir(tmp_path)  # a default output (runs/...) would land in the snapshot, not in the repository
     make, match = CASES[name]
     argv = make(tmp_path)
     _check(tmp_path, argv, match, capsys)
@@ -306,3 +354,86 @@ def test_a_checkpoint_that_would_run_code_is_refused(finished_run, tmp_path, cap
                   r"trainer_state.pt is not a plain checkpoint", capsys)
     assert not marker.exists(), "loading the checkpoint ran its code"
     assert "refusing to load it" in line
+
+
+# ---- outputs of eval, bench and sample, on a finished run ---------------------------------------------------
+def test_eval_never_replaces_a_users_file(finished_run, tmp_path, capsys):
+    """`dtlab eval --out DIR` writes DIR/<parent>-<run>-lm_eval_results.json: one of that name already
+    there is the user's, refused before any work (lm-eval never starts), kept byte for byte."""
+    run = copy_run(finished_run, tmp_path)
+    out = tmp_path / "results"
+    out.mkdir()
+    mine = out / f"{tmp_path.name}-run-lm_eval_results.json"
+    mine.write_text("my results")
+    line = _check(tmp_path, ["eval", str(run), "--tasks", "dtlab_next_line", "--limit", "2", "--out", str(out)],
+                  r"lm_eval_results.json exists; --force replaces it", capsys)
+    assert mine.read_text() == "my results" and mine.name in line
+
+
+def test_eval_refuses_an_out_that_is_a_file_before_any_work(finished_run, tmp_path, capsys):
+    run = copy_run(finished_run, tmp_path)
+    _check(tmp_path, ["eval", str(run), "--tasks", "dtlab_next_line", "--out", str(_text(tmp_path, "res", "mine"))],
+           r"--out .*res: is a file", capsys)
+
+
+def test_eval_refuses_two_runs_that_would_write_one_file(finished_run, tmp_path, capsys):
+    for where in ("x", "y"):  # x/exp/run and y/exp/run: both would be exp-run-lm_eval_results.json
+        (tmp_path / where / "exp").mkdir(parents=True)
+        shutil.copytree(finished_run / "run", tmp_path / where / "exp" / "run", symlinks=True)
+    _check(tmp_path, ["eval", str(tmp_path / "x" / "exp" / "run"), str(tmp_path / "y" / "exp" / "run"), "--tasks",
+                      "dtlab_next_line", "--out", str(tmp_path / "res")],
+           r"two runs would write exp-run-lm_eval_results.json", capsys)
+
+
+def test_sample_refuses_more_tokens_than_the_model_has_positions(finished_run, tmp_path, capsys):
+    """Prompt length plus new tokens is known before generating: refused at once, with the numbers."""
+    run = copy_run(finished_run, tmp_path)
+    line = _check(tmp_path, ["sample", str(run), "--prompt", "The", "--max-new-tokens", "2000"],
+                  r"plus --max-new-tokens 2000 exceeds the model's 1024 positions: ask for at most \d+", capsys)
+    allowed = int(line.rsplit("at most ", 1)[1].split()[0])
+    assert main(["sample", str(run), "--prompt", "The", "--max-new-tokens", str(allowed)]) == 0  # the limit works
+
+
+def test_bench_out_in_a_read_only_folder_is_refused_before_the_bench(tmp_path, capsys, monkeypatch):
+    locked = tmp_path / "locked"
+    locked.mkdir()
+    real = os.access
+    monkeypatch.setattr(os, "access", lambda p, mode: False if Path(p) == locked else real(p, mode))
+    import dtlab.trainers.tools.bench as bench
+
+    monkeypatch.setattr(bench, "run_bench", lambda **kw: pytest.fail("the bench ran before --out was checked"))
+    _check(tmp_path, ["bench", "--out", str(locked / "b.json")], r"locked is not writable", capsys)
+
+
+def test_eval_outside_a_git_checkout_says_only_its_results(finished_run, tmp_path):
+    """lm-eval asks git for a commit hash and draws progress bars: in output.log, not on the terminal."""
+    import subprocess
+    import sys
+
+    run = copy_run(finished_run, tmp_path)
+    proc = subprocess.run([sys.executable, "-m", "dtlab.trainers.cli", "eval", str(run), "--tasks", "dtlab_next_line",
+                           "--limit", "2"], cwd=tmp_path, capture_output=True, text=True, timeout=600,
+                          env={**os.environ, "GIT_CEILING_DIRECTORIES": str(tmp_path.parent)})
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    assert proc.stderr.strip() == "", proc.stderr[-2000:]
+    assert "dtlab_next_line acc" in proc.stdout, proc.stdout
+    assert (run / "output.log").is_file()
+
+
+# ---- dtlab ls lists every run directory it finds, with what is wrong with it ----------------------------------
+def test_ls_lists_a_run_that_failed_before_its_first_record(tmp_path, capsys):
+    run = tmp_path / "runs" / "early"
+    run.mkdir(parents=True)
+    (run / "status.json").write_text(json.dumps({"state": "failed", "pid": 1, "host": "elsewhere", "time": 0}))
+    assert main(["ls", str(tmp_path / "runs")]) == 0
+    out = capsys.readouterr().out
+    assert "early" in out and "failed" in out, out
+
+
+def test_ls_says_when_records_are_unreadable(finished_run, tmp_path, capsys):
+    run = copy_run(finished_run, tmp_path)
+    good = (run / "metrics.jsonl").read_text().splitlines()
+    (run / "metrics.jsonl").write_text("\n".join(["not json"] * 5 + good[:1]) + "\n")
+    assert main(["ls", str(tmp_path)]) == 0
+    row = next(line for line in capsys.readouterr().out.splitlines() if line.startswith("run "))
+    assert "5 of 6 records unreadable" in row, row

@@ -15,7 +15,7 @@ import time
 from dataclasses import dataclass
 from pathlib import Path
 
-from dtlab.analysis.rundir import METRICS, diverged_reason, read_jsonl, read_status
+from dtlab.analysis.rundir import METRICS, STATUS, diverged_reason, read_jsonl, read_status
 
 STATES = ("running", "finished", "stopped", "interrupted", "failed", "diverged")
 
@@ -29,6 +29,7 @@ class Row:
     best: float | None
     age: float  # seconds since the last write
     depth: int = 0
+    note: str = ""  # what is wrong with its records, shown beside the status
 
 
 def _alive(pid: int) -> bool:
@@ -42,15 +43,22 @@ def _alive(pid: int) -> bool:
 
 
 def run_row(run_dir: Path, root: Path, kind: str = "run", depth: int = 0) -> Row:
-    records = read_jsonl(run_dir / METRICS).records
+    read = read_jsonl(run_dir / METRICS)
+    records = read.records
     evals = [r for r in records if r.get("kind") == "eval"]
     trains = [r for r in records if r.get("kind", "train") == "train"]
     step = max((int(r.get("step") or 0) for r in records), default=0)
     total = _total(run_dir)
     headline = [r.get("val_loss_causal", r.get("val_loss")) for r in evals]  # older records: top-k in val_loss
     losses = [v for v in headline if isinstance(v, (int, float)) and math.isfinite(v)]
-    return Row(_rel(run_dir, root), kind, status(run_dir, evals, trains), f"{step}/{total or '?'}",
-               min(losses) if losses else None, _age(run_dir), depth)
+    said = status(run_dir, evals, trains)
+    note = ""  # as the report says it: the row's numbers come from the lines that could be read
+    if read.bad_lines and not read.cut_at_end:
+        note = f"{len(read.bad_lines)} of {read.n_lines} records unreadable"
+    elif read.cut_at_end and said != "running":  # a running run's last line may be being written
+        note = "its last record cut"
+    return Row(_rel(run_dir, root), kind, said, f"{step}/{total or '?'}",
+               min(losses) if losses else None, _age(run_dir), depth, note)
 
 
 def status(run_dir: Path, evals: list[dict], trains: list[dict]) -> str:
@@ -110,27 +118,35 @@ def group_row(group: Path, runs: list[Row], root: Path, kind: str) -> Row:
                min(ages))
 
 
+GROUP_FILES = ("experiment.json", "sweep.json")
+# any of them makes a run directory (one that failed at step 0 has no records)
+RUN_FILES = (METRICS, "run.json", STATUS)
+
+
+def run_dirs(root: Path) -> list[Path]:
+    """Every run directory under `root`: one with records, facts or a status (not an experiment's or a
+    sweep's own folder, nothing set aside, a replicate trial's seeds counted in their trial)."""
+    found = {p.parent for name in RUN_FILES for p in root.rglob(name)}
+    return sorted(d for d in found if not _set_aside(d, root) and d.parent.name != "seeds"
+                  and not any((d / name).is_file() for name in GROUP_FILES))
+
+
 def listing(root: Path) -> list[Row]:
     """Every experiment, sweep and run under `root` (a run inside an experiment or sweep is listed
     under it)."""
     root = Path(root)
     rows: list[Row] = []
-    groups = sorted({p.parent for name in ("experiment.json", "sweep.json") for p in root.rglob(name)
-                     if not _set_aside(p.parent, root)})
+    groups = sorted({p.parent for name in GROUP_FILES for p in root.rglob(name) if not _set_aside(p.parent, root)})
     grouped: set[Path] = set()
     for group in groups:
         kind = "sweep" if (group / "sweep.json").is_file() else "experiment"
-        runs_dirs = sorted(p.parent for p in group.rglob(METRICS) if not _set_aside(p.parent, group)
-                           and p.parent.parent.name != "seeds")  # a replicate trial is one row
-        grouped.update(runs_dirs)
-        members = [run_row(d, group, "trial" if kind == "sweep" else "run", depth=1) for d in runs_dirs]
+        members_dirs = run_dirs(group)
+        grouped.update(members_dirs)
+        members = [run_row(d, group, "trial" if kind == "sweep" else "run", depth=1) for d in members_dirs]
         rows.append(group_row(group, members, root, kind))
         if kind == "experiment":
             rows += members
-    for metrics in sorted(root.rglob(METRICS)):
-        run_dir = metrics.parent
-        if run_dir not in grouped and not _set_aside(run_dir, root) and run_dir.parent.name != "seeds":
-            rows.append(run_row(run_dir, root))
+    rows += [run_row(d, root) for d in run_dirs(root) if d not in grouped]
     return rows
 
 
@@ -146,7 +162,7 @@ def age_text(seconds: float) -> str:
 def format_listing(rows: list[Row]) -> str:
     cells = [["path", "kind", "status", "steps", "best val loss", "age"]]
     for r in rows:
-        cells.append([("  " * r.depth) + r.path, r.kind, r.status, r.steps,
+        cells.append([("  " * r.depth) + r.path, r.kind, r.status + (f" ({r.note})" if r.note else ""), r.steps,
                       "-" if r.best is None else f"{r.best:.4f}", age_text(r.age)])
     widths = [max(len(c[i]) for c in cells) for i in range(len(cells[0]))]
     lines = ["  ".join(v.rjust(w) if i in (4, 5) else v.ljust(w) for i, (v, w) in enumerate(zip(c, widths,

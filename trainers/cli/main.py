@@ -92,6 +92,10 @@ def _bench(args: argparse.Namespace) -> int:
     if args.out and Path(args.out).exists() and not args.force:
         print(f"dtlab bench: --out {args.out} already exists; pass --force to replace it", file=sys.stderr)
         return 2
+    if args.out:
+        from dtlab.trainers.orchestrate.runner import check_writable_file
+
+        check_writable_file(Path(args.out), "--out")  # before the bench runs, not after
     try:
         if args.decode:
             from dtlab.trainers.tools.decode_bench import format_decode_table, run_decode_bench
@@ -141,11 +145,13 @@ def _sample(args: argparse.Namespace) -> int:
 
 
 def _eval(args: argparse.Namespace) -> int:
+    from dtlab.trainers.monitor.progress import RESULT, current
     from dtlab.trainers.run.device import detect_device
     from dtlab.trainers.spec import SpecError
     from dtlab.trainers.tools.downstream import LOCAL_TASKS, check_tasks, evaluate_run
 
-    tasks = [t.strip() for t in args.tasks.split(",")] if args.tasks else list(LOCAL_TASKS)
+    # `--tasks ''` is a list of no names, as `--tasks ,` is: refused, never "every default task"
+    tasks = [t.strip() for t in args.tasks.split(",")] if args.tasks is not None else list(LOCAL_TASKS)
     check_tasks(tasks, args.routing, known=False)  # what needs no lm-eval first
     runs = []
     for d in map(Path, args.run_dirs):  # a run, or an experiment or sweep holding runs
@@ -153,15 +159,41 @@ def _eval(args: argparse.Namespace) -> int:
         if not found:
             raise SpecError(f"{d}: no dtlab run here (no run.json in it or below it)")
         runs += found
+    _check_eval_outputs(runs, Path(args.out) if args.out else None, args.force)
     device = detect_device(args.device)
     _quiet_lm_eval()
     check_tasks(tasks, args.routing)
+    folder = Path(args.out) if args.out else runs[0]
+    folder.mkdir(parents=True, exist_ok=True)
+    current().capture(folder)  # lm-eval's and git's output goes to output.log there (-v shows it)
     for run in runs:
         for r in evaluate_run(run, tasks, limit=args.limit, batch_size=args.batch_size, out=args.out, device=device):
             value = "n/a" if r["value"] is None else f"{r['value']:.4f}"
             err = "" if r["stderr"] is None else f" ± {r['stderr']:.4f}"
-            print(f"{run}: {r['task']} {r['metric']} {value}{err} ({r['routing_mode']} routing, step {r['step']})")
+            log.info(f"{run}: {r['task']} {r['metric']} {value}{err} ({r['routing_mode']} routing, step {r['step']})",
+                     extra=RESULT)
     return 0
+
+
+def _check_eval_outputs(runs: list[Path], out: Path | None, force: bool) -> None:
+    """Before any work: `--out` can be a folder of results, and no file there is replaced (without
+    `--force`), nor written twice by two runs of the same names."""
+    from dtlab.trainers.orchestrate.runner import check_out
+    from dtlab.trainers.spec import SpecError
+    from dtlab.trainers.tools.downstream import results_path
+
+    if out is None:
+        return
+    check_out(out, "results")
+    targets = [results_path(run, out) for run in runs]
+    twice = sorted({t.name for t in targets if targets.count(t) > 1})
+    if twice:
+        raise SpecError(f"--out {out}: two runs would write {twice[0]} (runs of the same names in folders of the "
+                        "same name); evaluate them into different --out folders")
+    taken = [t for t in targets if t.exists()]
+    if taken and not force:
+        raise SpecError(f"--out {out}: {taken[0].name} exists" + (f" (and {len(taken) - 1} more)" if len(taken) > 1
+                                                                    else "") + "; --force replaces it")
 
 
 def _quiet_lm_eval() -> None:
@@ -174,6 +206,14 @@ def _quiet_lm_eval() -> None:
     from datasets.utils.logging import disable_progress_bar
 
     disable_progress_bar()
+
+
+def _path(text: str) -> str:
+    """A path given on the command line: an empty one would quietly mean the current directory or the
+    default, so it is refused."""
+    if not text.strip():
+        raise argparse.ArgumentTypeError(f"{text!r}: expected a path")
+    return text
 
 
 def _number(text: str) -> float:
@@ -238,7 +278,8 @@ def _add_report(sub) -> None:
     report = sub.add_parser("report", help="compare runs and sweeps in one HTML report with CSV/Markdown tables")
     _debug_flag(report)
     report.add_argument("dirs", nargs="+", help="run, sweep or experiment directories")
-    report.add_argument("--out", help="HTML file (default DIR/report.html for one directory, else report.html)")
+    report.add_argument("--out", type=_path,
+                        help="HTML file (default DIR/report.html for one directory, else report.html)")
     report.add_argument("--force", action="store_true", help="replace an --out file not written by dtlab")
     report.set_defaults(func=_report)
 
@@ -260,7 +301,7 @@ def _add_bench(sub) -> None:
                             "(or --batch), at the smallest --capacities; --steps is the number of repeats")
     bench.add_argument("--prompt-tokens", type=_positive, help="--decode: prompt length (default 128 CPU, 512 CUDA)")
     bench.add_argument("--new-tokens", type=_positive, help="--decode: tokens generated (default 64 CPU, 128 CUDA)")
-    bench.add_argument("--out", help="JSON file for the rows")
+    bench.add_argument("--out", type=_path, help="JSON file for the rows")
     bench.add_argument("--force", action="store_true", help="replace an existing --out file")
     bench.set_defaults(func=_bench)
 
@@ -274,7 +315,10 @@ def _add_eval(sub) -> None:
                                     "dtlab_next_line,dtlab_cloze; hub tasks need the network)")
     ev.add_argument("--limit", type=_positive, help="examples per task (default: all)")
     ev.add_argument("--batch-size", type=_positive, default=8)
-    ev.add_argument("--out", help="folder for lm-eval's results JSON (default: each run directory)")
+    ev.add_argument("--out", type=_path, help="folder for lm-eval's results JSON (default: each run directory)")
+    ev.add_argument("--force", action="store_true", help="replace files of the same names already in --out")
+    ev.add_argument("-v", "--verbose", action="store_true",
+                    help="show lm-eval's own output instead of writing it to output.log (in --out, or the first run)")
     ev.add_argument("--device", choices=["cpu", "cuda", "mps"], help="default: what is there")
     ev.add_argument("--routing", default="causal", help="causal only: top-k routing would look at the answers")
     ev.set_defaults(func=_eval)
@@ -338,7 +382,7 @@ def build_parser() -> argparse.ArgumentParser:
         _debug_flag(cmd)
         cmd.add_argument("spec", help="experiment spec (YAML), e.g. experiments/quick.yaml")
         cmd.add_argument("overrides", nargs="*", help="key.path=value, e.g. model.type=mod training.max_steps=120")
-        cmd.add_argument("--out", help=f"{what} directory (default under runs/)")
+        cmd.add_argument("--out", type=_path, help=f"{what} directory (default under runs/)")
         cmd.add_argument("--resume", action="store_true", help=resume_help)
         cmd.add_argument("--force", action="store_true", help=f"set an existing {what} in --out aside, start afresh")
         if ray:

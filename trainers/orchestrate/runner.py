@@ -81,6 +81,29 @@ def check_fit(spec: Spec, data: Prepared, world: int, shape: dict[str, Any] | No
     if len(data.train) < need:
         raise SpecError(f"data: {len(data.train)} training rows of {spec.data.block_size} tokens cannot fill one "
                         f"batch of training.batch_size={spec.training.batch_size} x {world} worker(s)")
+    check_memory(spec, data, world)
+
+
+def check_memory(spec: Spec, data: Prepared, world: int) -> None:
+    """A model whose parameters alone cannot fit this machine's memory is refused before anything is
+    written: fp32 weights, gradients and AdamW's two moments (16 bytes a parameter) per worker, against
+    the memory available now. Only where the run trains on this machine's CPU (a GPU's memory is the
+    GPU's; a cluster's workers are elsewhere)."""
+    from dtlab.models.config import make_config
+    from dtlab.models.flops import param_count
+    from dtlab.trainers.run.device import detect_device
+    from dtlab.trainers.tools.bench import available_memory_gib
+
+    if not spec.training.from_scratch or os.environ.get("RAY_ADDRESS") or detect_device(spec.resources.device) != "cpu":
+        return
+    overrides = spec.model.overrides_for(spec.model.type)
+    overrides.setdefault("vocab_size", data.vocab_size)
+    params = param_count(make_config(spec.model.type, spec.model.size, **overrides))
+    need, have = params * 16 * world / 2**30, available_memory_gib("cpu")
+    if have is not None and need > have:
+        raise SpecError(f"model: {params:,} parameters need about {need:,.1f} GiB for weights, gradients and AdamW "
+                        f"state ({world} worker(s) x 16 bytes a parameter) but this machine has {have:,.1f} GiB "
+                        "available; choose a smaller model.size or shape (hidden_size, num_hidden_layers, vocab_size)")
 
 
 def check_out(path: Path, what: str = "run") -> None:
@@ -96,6 +119,16 @@ def check_out(path: Path, what: str = "run") -> None:
         raise SpecError(f"--out {path}: {parent} is a file, not a directory")
     if not os.access(parent, os.W_OK | os.X_OK):
         raise SpecError(f"--out {path}: {parent} is not writable; choose another --out")
+
+
+def check_writable_file(path: Path, flag: str = "--out") -> None:
+    """A file a command will write at its end can be written there: checked before the work, so that
+    nothing runs for minutes and then fails to save."""
+    parent = next((p for p in path.parents if p.exists()), Path("."))
+    if not parent.is_dir():
+        raise SpecError(f"{flag} {path}: {parent} is a file, not a directory")
+    if not os.access(parent, os.W_OK | os.X_OK):
+        raise SpecError(f"{flag} {path}: {parent} is not writable; choose another {flag}")
 
 
 def check_resume(run_dir: Path, spec: Spec) -> None:

@@ -402,6 +402,10 @@ def lay_out(plan: Plan, out: Path, resume: bool, force: bool) -> None:
         import torch
 
         check_gpus(spec, torch.cuda.device_count() if torch.cuda.is_available() else 0)
+    a_sweep = (out / "sweep.json").is_file() or (out / TUNE_DIR).is_dir()
+    if holds_run(out) and not a_sweep and not force:  # a training run, or an experiment: not what this continues
+        what = "an experiment" if (out / "experiment.json").is_file() else "a training run"
+        raise SpecError(f"--out {out} holds {what}, not a sweep; choose another --out (--force sets it aside)")
     check_run_dir(out, resume, force)
     if resume and not (holds_run(out) and (out / TUNE_DIR / EXPERIMENT).is_dir()):
         raise SpecError(f"--resume: {out} holds no sweep to continue")

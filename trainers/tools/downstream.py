@@ -227,14 +227,20 @@ def _num(value: Any) -> float | None:
     return v if math.isfinite(v) else None
 
 
+def results_path(run_dir: Path, out: Path | None) -> Path:
+    """Where lm-eval's results JSON of `run_dir` goes: in the run, or in `out` named after the run."""
+    if out is None or Path(out) == Path(run_dir):
+        return Path(run_dir) / RESULTS
+    return Path(out) / f"{Path(run_dir).parent.name}-{Path(run_dir).name}-{RESULTS}"
+
+
 def write_results(run_dir: Path, out: Path, results: dict[str, Any], records: list[dict[str, Any]]) -> None:
     """lm-eval's results JSON into `out`; the records into the run's `eval_tasks.jsonl`, replacing
     earlier records of the same tasks (other tasks' records are kept)."""
     from dtlab.analysis.rundir import read_jsonl, rewrite_jsonl, write_atomic
 
     out.mkdir(parents=True, exist_ok=True)
-    name = RESULTS if out == run_dir else f"{run_dir.parent.name}-{run_dir.name}-{RESULTS}"
-    write_atomic(out / name, json.dumps(results, indent=1, default=_plain))
+    write_atomic(results_path(run_dir, out), json.dumps(results, indent=1, default=_plain))
     path = run_dir / RECORDS
     tasks = {r["task"] for r in records}
     if path.is_file() and read_jsonl(path).records:

@@ -97,6 +97,11 @@ def generate_text(run: LoadedRun, prompt: str, max_new_tokens: int = 64, tempera
     tok, model = run.tokenizer, run.model
     ids = tok.encode_batch([prompt])[0] if prompt else []
     ids = ids or [tok.eot_id]  # an empty prompt starts from the end-of-text token, as documents do
+    positions = int(model.config.max_position_embeddings)
+    if len(ids) + max_new_tokens > positions:  # known before any token is generated
+        raise SpecError(f"the prompt ({len(ids)} tokens) plus --max-new-tokens {max_new_tokens} exceeds the model's "
+                        f"{positions} positions: ask for at most {max(positions - len(ids), 0)} new tokens"
+                        + ("" if len(ids) < positions else " (and shorten the prompt)"))
     x = torch.tensor([ids], device=model.device)
     torch.manual_seed(seed)
     kwargs: dict[str, Any] = dict(max_new_tokens=max_new_tokens, pad_token_id=tok.eot_id, eos_token_id=tok.eot_id)
