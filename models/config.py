@@ -66,6 +66,10 @@ def did_you_mean(name: str, choices: Iterable[object]) -> str:
     return f" (did you mean {close[0]!r}?)" if close else ""
 
 
+# The largest value of a shape key the code can hold (others: 2**31 - 1, the int32 index of GPU kernels).
+SHAPE_LIMITS = {"num_hidden_layers": 10_000, "num_attention_heads": 65_536, "num_key_value_heads": 65_536}
+
+
 def _check_capacity(name: str, value: object) -> None:
     if not isinstance(value, (int, float)) or isinstance(value, bool) or not 0.0 < value <= 1.0:
         raise ValueError(f"{name}={value!r}: capacity must be a number in (0, 1]")
@@ -101,6 +105,7 @@ class DTLabConfig(PretrainedConfig):
         for key, default in own.items():
             setattr(self, key, kwargs.pop(key, default))
         tie = self.tie_word_embeddings
+        self.check_types()  # before transformers' own checks, which divide by what may be a string
         super().__init__(**kwargs)
         self.tie_word_embeddings: bool = tie
         self.check_fields()
@@ -153,9 +158,11 @@ class DTLabConfig(PretrainedConfig):
         for key in ("vocab_size", "hidden_size", "intermediate_size", "num_hidden_layers",
                     "num_attention_heads", "num_key_value_heads", "max_position_embeddings",
                     "loss_chunk_tokens"):
-            value = getattr(self, key)
+            value, most = getattr(self, key), SHAPE_LIMITS.get(key, 2**31 - 1)
             if not isinstance(value, int) or isinstance(value, bool) or value < 1:
                 raise ValueError(f"{key}={value!r}: expected a positive integer")
+            if value > most:  # beyond what a tensor's dimension (int32 kernels) or a layer list can hold
+                raise ValueError(f"{key}={value:,} is out of range: expected at most {most:,}")
         if self.hidden_size % self.num_attention_heads:
             raise ValueError(
                 f"num_attention_heads={self.num_attention_heads} does not divide "

@@ -217,6 +217,9 @@ CASES = {
                     r"training.scheduler.warmup_steps: 1e30 is out of range"),
     "seed-beyond-64-bits": (lambda t: _train(t, "seed=18446744073709551616"), r"seed: .*less than or equal"),
     "steps-not-whole": (lambda t: _train(t, "training.max_steps=2.5"), r"training.max_steps: 2.5 is not a whole"),
+    "layers-beyond-range": (lambda t: _train(t, "model.num_hidden_layers=100000000"),
+                            r"num_hidden_layers=100,000,000 is out of range"),
+    "width-1e30": (lambda t: _train(t, "model.hidden_size=1e30"), r"hidden_size='1e30': expected an integer"),
     # ---- lists that name runs: each entry once, never empty ---------------------------------------------
     "seeds-twice": (lambda t: ["run", str(write_spec(t / "s.yaml")), "seeds=[0,0]", "--out", str(t / "o")],
                     r"seeds: 0 listed more than once"),
