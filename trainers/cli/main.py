@@ -5,6 +5,7 @@ from __future__ import annotations
 import argparse
 import logging
 import math
+import os
 import sys
 from pathlib import Path
 from typing import NoReturn
@@ -93,9 +94,7 @@ def _bench(args: argparse.Namespace) -> int:
         print(f"dtlab bench: --out {args.out} already exists; pass --force to replace it", file=sys.stderr)
         return 2
     if args.out:
-        from dtlab.trainers.orchestrate.runner import check_writable_file
-
-        check_writable_file(Path(args.out), "--out")  # before the bench runs, not after
+        _check_writable_file(Path(args.out))  # before the bench runs, not after
     try:
         if args.decode:
             from dtlab.trainers.tools.decode_bench import format_decode_table, run_decode_bench
@@ -119,6 +118,18 @@ def _bench(args: argparse.Namespace) -> int:
         write_rows(rows, args.out)
         print(f"wrote {args.out}")
     return 0
+
+
+def _check_writable_file(path: Path, flag: str = "--out") -> None:
+    """A file a command writes at its end can be written there: checked before the work, so that nothing
+    runs for minutes and then fails to save."""
+    from dtlab.trainers.spec import SpecError
+
+    parent = next((p for p in path.parents if p.exists()), Path("."))
+    if not parent.is_dir():
+        raise SpecError(f"{flag} {path}: {parent} is a file, not a directory")
+    if not os.access(parent, os.W_OK | os.X_OK):
+        raise SpecError(f"{flag} {path}: {parent} is not writable; choose another {flag}")
 
 
 def _sample(args: argparse.Namespace) -> int:

@@ -121,16 +121,6 @@ def check_out(path: Path, what: str = "run") -> None:
         raise SpecError(f"--out {path}: {parent} is not writable; choose another --out")
 
 
-def check_writable_file(path: Path, flag: str = "--out") -> None:
-    """A file a command will write at its end can be written there: checked before the work, so that
-    nothing runs for minutes and then fails to save."""
-    parent = next((p for p in path.parents if p.exists()), Path("."))
-    if not parent.is_dir():
-        raise SpecError(f"{flag} {path}: {parent} is a file, not a directory")
-    if not os.access(parent, os.W_OK | os.X_OK):
-        raise SpecError(f"{flag} {path}: {parent} is not writable; choose another {flag}")
-
-
 def check_resume(run_dir: Path, spec: Spec) -> None:
     """Before anything is written: the run in `run_dir` can continue where it stopped, with the same
     model and data, from a readable checkpoint (else its records would be logged twice)."""
