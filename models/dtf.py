@@ -10,6 +10,7 @@ Shape legend: B batch, T sequence length, K tokens per routed block and row, D h
 from __future__ import annotations
 
 import math
+from collections.abc import Callable
 
 import torch
 import torch.distributed as dist
@@ -52,10 +53,19 @@ class DTFDecisionLayer(DecoderBlock):
 
 
 class DTFRouter(nn.Module):
-    """The four router scalars of a dynamic layer and its causal threshold."""
+    """The four router scalars of a dynamic layer and its causal threshold.
+
+    The threshold and its update count are statistics, kept in fp32 whatever the model is cast to:
+    in bf16 a saved 0.7514 reads 0.75 (moving the realised causal capacity far from c), and an EMA
+    step of 1% cannot move it at all. Unlike RoPE's frequencies they are saved and loaded, so a
+    cast keeps their fp32 VALUE (`_apply`); they are made fp32 explicitly, so that transformers'
+    `from_pretrained(..., dtype=torch.bfloat16)`, which loads each tensor in the dtype the freshly
+    built model gives it, loads the checkpoint's fp32 value as it is.
+    """
 
     threshold: torch.Tensor  # buffers (annotations only: `register_buffer` sets them)
     threshold_updates: torch.Tensor
+    FP32_BUFFERS = ("threshold", "threshold_updates")
 
     def __init__(self, config: DTFConfig) -> None:
         super().__init__()
@@ -66,8 +76,17 @@ class DTFRouter(nn.Module):
         self.log_o_ce = nn.Parameter(torch.tensor(math.log(config.o_ce_init)))  # o_ce = exp(.) > 0
         self.m_cu = nn.Parameter(torch.tensor(float(config.m_cu_init)))
         # Running (1 - c) quantile of G, updated in training; `causal` mode selects G >= it.
-        self.register_buffer("threshold", torch.tensor(0.5))
-        self.register_buffer("threshold_updates", torch.tensor(0.0))
+        self.register_buffer("threshold", torch.tensor(0.5, dtype=torch.float32))
+        self.register_buffer("threshold_updates", torch.tensor(0.0, dtype=torch.float32))
+
+    def _apply(self, fn: Callable[[torch.Tensor], torch.Tensor], recurse: bool = True) -> DTFRouter:
+        kept = {name: getattr(self, name) for name in self.FP32_BUFFERS}  # the tensors before `fn`
+        super()._apply(fn, recurse)
+        for name, before in kept.items():
+            after = getattr(self, name)
+            if after.dtype != torch.float32 and before.dtype == torch.float32:  # cast: the fp32 value, moved
+                setattr(self, name, before.to(device=after.device))
+        return self
 
     def reset_parameters(self) -> None:
         c = self.config

@@ -7,7 +7,12 @@ Per block taking part with S of the row's T tokens (S = T dense, S = k routed):
   linear    2 * (D*H*d + 2*D*Hkv*d + H*d*D + 3*D*I)            for each of the S tokens
   attention 2 * 2 * H*d * (S + 1) / 2                           QK^T and AV; a causal query
                                                                 sees (S + 1) / 2 keys on average
-and the block's cost per token of the row is (S / T) times that. Also counted: the LM head
+and the block's cost per token of the row is (S / T) times that. Routed blocks count what training
+computes in the config's routing mode: `topk` runs a block on its k gathered tokens (S = k); `causal`
+runs it, with gradients, in its static masked form (`routing.masked_causal_update`: all T tokens
+through the block, attention restricted to the selected keys), so it costs a dense block (S = T).
+(Causal routing without gradients, as evaluation and generation run it, computes only the selected
+tokens, a number known only at run time: not what these records count.) Also counted: the LM head
 (2*D*V), MoD routers (2*D) and predictors (2*(D*D/2 + D/2)), DTF priors (2*3*D*P) and the DTF
 router's two surprise reductions (3*D each). Norms, softmax, RoPE and the embedding lookup are
 left out. For the 0.5B shape at T = 2048 this gives MoD (c = 0.125) 0.669 of dense.
@@ -42,13 +47,17 @@ def _block_flops(config: Any, S: int) -> float:
 
 
 def _routed_block_flops(config: Any, T: int) -> float:
-    """Per token of the row: the block over its k selected tokens."""
+    """Per token of the row: the block over its k selected tokens (top-k routing), or over all T
+    (causal routing: training's static masked form computes every token)."""
+    if getattr(config, "routing_mode", "topk") == "causal":
+        return _block_flops(config, T)
     k = capacity_k(config.capacity, T)
     return (k / T) * _block_flops(config, k)
 
 
 def forward_flops_per_token(config: Any, seq_len: int) -> float:
-    """Forward FLOPs per token of a row of `seq_len` tokens, in the config's routing."""
+    """Forward FLOPs per token of a row of `seq_len` tokens, as training computes it in the config's
+    routing mode (see the module doc: `causal` costs routed blocks as dense ones)."""
     T, D = seq_len, config.hidden_size
     total = 2 * D * config.vocab_size  # LM head
     for kind in config.layer_kinds:

@@ -126,20 +126,24 @@ class Attention(nn.Module):
         k = self.k_proj(x_BSD).view(B, S, self.num_kv_heads, self.head_dim).transpose(1, 2)
         v = self.v_proj(x_BSD).view(B, S, self.num_kv_heads, self.head_dim).transpose(1, 2)
         q, k = apply_rope(q, rope), apply_rope(k, rope)
-        causal = True
-        if store is not None:
+        if store is None:
+            out = attend(q, k, v, mask)
+        else:
             assert slots is not None, "a KV store needs the slots it keeps"
-            k, v, mask, causal = store.extend(k, v, slots)
-        return self.o_proj(attend(q, k, v, mask, causal).transpose(1, 2).reshape(B, S, -1))
+            out = store.attend(q, k, v, slots)
+        return self.o_proj(out.transpose(1, 2).reshape(B, S, -1))
 
 
 def attend(q_BHSd: torch.Tensor, k_BHLd: torch.Tensor, v_BHLd: torch.Tensor, mask: torch.Tensor | None,
            causal: bool = True) -> torch.Tensor:
     """SDPA; without a mask, causal (or, for one query after the keys, `causal=False`: every key).
 
-    CUDA's SDPA takes the slow math kernel when given both a mask and `enable_gqa`, so with a mask
-    the G query heads that share a KV head are folded into the query axis instead ([B, Hkv, G*S, d],
-    the mask repeated per head): no copy of the keys and values, and a fused kernel.
+    CUDA's SDPA takes the slow math kernel when given both a mask and `enable_gqa`, so with a mask and
+    grouped KV heads (G query heads per KV head) one of two equivalent forms runs, whichever costs
+    less memory (`gqa_with_mask`): the G query heads folded into the query axis ([B, Hkv, G*S, d],
+    the mask repeated G times: G*S*L mask entries per row, which SDPA turns into a bias of the query
+    dtype kept for backward), or the keys and values repeated per query head (2*H*L*d entries per
+    row, the mask shared by every head). Folding is the cheaper one exactly when S <= 2*Hkv*d.
     """
     B, H, S, d = q_BHSd.shape
     Hkv = k_BHLd.shape[1]
@@ -148,97 +152,168 @@ def attend(q_BHSd: torch.Tensor, k_BHLd: torch.Tensor, v_BHLd: torch.Tensor, mas
     if H == Hkv:
         return F.scaled_dot_product_attention(q_BHSd, k_BHLd, v_BHLd, attn_mask=mask)
     G, L = H // Hkv, k_BHLd.shape[2]
+    if gqa_with_mask(q_BHSd, k_BHLd, v_BHLd) == "repeat":
+        k, v = k_BHLd.repeat_interleave(G, dim=1), v_BHLd.repeat_interleave(G, dim=1)  # head h reads kv h // G
+        return F.scaled_dot_product_attention(q_BHSd, k, v, attn_mask=mask)
     q = q_BHSd.reshape(B, Hkv, G * S, d)  # head h = kv * G + g reads KV head kv
     m = mask.expand(B, 1, S, L)[:, :, None].expand(B, 1, G, S, L).reshape(B, 1, G * S, L)
     return F.scaled_dot_product_attention(q, k_BHLd, v_BHLd, attn_mask=m).reshape(B, H, S, d)
 
 
-class Slots(NamedTuple):
-    """Which of S new tokens a KV store keeps, for cached inference."""
+def gqa_with_mask(q_BHSd: torch.Tensor, k_BHLd: torch.Tensor, v_BHLd: torch.Tensor) -> str:
+    """"fold" or "repeat": the form of masked grouped-query attention that holds fewer bytes (see
+    `attend`). Shapes only (no host sync): folding makes a [B, 1, G*S, L] mask in the query dtype,
+    repeating makes keys and values of H heads [B, H, L, d]."""
+    B, H, S, d = q_BHSd.shape
+    Hkv, L = k_BHLd.shape[1], k_BHLd.shape[2]
+    fold = B * (H // Hkv) * S * L * q_BHSd.element_size()
+    repeat = B * H * L * d * (k_BHLd.element_size() + v_BHLd.element_size())
+    return "fold" if fold <= repeat else "repeat"
 
-    ok_RS: torch.Tensor | None  # bool: a real token (not padding, and selected when routed); None: all are
-    rows: torch.Tensor | None = None  # the batch rows these R rows are (None: all rows, in order)
-    kept_R: torch.Tensor | None = None  # routed: slots kept per row, ok ones first (None: all S)
+
+class Slots(NamedTuple):
+    """Which of S new tokens a KV store keeps, for cached inference.
+
+    A dense block's store keeps every column (`ok_RS` marks the real ones); a routed block's keeps,
+    per row, the first `counts[i]` of the S gathered tokens (its selected ones, in order) of batch row
+    `rows[i]`. The counts are host integers: the routed update has read them anyway (one read per layer).
+    """
+
+    ok_RS: torch.Tensor | None  # dense: bool, a real token (not padding); None: all are
+    rows: list[int] | None = None  # routed: the batch rows these R rows are (None: all rows, in order)
+    counts: list[int] | None = None  # routed: tokens kept per row, the first ones (None: a dense store)
 
 
 class KVStore:
     """One block's KV cache: per row, the keys/values of exactly the tokens this block processed.
 
-    Buffers `k`, `v` [B, Hkv, cap, d] grow by doubling; `len_B` counts the tokens stored per row
-    (a routed block's rows differ); `ok_BC` marks keys that may be attended (not padding).
+    `lens` counts on the host the tokens stored per row, so sizing a read or a buffer needs no device
+    sync. A dense block's rows all hold every column: buffers `k`, `v` [B, Hkv, slots, d], with `ok_BC`
+    marking the keys that may be attended (not padding). A routed block's rows hold different numbers
+    of tokens, so each row has buffers of its own, `row_k[b]`, `row_v[b]` [Hkv, slots, d], holding only
+    its tokens (all real) at slots 0..lens[b]-1; a row attends over its own stored tokens only, read in
+    place (no copy of a row's keys and values), and a row that does not select a token is not touched.
+    Buffers grow to what their row needs rounded up to `GROW` slots (a grow copies the buffer: the
+    rounding amortises it), so a routed row's buffers hold at most its count plus `GROW` slots and a
+    routed block's cache grows with its rows' counts, whatever the batch.
     Keys are stored after RoPE, at each token's own position, so no position is kept.
     `extra` holds what a router keeps across steps (DTF: its recent surprise values).
     """
 
+    GROW = 16
+
     def __init__(self, batch: int) -> None:
         self.batch = batch
-        self.k: torch.Tensor | None = None
+        self.k: torch.Tensor | None = None  # dense stores
         self.v: torch.Tensor | None = None
         self.ok_BC: torch.Tensor | None = None
-        self.len_B: torch.Tensor | None = None
-        self.bound = 0  # host-side upper bound of len_B.max(): no sync to size reads
-        self.dense = True  # every row holds the same real tokens, no padding: attention needs no mask
+        self.row_k: list[torch.Tensor | None] = [None] * batch  # routed stores
+        self.row_v: list[torch.Tensor | None] = [None] * batch
+        self.lens = [0] * batch  # host: tokens stored per row
+        self.dense = True  # a dense store whose keys are all real: attention needs no mask
         self.extra: dict[str, torch.Tensor] = {}
 
-    def reorder(self, idx_B: torch.Tensor) -> None:
-        """Rows `idx_B` of the batch become its rows 0..B-1 (beam search)."""
+    def slots(self) -> list[int]:
+        """Physical slots of each row's buffers (at least the row's count)."""
         if self.k is not None:
-            assert self.v is not None and self.ok_BC is not None and self.len_B is not None  # set together
-            self.k, self.v = self.k.index_select(0, idx_B), self.v.index_select(0, idx_B)
-            self.ok_BC, self.len_B = self.ok_BC.index_select(0, idx_B), self.len_B.index_select(0, idx_B)
-        self.extra = {name: t.index_select(0, idx_B) for name, t in self.extra.items()}
+            return [self.k.shape[2]] * self.batch
+        return [0 if t is None else t.shape[1] for t in self.row_k]
 
-    def _reserve(self, k: torch.Tensor, v: torch.Tensor, need: int) -> None:
-        B, cap = self.batch, max(need, 16)
-        if self.k is None:  # keys and values keep their own dtypes (under autocast RoPE leaves keys fp32)
-            self.k = k.new_zeros(B, k.shape[1], cap, k.shape[-1])
-            self.v = v.new_zeros(B, v.shape[1], cap, v.shape[-1])
-            self.ok_BC = torch.zeros(B, cap, dtype=torch.bool, device=k.device)
-            self.len_B = torch.zeros(B, dtype=torch.long, device=k.device)
-        assert self.v is not None and self.ok_BC is not None  # set together with `k`
-        cap = self.k.shape[2]
-        if need > cap:
-            grow = max(need, 2 * cap) - cap
-            self.k = F.pad(self.k, (0, 0, 0, grow))
-            self.v = F.pad(self.v, (0, 0, 0, grow))
-            self.ok_BC = F.pad(self.ok_BC, (0, grow), value=False)
+    def nbytes(self) -> int:
+        """Bytes the store holds: keys, values, the padding mask and the router's state."""
+        held = [t for t in (self.k, self.v, self.ok_BC, *self.row_k, *self.row_v, *self.extra.values())
+                if t is not None]
+        return sum(t.numel() * t.element_size() for t in held)
 
-    def extend(self, k_RHSd: torch.Tensor, v_RHSd: torch.Tensor,
-               slots: Slots) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None, bool]:
-        """Store S new tokens of `slots.rows`; returns the keys and values to attend over
-        [R, Hkv, L, d], the SDPA mask [R, 1, S, L] (causal, real stored keys, and each query itself)
-        and whether SDPA's causal flag applies; no mask where every stored key is real and shared by
-        all rows and the queries are all the new keys or a single one."""
-        R, _, S, _ = k_RHSd.shape
-        ok_RS, rows = slots.ok_RS, slots.rows
-        # a single row holds only real tokens once its padding slots are cut (routed: ok slots first)
-        self.dense &= ok_RS is None or (self.batch == 1 and slots.kept_R is not None)
-        if ok_RS is None:
-            ok_RS = torch.ones(R, S, dtype=torch.bool, device=k_RHSd.device)
-        self._reserve(k_RHSd, v_RHSd, self.bound + S)
-        assert self.k is not None and self.v is not None and self.ok_BC is not None and self.len_B is not None
-        ar = torch.arange(R, device=k_RHSd.device) if rows is None else rows
-        start_R = self.len_B[ar]
-        pos_RS = start_R[:, None] + torch.arange(S, device=k_RHSd.device)
-        r_RS = ar[:, None].expand(R, S)
-        self.k[r_RS, :, pos_RS] = k_RHSd.transpose(1, 2)
-        self.v[r_RS, :, pos_RS] = v_RHSd.transpose(1, 2)
-        self.ok_BC[r_RS, pos_RS] = ok_RS
-        n_R = torch.full_like(start_R, S) if slots.kept_R is None else slots.kept_R
-        L = self.bound + S
-        key_L = torch.arange(L, device=k_RHSd.device)
-        if rows is None:
-            k_all, v_all, ok_RL = self.k[:, :, :L], self.v[:, :, :L], self.ok_BC[:, :L]
-        else:
-            k_all, v_all, ok_RL = self.k[rows, :, :L], self.v[rows, :, :L], self.ok_BC[rows, :L]
-        first = self.bound == 0
-        self.len_B[ar] = start_R + n_R
-        self.bound = L
-        if self.dense and (S == 1 or first):
-            return k_all, v_all, None, first
-        ok_RL = ok_RL & (key_L < (start_R + n_R)[:, None])
-        mask = (key_L <= pos_RS[..., None]) & ok_RL[:, None, :] | (key_L == pos_RS[..., None])
-        return k_all, v_all, mask[:, None], True
+    def reorder(self, idx_B: torch.Tensor) -> None:
+        """Rows `idx_B` of the batch become its rows 0..B-1 (beam search; reads `idx_B` on the host).
+        A routed row taken twice gets a copy of its buffers (each is then extended in place)."""
+        idx = idx_B.tolist()
+        self.lens = [self.lens[i] for i in idx]
+        if self.k is not None:
+            assert self.v is not None and self.ok_BC is not None  # set together
+            at = idx_B.to(self.k.device)
+            self.k, self.v, self.ok_BC = self.k.index_select(0, at), self.v.index_select(0, at), self.ok_BC[at]
+        taken: set[int] = set()
+        row_k, row_v = [], []
+        for i in idx:
+            k, v = self.row_k[i], self.row_v[i]
+            if i in taken and k is not None and v is not None:
+                k, v = k.clone(), v.clone()
+            taken.add(i)
+            row_k.append(k)
+            row_v.append(v)
+        self.row_k, self.row_v = row_k, row_v
+        self.extra = {name: t.index_select(0, idx_B.to(t.device)) for name, t in self.extra.items()}
+
+    @classmethod
+    def _grown(cls, buf: torch.Tensor | None, like: torch.Tensor, shape: tuple[int, ...], need: int,
+               axis: int, dtype: torch.dtype | None = None) -> torch.Tensor:
+        """`buf` with at least `need` slots along `axis` (when None, a new one shaped `shape` on `like`'s
+        device, of `like`'s dtype or `dtype`), grown in `GROW`-slot steps."""
+        cap = -(-need // cls.GROW) * cls.GROW
+        if buf is None:  # keys and values keep their own dtypes (under autocast RoPE leaves keys fp32)
+            return like.new_zeros(*shape[:axis], cap, *shape[axis + 1:], dtype=dtype or like.dtype)
+        if need <= buf.shape[axis]:
+            return buf
+        pad = [0, 0] * (buf.dim() - 1 - axis) + [0, cap - buf.shape[axis]]
+        return F.pad(buf, pad)
+
+    def attend(self, q_RHSd: torch.Tensor, k_RHSd: torch.Tensor, v_RHSd: torch.Tensor,
+               slots: Slots) -> torch.Tensor:
+        """Store the S new tokens' keys and values (those `slots` keeps) and return the attention of
+        the S queries over what their row holds, causally [R, H, S, d]."""
+        if slots.counts is None:
+            return self._attend_dense(q_RHSd, k_RHSd, v_RHSd, slots.ok_RS)
+        return self._attend_routed(q_RHSd, k_RHSd, v_RHSd, slots.rows, slots.counts)
+
+    def _attend_dense(self, q_BHSd: torch.Tensor, k_BHSd: torch.Tensor, v_BHSd: torch.Tensor,
+                      ok_BS: torch.Tensor | None) -> torch.Tensor:
+        """Every row stores every column: one read of the buffers' first L slots (a view), masked where
+        some stored key is padding; no mask while every key is real and the queries are all the keys or
+        one after them."""
+        B, Hkv, S, d = k_BHSd.shape
+        past = self.lens[0]
+        L = past + S
+        self.dense &= ok_BS is None
+        self.k = k = self._grown(self.k, k_BHSd, (B, Hkv, 0, d), L, axis=2)
+        self.v = v = self._grown(self.v, v_BHSd, (B, Hkv, 0, v_BHSd.shape[-1]), L, axis=2)
+        self.ok_BC = ok = self._grown(self.ok_BC, k_BHSd, (B, 0), L, axis=1, dtype=torch.bool)
+        k[:, :, past:L], v[:, :, past:L] = k_BHSd, v_BHSd
+        ok[:, past:L] = True if ok_BS is None else ok_BS
+        self.lens = [L] * B
+        if self.dense and (S == 1 or past == 0):
+            return attend(q_BHSd, k[:, :, :L], v[:, :, :L], None, causal=past == 0)
+        key_L = torch.arange(L, device=k.device)
+        pos_S1 = torch.arange(past, L, device=k.device)[:, None]
+        # causal, real stored keys, and each query itself (a padding query has no real key)
+        mask = (key_L <= pos_S1) & ok[:, None, :L] | (key_L == pos_S1)
+        return attend(q_BHSd, k[:, :, :L], v[:, :, :L], mask[:, None])
+
+    def _attend_routed(self, q_RHSd: torch.Tensor, k_RHSd: torch.Tensor, v_RHSd: torch.Tensor,
+                       rows: list[int] | None, counts: list[int]) -> torch.Tensor:
+        """Row by row: row `rows[i]` stores its first `counts[i]` new tokens after the ones it holds,
+        and they attend over that row's tokens alone, read in place. Queries past a row's count are
+        padding: their outputs (zeros) are discarded by the caller."""
+        R, _, S, _ = q_RHSd.shape
+        _, Hkv, _, d = k_RHSd.shape
+        outs = []
+        for i, (r, n) in enumerate(zip(range(R) if rows is None else rows, counts, strict=True)):
+            if n == 0:  # nothing kept: the row's queries are all padding
+                outs.append(torch.zeros_like(q_RHSd[i:i + 1]))
+                continue
+            past = self.lens[r]
+            L = past + n
+            self.row_k[r] = k = self._grown(self.row_k[r], k_RHSd, (Hkv, 0, d), L, axis=1)
+            self.row_v[r] = v = self._grown(self.row_v[r], v_RHSd, (Hkv, 0, v_RHSd.shape[-1]), L, axis=1)
+            k[:, past:L], v[:, past:L] = k_RHSd[i, :, :n], v_RHSd[i, :, :n]
+            self.lens[r] = L
+            mask = None
+            if n > 1 and past > 0:  # causal, aligned at the end: query j is key past + j
+                mask = torch.arange(L, device=k.device) <= torch.arange(past, L, device=k.device)[:, None]
+            o = attend(q_RHSd[i:i + 1, :, :n], k[None, :, :L], v[None, :, :L], mask, causal=past == 0)
+            outs.append(F.pad(o, (0, 0, 0, S - n)))
+        return torch.cat(outs)
 
 
 class MLP(nn.Module):

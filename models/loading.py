@@ -3,8 +3,9 @@
 All three variants keep Hugging Face's parameter names, so the mapping of the spec
 (MoD layer i <- pretrained layer i; DTF pair p: decision <- layer 2p, dynamic <- layer 2p+1)
 is key identity. What the checkpoint holds must all land in the model, and what the model
-has beyond it must be exactly the fresh routing parts (routers, priors, predictors);
-anything else fails, listing the keys. No silent partial loads.
+has beyond it must be exactly the fresh routing parts (routers, priors, predictors) when
+transferring from a dense (standard/Qwen2) checkpoint, and nothing when loading a saved model
+of the model's own variant; anything else fails, listing the keys. No silent partial loads.
 """
 
 from __future__ import annotations
@@ -24,7 +25,8 @@ if TYPE_CHECKING:
 
 _ModelT = TypeVar("_ModelT", bound="PreTrainedModel")
 
-# Parameters a pretrained Qwen2 cannot have: they start fresh.
+# Parameters a pretrained Qwen2 cannot have: they start fresh in a transfer from a dense checkpoint
+# (and only then: a saved MoD/DTF checkpoint without them is damaged).
 FRESH_KEY = re.compile(r"^model\.layers\.\d+\.(router|predictor|prior|prior_norm)\.")
 # Buffers some checkpoints carry that are recomputed, not loaded.
 IGNORED_KEY = re.compile(r"(^|\.)rotary_emb\.inv_freq$")
@@ -105,8 +107,10 @@ def read_state_dict(path: Path) -> dict[str, torch.Tensor]:
     raise ValueError(f"{path}: no weights found, expected one of {WEIGHT_FILES}")
 
 
-def load_into(model: PreTrainedModel, state: dict[str, torch.Tensor], source: str) -> None:
-    """Copy `state` into `model` by key, accounting for every key on both sides."""
+def load_into(model: PreTrainedModel, state: dict[str, torch.Tensor], source: str, transfer: bool) -> None:
+    """Copy `state` into `model` by key, accounting for every key on both sides. `transfer`: the
+    checkpoint is a dense (standard/Qwen2) one, so the model's routing parts (`FRESH_KEY`) start
+    fresh; otherwise it is a saved model of the same variant and must hold every one of them."""
     own = model.state_dict()
     tied = bool(getattr(model.config, "tie_word_embeddings", False))
     head, embed = state.get("lm_head.weight"), state.get("model.embed_tokens.weight")
@@ -126,7 +130,8 @@ def load_into(model: PreTrainedModel, state: dict[str, torch.Tensor], source: st
             mismatched.append(f"{key}: checkpoint {tuple(tensor.shape)} vs model {tuple(own[key].shape)}")
         else:
             loaded.add(key)
-    missing = [k for k in own if k not in loaded and not FRESH_KEY.search(k) and not STATE_KEY.search(k)
+    missing = [k for k in own if k not in loaded and not (transfer and FRESH_KEY.search(k))
+               and not STATE_KEY.search(k)
                and not (tied and k == "lm_head.weight" and "model.embed_tokens.weight" in loaded)]
     problems = []
     if mismatched:
@@ -134,7 +139,10 @@ def load_into(model: PreTrainedModel, state: dict[str, torch.Tensor], source: st
     if unexpected:
         problems.append(f"checkpoint tensors with no place in the model: {unexpected}")
     if missing:
-        problems.append(f"model tensors the checkpoint lacks: {missing}")
+        routing = [k for k in missing if FRESH_KEY.search(k)]
+        why = (f" (a saved {model.config.model_type!r} checkpoint holds its routing parts: only a transfer "
+               f"from a dense checkpoint starts them fresh; missing {routing})") if routing else ""
+        problems.append(f"model tensors the checkpoint lacks: {missing}{why}")
     if problems:
         raise ValueError(f"cannot load {source}: " + "; ".join(problems))
     with torch.no_grad():
@@ -170,10 +178,11 @@ def build_pretrained(model_cls: type[_ModelT], variant: str, pretrained: str | o
     routing settings) comes from the checkpoint and whose weights are loaded from it."""
     path = resolve_checkpoint(pretrained)
     check_override_keys(variant, overrides)
+    transfer = CHECKPOINT_VARIANTS[read_config(path)["model_type"]] == "standard"  # else `variant` itself
     model = model_cls(checkpoint_config(variant, path, overrides))
     state = read_state_dict(path)
     if overrides.get("tie_word_embeddings") is False and "lm_head.weight" not in state:  # untied from a tied one
         state = {**state, "lm_head.weight": state["model.embed_tokens.weight"].clone()}
-    load_into(model, state, str(path))
+    load_into(model, state, str(path), transfer=transfer)
     model.config.name_or_path = str(pretrained)
     return model

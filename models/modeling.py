@@ -83,14 +83,25 @@ class DTLabCache:
         return self.seen
 
     def reorder_cache(self, beam_idx: torch.LongTensor) -> None:
-        """Beam search: keep, for each row, the cache of the beam it continues."""
+        """Beam search: keep, for each row, the cache of the beam it continues (every per-row count too)."""
         for store in self.layers:
-            store.reorder(beam_idx.to(store.len_B.device) if store.len_B is not None else beam_idx)
+            store.reorder(beam_idx)
+        if self.real_B is not None:  # the next position of each row: it moves with its row
+            self.real_B = self.real_B.index_select(0, beam_idx.to(self.real_B.device))
 
     def stored(self, layer: int) -> torch.Tensor:
-        """[B] tokens layer `layer` holds per row (for a routed block: those it processed)."""
-        store = self.layers[layer]
-        return torch.zeros(self.batch, dtype=torch.long) if store.len_B is None else store.len_B
+        """[B] tokens layer `layer` holds per row (for a routed block: those it processed), on the CPU:
+        the logical size of its cache."""
+        return torch.tensor(self.layers[layer].lens, dtype=torch.long)
+
+    def slots(self, layer: int) -> torch.Tensor:
+        """[B] physical slots of layer `layer`'s buffers per row (at least the row's `stored` count)."""
+        return torch.tensor(self.layers[layer].slots(), dtype=torch.long)
+
+    def nbytes(self, layer: int | None = None) -> int:
+        """Bytes the cache holds, of one layer or of all: its physical size."""
+        stores = self.layers if layer is None else [self.layers[layer]]
+        return sum(store.nbytes() for store in stores)
 
 
 @dataclass

@@ -171,13 +171,15 @@ def causal_update(
     counts = n_B.tolist()
     if max(counts) == 0:
         return x_BTD
-    rows = None if min(counts) > 0 else torch.tensor([b for b, n in enumerate(counts) if n > 0], device=x_BTD.device)
+    row_ids = None if min(counts) > 0 else [b for b, n in enumerate(counts) if n > 0]
+    rows = None if row_ids is None else torch.tensor(row_ids, device=x_BTD.device)
+    counts_R = [n for n in counts if n > 0]  # host counts of these R rows: the store sizes its reads by them
     if all(c in (0, T) for c in counts):  # rows take all their tokens or none (every decode step): no gather
         out_RTD = _whole_rows_update(layer, _rows(x_BTD, rows), _rows(gate_BT, rows), _rope_rows(ctx.rope, rows),
-                                     store, rows)
+                                     store, row_ids)
     else:
         out_RTD = _gathered_update(layer, _rows(x_BTD, rows), _rows(gate_BT, rows), _rows(sel_BT, rows),
-                                   _rows(n_B, rows), max(counts), _rope_rows(ctx.rope, rows), store, rows)
+                                   _rows(n_B, rows), counts_R, _rope_rows(ctx.rope, rows), store, row_ids)
     return out_RTD if rows is None else x_BTD.index_copy(0, rows, out_RTD)
 
 
@@ -191,10 +193,12 @@ def _rope_rows(rope: Rope, rows: torch.Tensor | None) -> Rope:
 
 
 def _gathered_update(layer: DecoderBlock, x_RTD: torch.Tensor, gate_RT: torch.Tensor, sel_RT: torch.Tensor,
-                     n_R: torch.Tensor, N: int, rope: Rope,
-                     store: KVStore | None, rows: torch.Tensor | None) -> torch.Tensor:
-    """`causal_update` of rows that select some of their tokens: gathered in order into [R, N, D]."""
+                     n_R: torch.Tensor, counts_R: list[int], rope: Rope,
+                     store: KVStore | None, rows: list[int] | None) -> torch.Tensor:
+    """`causal_update` of rows that select some of their tokens: gathered in order into [R, N, D]
+    (`n_R` the counts, `counts_R` the same on the host, N their largest)."""
     R, _, D = x_RTD.shape
+    N = max(counts_R)
     # selected positions first, in their original order (a stable sort of "not selected")
     idx = torch.sort((~sel_RT).to(torch.uint8), dim=1, stable=True).indices[:, :N]
     ok_RN = torch.arange(N, device=x_RTD.device) < n_R[:, None]
@@ -203,21 +207,20 @@ def _gathered_update(layer: DecoderBlock, x_RTD: torch.Tensor, gate_RT: torch.Te
     if store is None:
         y_RND = layer.block(x_RND, rope.gather(idx), sdpa_mask(ok_RN, N, x_RTD.device))
     else:
-        y_RND = layer.block(x_RND, rope.gather(idx), None, store, Slots(ok_RN, rows, n_R))
+        y_RND = layer.block(x_RND, rope.gather(idx), None, store, Slots(None, rows, counts_R))
     g_RN1 = gate_RT.gather(1, idx)[..., None]
     new_RND = torch.where(ok_RN[..., None], x_RND + (g_RN1 * (y_RND - x_RND)).to(x_RTD.dtype), x_RND)
     return x_RTD.scatter(1, idx_RND, new_RND)
 
 
 def _whole_rows_update(layer: DecoderBlock, x_RTD: torch.Tensor, g_RT: torch.Tensor, rope: Rope,
-                       store: KVStore | None, rows: torch.Tensor | None) -> torch.Tensor:
+                       store: KVStore | None, rows: list[int] | None) -> torch.Tensor:
     """`causal_update` of rows that each selected every one of their T tokens: no gather."""
     R, T = g_RT.shape
     if store is None:
         y = layer.block(x_RTD, rope, None)
     else:
-        ok_RT = torch.ones(R, T, dtype=torch.bool, device=x_RTD.device)
-        y = layer.block(x_RTD, rope, None, store, Slots(ok_RT, rows, torch.full((R,), T, device=x_RTD.device)))
+        y = layer.block(x_RTD, rope, None, store, Slots(None, rows, [T] * R))
     return x_RTD + (g_RT[..., None] * (y - x_RTD)).to(x_RTD.dtype)
 
 

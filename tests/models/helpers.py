@@ -38,7 +38,11 @@ def tokens(B: int, T: int, vocab: int = 97, seed: int = 0) -> torch.Tensor:
 
 
 def routed_layers(model):
-    return [i for i, kind in enumerate(model.config.layer_kinds) if kind in ("mod", "dtf_dynamic")]
+    """The routed layers of a routed model; refuses a model with none, so that a loop over them can
+    never pass by checking nothing."""
+    found = [i for i, kind in enumerate(model.config.layer_kinds) if kind in ("mod", "dtf_dynamic")]
+    assert found, f"no routed layer in {model.config.layer_kinds}: routed_layers of a dense model checks nothing"
+    return found
 
 
 def max_diff(a: torch.Tensor, b: torch.Tensor) -> str:

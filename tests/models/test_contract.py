@@ -1,6 +1,7 @@
 """The correctness contract of architectures.md section 5, item by item, for every variant."""
 
 import copy
+import math
 
 import pytest
 import torch
@@ -17,7 +18,15 @@ from dtlab.models.routing import (
     routed_update,
     topk_sorted,
 )
-from tests.models.helpers import VARIANT_MODES, VARIANTS, build, max_diff, routed_layers, tokens
+from tests.models.helpers import (
+    VARIANT_MODES,
+    VARIANTS,
+    build,
+    calibrate_dtf_threshold,
+    max_diff,
+    routed_layers,
+    tokens,
+)
 
 
 # ---- 2. Causality -------------------------------------------------------------------------
@@ -38,7 +47,7 @@ def test_causality(variant, mode, padded):
         a, b = model(x, attention_mask=mask), model(y, attention_mask=mask)
     assert torch.allclose(a.logits[:, : t + 1], b.logits[:, : t + 1], atol=1e-6, rtol=0), max_diff(
         a.logits[:, : t + 1], b.logits[:, : t + 1])
-    for i in routed_layers(model):  # the routing really decided something
+    for i in routed_layers(model) if variant != "standard" else ():  # the routing really decided something
         frac = a.routing_stats[i]["selected_frac"].item()
         assert 0.0 < frac < 1.0, f"layer {i}: causal routing selected fraction {frac}"
 
@@ -68,7 +77,7 @@ def test_causality_in_training_mode(variant):
     a, b = copy.deepcopy(model)(x), copy.deepcopy(model)(y)
     assert torch.allclose(a.logits[:, : t + 1], b.logits[:, : t + 1], atol=1e-6, rtol=0), max_diff(
         a.logits[:, : t + 1], b.logits[:, : t + 1])
-    for i in routed_layers(model):
+    for i in routed_layers(model) if variant != "standard" else ():
         assert 0.0 < a.routing_stats[i]["selected_frac"].item() < 1.0
 
 
@@ -87,8 +96,11 @@ def test_no_cross_sample_leakage(variant, mode, padded, training):
         mask = torch.ones(B, T, dtype=torch.long)
         mask[0, :6] = 0
         mask[2, 20:] = 0
-    with torch.no_grad():  # each pass from the same state (training moves DTF's threshold)
+    # each pass from the same state (training moves DTF's threshold); with gradients in training, so that
+    # causal routing runs its static masked form, the one training uses
+    with torch.set_grad_enabled(training):
         a, b = copy.deepcopy(model)(x, attention_mask=mask), copy.deepcopy(model)(y, attention_mask=mask)
+    assert a.logits.requires_grad == training
     assert not torch.allclose(a.logits[2], b.logits[2])
     assert torch.allclose(a.logits[:2], b.logits[:2], atol=1e-6, rtol=0), max_diff(a.logits[:2], b.logits[:2])
 
@@ -314,32 +326,84 @@ def test_compiles_fullgraph(variant, mode):
     mask = torch.ones(2, 24, dtype=torch.long)
     mask[0, :3] = 0
     for attention_mask, logits in ((None, True), (mask, False)):
+        eager = copy.deepcopy(model)  # the same state: a training pass moves DTF's threshold
+        model.zero_grad()
         out = compiled(x, attention_mask=attention_mask, labels=x, return_logits=logits)
         out.loss.backward()
-        ref = model(x, attention_mask=attention_mask, labels=x, return_logits=logits)
-        assert torch.allclose(out.loss, ref.loss, atol=1e-5)
+        ref = eager(x, attention_mask=attention_mask, labels=x, return_logits=logits)
+        ref.loss.backward()
+        assert torch.allclose(out.loss, ref.loss, atol=1e-6), (out.loss.item(), ref.loss.item())
+        for i in out.routing_masks:
+            assert torch.equal(out.routing_masks[i], ref.routing_masks[i]), f"layer {i} routed differently"
+        grads = dict(eager.named_parameters())
+        for name, p in model.named_parameters():
+            want = grads[name].grad
+            assert (p.grad is None) == (want is None), name
+            if want is not None:
+                assert torch.allclose(p.grad, want, atol=1e-6), f"{name}: {max_diff(p.grad, want)}"
+        for key, value in eager.state_dict().items():  # buffers too: the threshold moved the same way
+            assert torch.allclose(model.state_dict()[key], value, atol=1e-6), key
         for stats in out.routing_stats.values():
             assert all(not v.requires_grad for v in stats.values()), "routing stats must leave detached"
 
 
-def test_routing_mode_changes_on_a_built_model():
-    model = build("mod", "topk")
+@pytest.mark.parametrize("variant", ["mod", "dtf"])
+def test_routing_mode_changes_on_a_built_model(variant):
+    """Setting `routing_mode` on a built model switches what its routed blocks process: top-k, k per row;
+    causal, the rule computed here independently of the routing code: MoD `w . x > 0` on the layer's
+    input, DTF `G >= threshold` on the router's gate."""
+    model = build(variant, "topk")
+    if variant == "dtf":
+        calibrate_dtf_threshold(model)
     x = tokens(2, 32)
+    seen = {}
+    hooks = []
+    for i in routed_layers(model):
+        layer = model.model.layers[i]
+        if variant == "mod":
+            hooks.append(layer.register_forward_hook(
+                lambda m, args, out, i=i: seen.__setitem__(i, args[0].double() @ m.router.weight.double()[0] > 0)))
+        else:
+            hooks.append(layer.router.register_forward_hook(
+                lambda m, args, out, i=i: seen.__setitem__(i, out["gate"] >= m.threshold)))
     with torch.no_grad():
         topk = model(x)
         model.config.routing_mode = "causal"
         causal = model(x)
-    assert torch.equal(topk.routing_masks[1].sum(1), torch.tensor([16, 16]))
-    assert torch.allclose(causal.routing_stats[1]["selected_frac"], causal.routing_stats[1]["causal_frac"])
-    assert not torch.equal(causal.routing_masks[1], topk.routing_masks[1])
+    for h in hooks:
+        h.remove()
+    for i in routed_layers(model):
+        assert torch.equal(topk.routing_masks[i].sum(1), torch.tensor([16, 16]))
+        assert torch.equal(causal.routing_masks[i], seen[i]), f"layer {i}: causal mask is not the causal rule"
+        assert not torch.equal(causal.routing_masks[i], topk.routing_masks[i])
+        assert 0 < seen[i].sum() < seen[i].numel()  # precondition: the rule selects some, not all
 
 
 def test_dtf_threshold_tracks_the_capacity_quantile():
-    model = build("dtf", dtf_capacity=0.25).train()
+    """At momentum 0 the threshold after a training pass is the documented estimate of that batch: the
+    mean over rows of each row's k-th largest gate (k = 16 of 64, c = 0.25); at the default momentum an
+    update moves it 1% of the way there; and causal routing then selects about c."""
+    model = build("dtf", dtf_capacity=0.25, dtf_threshold_momentum=0.0).train()
     g = torch.Generator().manual_seed(3)
+    gates = {}
+    hooks = [model.model.layers[i].router.register_forward_hook(
+        lambda m, args, out, i=i: gates.__setitem__(i, out["gate"])) for i in routed_layers(model)]
     with torch.no_grad():
-        for _ in range(200):
+        for _ in range(3):
             model(torch.randint(0, 97, (8, 64), generator=g))
+            for i in routed_layers(model):
+                want = gates[i].topk(16, dim=1).values[:, -1].mean()
+                got = model.model.layers[i].router.threshold
+                assert got.item() == pytest.approx(want.item(), abs=1e-6), (i, got.item(), want.item())
+        model.config.dtf_threshold_momentum = 0.99
+        before = {i: model.model.layers[i].router.threshold.item() for i in routed_layers(model)}
+        model(torch.randint(0, 97, (8, 64), generator=g))
+        for i in routed_layers(model):
+            q = gates[i].topk(16, dim=1).values[:, -1].mean().item()
+            got = model.model.layers[i].router.threshold.item()
+            assert got == pytest.approx(0.99 * before[i] + 0.01 * q, abs=1e-6), (i, got, before[i], q)
+        for h in hooks:
+            h.remove()
         model.eval()
         model.config.routing_mode = "causal"
         stats = model(torch.randint(0, 97, (8, 64), generator=g)).routing_stats
@@ -348,22 +412,23 @@ def test_dtf_threshold_tracks_the_capacity_quantile():
         assert 0.1 < frac < 0.45, f"layer {i}: causal routing realised capacity {frac:.3f}, target 0.25"
 
 
-@pytest.mark.parametrize("schedule,mid", [("linear", 50.05), ("cosine", 50.05)])
-def test_dtf_beta_schedule_moves_the_temperature_itself(schedule, mid):
+# progress at step 25 of 100: linear 0.25; cosine 0.5 * (1 - cos(pi / 4)) = 0.1464 (they agree at 0, 50, 100)
+@pytest.mark.parametrize("schedule,quarter", [("linear", 0.25), ("cosine", 0.5 * (1 - math.cos(math.pi / 4)))])
+def test_dtf_beta_schedule_moves_the_temperature_itself(schedule, quarter):
     """A 0.1 -> 100 schedule runs the temperature (the factor of CE) from 0.1 to 100, not
-    softplus of it (0.744 -> 100)."""
+    softplus of it (0.744 -> 100), along the schedule's own curve (step 25 tells the two apart)."""
     model = build("dtf", beta_mode="schedule", beta_schedule=schedule, beta_ce_start=0.1, beta_ce_end=100.0,
                   beta_cu_start=2.0, beta_cu_end=1.0, beta_schedule_steps=100)
     assert not any("beta" in n for n, _ in model.named_parameters())
     x = tokens(1, 16)
     seen = []
-    for step in (0, 50, 100, 500):
+    for step in (0, 25, 50, 100, 500):
         model.set_schedule_step(step)
         with torch.no_grad():
             stats = model(x).routing_stats[1]
         seen.append((stats["temp_ce"].item(), stats["temp_cu"].item()))
-    assert [t for t, _ in seen] == pytest.approx([0.1, mid, 100.0, 100.0], rel=1e-5)
-    assert [t for _, t in seen] == pytest.approx([2.0, 1.5, 1.0, 1.0], rel=1e-5)
+    assert [t for t, _ in seen] == pytest.approx([0.1, 0.1 + 99.9 * quarter, 50.05, 100.0, 100.0], rel=1e-5)
+    assert [t for _, t in seen] == pytest.approx([2.0, 2.0 - quarter, 1.5, 1.0, 1.0], rel=1e-5)
     # and S_CE is the sigmoid of that temperature times CE
     router, ctx = model.model.layers[1].router, _ctx(model, 8)
     h, h_post, h_prior = torch.randn(3, 2, 8, model.config.hidden_size)
@@ -461,3 +526,51 @@ def test_dtf_threshold_is_averaged_across_ddp_ranks(tmp_path):
     assert model0.item() == pytest.approx(model1.item(), abs=1e-7)
     assert model0.item() == pytest.approx(want.item(), abs=1e-6)
     assert crafted0.item() == pytest.approx(0.6) and crafted1.item() == pytest.approx(0.6)  # not 0.3 and 0.9
+
+
+# ---- masked grouped-query attention: the cheaper of folding and repeating ------------------
+def _saved_bytes(fn):
+    """Bytes of the distinct storages autograd saves for backward while `fn()` runs, and its result."""
+    storages = {}
+
+    def pack(t):
+        storages[t.untyped_storage().data_ptr()] = t.untyped_storage().nbytes()
+        return t
+
+    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+        out = fn()
+    return sum(storages.values()), out
+
+
+def _folded(q, k, v, mask):
+    """The folded form: G query heads per KV head in the query axis, the mask repeated G times."""
+    B, H, S, d = q.shape
+    Hkv, L = k.shape[1], k.shape[2]
+    G = H // Hkv
+    m = mask.expand(B, 1, S, L)[:, :, None].expand(B, 1, G, S, L).reshape(B, 1, G * S, L)
+    return F.scaled_dot_product_attention(q.reshape(B, Hkv, G * S, d), k, v, attn_mask=m).reshape(B, H, S, d)
+
+
+@pytest.mark.parametrize("S,form", [(16, "fold"), (256, "repeat")])  # 2 * Hkv * d = 64 decides
+def test_masked_gqa_attention_takes_the_cheaper_form(S, form):
+    """`attend` with a mask and grouped KV heads equals attention with repeated keys and values (outputs
+    and gradients), and saves no more for backward than the cheaper of folding and repeating: at S = 256
+    folding's [B, 1, G*S, L] mask is 4x the repeated keys and values, and it used to be taken always."""
+    from dtlab.models.layers import attend, gqa_with_mask, sdpa_mask
+
+    g = torch.Generator().manual_seed(0)
+    B, H, Hkv, d = 2, 8, 2, 16
+    q, k, v = (torch.randn(B, h, S, d, generator=g, requires_grad=True) for h in (H, Hkv, Hkv))
+    mask = sdpa_mask(torch.rand(B, S, generator=g) > 0.3, S, q.device)
+    assert gqa_with_mask(q, k, v) == form
+    got_bytes, got = _saved_bytes(lambda: attend(q, k, v, mask))
+    rep_bytes, want = _saved_bytes(lambda: F.scaled_dot_product_attention(
+        q, k.repeat_interleave(H // Hkv, 1), v.repeat_interleave(H // Hkv, 1), attn_mask=mask))
+    fold_bytes, folded = _saved_bytes(lambda: _folded(q, k, v, mask))
+    assert torch.allclose(got, want, atol=1e-5) and torch.allclose(folded, want, atol=1e-5), max_diff(got, want)
+    grads = torch.autograd.grad(got.square().sum(), (q, k, v))
+    for a, b in zip(grads, torch.autograd.grad(want.square().sum(), (q, k, v)), strict=True):
+        assert torch.allclose(a, b, atol=1e-4), max_diff(a, b)
+    assert got_bytes == min(rep_bytes, fold_bytes), (got_bytes, rep_bytes, fold_bytes)
+    if form == "repeat":  # precondition: here folding costs more
+        assert fold_bytes > 1.3 * rep_bytes, (fold_bytes, rep_bytes)

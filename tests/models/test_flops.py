@@ -58,3 +58,55 @@ def test_param_count_matches_debug_models(variant, overrides):
     cfg = models.make_config(variant, "debug", **overrides)
     assert models.param_count(cfg) == sum(p.numel() for p in models.VARIANTS[variant](cfg).parameters())
 
+
+
+def _counted_forward_per_token(model, x, grad: bool) -> float:
+    """Matmul FLOPs of one forward per token, counted by torch (attention in SDPA's math kernel, which
+    computes the full [S, S] scores of a causal block: the masked half too)."""
+    from torch.nn.attention import SDPBackend, sdpa_kernel
+    from torch.utils.flop_counter import FlopCounterMode
+
+    with torch.set_grad_enabled(grad), sdpa_kernel(SDPBackend.MATH), FlopCounterMode(display=False) as counter:
+        model(x)
+    return counter.get_total_flops() / x.numel()
+
+
+def _uncounted(cfg, S_by_layer: dict[int, int], T: int) -> float:
+    """What `forward_flops_per_token` counts and FlopCounterMode does not (DTF's elementwise surprise
+    reductions), minus what the math kernel computes beyond it (the masked half of causal scores)."""
+    D = cfg.hidden_size
+    extra = sum(2 * 3 * D for kind in cfg.layer_kinds if kind == "dtf_dynamic")
+    masked = sum((S / T) * 2 * D * (S - 1) for S in S_by_layer.values())
+    return extra - masked
+
+
+@pytest.mark.parametrize("variant", ["mod", "dtf"])
+def test_routed_flops_agree_with_counted_flops_at_capacity_a_quarter(variant):
+    """`flops_per_token` of a routed debug model at c = 0.25 is what torch counts for it: top-k routing
+    runs each routed block on the k = 16 gathered tokens of 64 (and the LM head, routers and priors)."""
+    cfg = models.make_config(variant, "debug", **{f"{variant}_capacity": 0.25})
+    model = models.VARIANTS[variant](cfg).eval()
+    T = 64
+    x = torch.randint(0, cfg.vocab_size, (2, T), generator=torch.Generator().manual_seed(0))
+    counted = _counted_forward_per_token(model, x, grad=False)
+    S = {i: (16 if kind in ("mod", "dtf_dynamic") else T) for i, kind in enumerate(cfg.layer_kinds)}
+    assert counted == pytest.approx(forward_flops_per_token(cfg, T) - _uncounted(cfg, S, T), rel=1e-9)
+    assert models.flops_per_token(cfg, T) == 3 * forward_flops_per_token(cfg, T)
+    # precondition: a count at capacity 1 would differ
+    full = models.make_config(variant, "debug", **{f"{variant}_capacity": 1.0})
+    assert abs(forward_flops_per_token(full, T) - forward_flops_per_token(cfg, T)) > 0.1 * counted
+
+
+@pytest.mark.parametrize("variant", ["mod", "dtf"])
+def test_causal_mode_training_counts_what_it_computes(variant):
+    """Training in `causal` routing runs routed blocks in their static masked form, every token: the
+    FLOPs recorded for it are those (not k tokens' worth, which it does not save)."""
+    cfg = models.make_config(variant, "debug", routing_mode="causal", **{f"{variant}_capacity": 0.25})
+    model = models.VARIANTS[variant](cfg).train()
+    T = 64
+    x = torch.randint(0, cfg.vocab_size, (2, T), generator=torch.Generator().manual_seed(0))
+    counted = _counted_forward_per_token(model, x, grad=True)
+    S = dict.fromkeys(range(cfg.num_hidden_layers), T)
+    assert counted == pytest.approx(forward_flops_per_token(cfg, T) - _uncounted(cfg, S, T), rel=1e-9)
+    topk = models.make_config(variant, "debug", **{f"{variant}_capacity": 0.25})
+    assert models.flops_per_token(cfg, T) > 1.2 * models.flops_per_token(topk, T)

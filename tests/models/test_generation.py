@@ -49,12 +49,13 @@ def test_cached_greedy_decoding_matches_full_causal_forwards(variant, lengths):
         assert torch.allclose(step_logits, ref, atol=1e-4), f"step {step}: {(step_logits - ref).abs().max():.2e}"
     # A routed block's cache holds exactly the tokens it processed, row by row.
     masks = full_forward(model, seq, am).routing_masks
-    for i in routed_layers(model):
+    routed = routed_layers(model) if variant != "standard" else []
+    for i in routed:
         processed = masks[i].sum(1)
         assert torch.equal(cache.stored(i), processed), (i, cache.stored(i), processed)
         real = am.sum(1)
         assert (processed < real).any() and (processed > 0).any(), "precondition: routing skipped some tokens"
-    for i in set(range(model.config.num_hidden_layers)) - set(routed_layers(model)):
+    for i in set(range(model.config.num_hidden_layers)) - set(routed):
         assert torch.equal(cache.stored(i), torch.full((len(lengths),), seq.shape[1])), i  # dense: every column
 
 
@@ -236,3 +237,91 @@ def test_beam_search_with_the_cache_equals_beam_search_without(variant):
     cached = model.generate(ids, use_cache=True, **kw)
     recomputed = model.generate(ids, use_cache=False, **kw)
     assert torch.equal(cached, recomputed)
+
+
+@pytest.mark.parametrize("variant", VARIANTS)
+def test_reordered_cache_continues_each_row_at_its_own_position(variant):
+    """`reorder_cache` (beam search) moves every per-row count with the rows, `real_B` included: a step
+    without attention_mask after a reorder continues each row from its own real tokens."""
+    model = build(variant, "causal")
+    ids, mask = left_padded([9, 5, 2])
+    idx = torch.tensor([2, 0, 0])  # rows swap and repeat, as beams do (then differ: each extends its own copy)
+    fed = tokens(3, 6, seed=4).clamp_min(1)
+    with torch.no_grad(), model.routing("causal"):
+        cache = model(ids, attention_mask=mask, use_cache=True).cache
+        cache.reorder_cache(idx)
+        assert torch.equal(cache.real_B, mask.sum(1)[idx])
+        got = [model(fed[:, t:t + 1], cache=cache).logits[:, -1] for t in range(fed.shape[1])]
+    for t, logits in enumerate(got):
+        ref = full_forward(model, torch.cat([ids[idx], fed[:, :t + 1]], 1),
+                           torch.cat([mask[idx], torch.ones_like(fed[:, :t + 1])], 1)).logits[:, -1]
+        assert torch.allclose(logits, ref, atol=1e-4), (t, (logits - ref).abs().amax(-1))
+
+
+@pytest.mark.parametrize("variant", ["mod", "dtf"])
+def test_a_routed_cache_at_batch_8_grows_with_its_rows_not_the_batch(variant, monkeypatch):
+    """At B = 8 each row of a routed block attends over the key slots of its own stored tokens (the
+    slots read for a decode step are exactly the selecting rows' counts), each row's buffers hold fewer
+    than its count plus `KVStore.GROW` slots, and the block's bytes are those of its tokens, not of a
+    dense layer's. (Its length bound used to grow by the whole chunk on every call: each routed query
+    read every step's slots and the buffers grew like a dense layer's.)"""
+    from dtlab.models import layers as layers_mod
+
+    model = build(variant, "causal", **({"mod_use_predictor": True} if variant == "mod" else {}))
+    ids, mask = left_padded([12, 9, 12, 5, 12, 7, 12, 3], seed=1)
+    routed = routed_layers(model)
+    fed = tokens(8, 40, seed=2)  # the decode steps feed these columns (greedy text repeats itself)
+    seq, am = torch.cat([ids, fed], 1), torch.cat([mask, torch.ones_like(fed)], 1)
+    _route_a_fraction(model, seq, am, 0.2)
+    current, read = [None], {i: 0 for i in routed}  # key slots read per routed layer in one step
+    for i in routed:
+        model.model.layers[i].self_attn.register_forward_pre_hook(lambda m, a, i=i: current.__setitem__(0, i))
+    for i in set(range(len(model.model.layers))) - set(routed):
+        model.model.layers[i].self_attn.register_forward_pre_hook(lambda m, a: current.__setitem__(0, None))
+    real_attend = layers_mod.attend
+
+    def counting_attend(q, k, v, mask, causal=True):
+        if current[0] is not None:
+            read[current[0]] += k.shape[0] * k.shape[2]
+        return real_attend(q, k, v, mask, causal)
+
+    monkeypatch.setattr(layers_mod, "attend", counting_attend)
+    P = ids.shape[1]
+    with torch.no_grad(), model.routing("causal"):
+        out = model(ids, attention_mask=mask, use_cache=True)
+        cache = out.cache
+        for t in range(P, seq.shape[1]):
+            before = {i: cache.stored(i).clone() for i in routed}
+            read.update({i: 0 for i in routed})
+            out = model(seq[:, t:t + 1], attention_mask=am[:, :t + 1], cache=cache)
+            for i in routed:
+                stored = cache.stored(i)
+                selecting = stored > before[i]
+                assert read[i] == int(stored[selecting].sum()), (i, read[i], stored.tolist(), selecting.tolist())
+                assert (cache.slots(i) < stored + cache.layers[i].GROW).all(), (i, cache.slots(i), stored)
+    ref = full_forward(model, seq, am)
+    assert torch.allclose(out.logits[:, -1], ref.logits[:, -1], atol=1e-4)
+    for i in routed:  # precondition: rows differ, and a routed layer holds far fewer than the columns
+        assert torch.equal(cache.stored(i), ref.routing_masks[i].sum(1))
+        stored = cache.stored(i)
+        assert stored.min() < stored.max() and stored.max() + cache.layers[i].GROW < seq.shape[1], stored
+        assert cache.nbytes(i) < cache.nbytes(0) * (stored.sum() + 8 * cache.layers[i].GROW) / (8 * seq.shape[1])
+
+
+def _route_a_fraction(model, seq: torch.Tensor, am: torch.Tensor, frac: float) -> None:
+    """Set the causal rule of each routed layer (DTF's threshold, MoD's predictor bias) so that it
+    selects about `frac` of the tokens of `seq`, layer by layer (a layer's input depends on those before)."""
+    for i in routed_layers(model):
+        layer = model.model.layers[i]
+        module = layer.router if hasattr(layer.router, "threshold") else layer.predictor
+        got: list[torch.Tensor] = []
+        hook = module.register_forward_hook(
+            lambda m, a, out, got=got: got.append(out["gate"] if isinstance(out, dict) else out))
+        full_forward(model, seq, am)
+        hook.remove()
+        cut = float(torch.quantile(got[0][am.bool()].float(), 1 - frac))
+        with torch.no_grad():
+            if module is layer.router:
+                module.threshold.fill_(cut)
+            else:
+                module.fc2.bias.sub_(cut)

@@ -22,7 +22,7 @@ def test_bf16_train_step_without_host_sync(variant, mode):
     finally:
         torch.cuda.set_sync_debug_mode("default")
     assert torch.isfinite(out.loss).item()
-    for i in routed_layers(model):
+    for i in routed_layers(model) if variant != "standard" else ():
         if mode == "topk":
             assert (out.routing_masks[i].sum(1) == 32).all()
 

@@ -1,6 +1,8 @@
 """Contract item 1: Standard is Qwen2; Qwen2 checkpoints load into every variant, every key accounted for."""
 
+import copy
 import json
+import re
 
 import pytest
 import torch
@@ -246,3 +248,105 @@ def test_dtf_checkpoints_saved_before_scheduled_temperatures(tmp_path):
     (tmp_path / "config.json").write_text(json.dumps(cfg))
     with pytest.raises(ValueError, match=r"saved before dtlab scheduled the temperatures themselves"):
         AutoModelForCausalLM.from_pretrained(tmp_path)
+
+
+@pytest.mark.parametrize("variant,key", [("dtf", "model.layers.1.router.m_cu"),
+                                         ("dtf", "model.layers.2.prior.up_proj.weight"),
+                                         ("mod", "model.layers.3.router.weight"),
+                                         ("mod", "model.layers.1.predictor.fc2.bias")])
+def test_saved_routed_checkpoint_missing_a_routing_tensor_is_refused(tmp_path, variant, key):
+    """Routing parts may start fresh only in a transfer from a dense checkpoint: a saved MoD/DTF checkpoint
+    of the same variant that lacks one is damaged and refused, naming the key (it used to load with a fresh
+    router). The same tensors missing from a dense checkpoint are the transfer's fresh parts."""
+    torch.manual_seed(0)
+    overrides = {"mod_use_predictor": True} if variant == "mod" else {}
+    models.build_model(variant, **overrides).save_pretrained(tmp_path / "saved")
+    intact = models.build_model(variant, pretrained=tmp_path / "saved")  # the intact one loads
+
+    def drop(state, cfg):
+        del state[key]
+        return state, cfg
+
+    bad = _copy_checkpoint(tmp_path / "saved", tmp_path / "bad", drop)
+    with pytest.raises(ValueError, match=rf"lacks: \['{re.escape(key)}'\].*saved 'dtlab_{variant}' checkpoint"):
+        models.build_model(variant, pretrained=bad)
+    models.build_model("standard").save_pretrained(tmp_path / "dense")
+    transferred = models.build_model(variant, pretrained=tmp_path / "dense", **overrides)
+    assert key in transferred.state_dict() and key in intact.state_dict()
+
+
+def _trained_dtf_with_bf16_weights():
+    """A DTF whose causal thresholds were trained (30 training passes) and whose parameters are all
+    bf16 numbers, so that a bf16 round trip changes nothing but what it must not change."""
+    from tests.models.helpers import build
+
+    model = build("dtf", "causal", dtf_capacity=0.25).train()
+    with torch.no_grad():
+        for p in model.parameters():
+            p.copy_(p.bfloat16().float())
+        g = torch.Generator().manual_seed(3)
+        for _ in range(30):
+            model(torch.randint(0, 97, (8, 64), generator=g))
+    return model.eval()
+
+
+def _routing(model, x):
+    from tests.models.helpers import routed_layers
+
+    with torch.no_grad():
+        out = model(x)
+    return {i: (out.routing_masks[i], out.routing_stats[i]["selected_frac"].item()) for i in routed_layers(model)}
+
+
+def _thresholds(model):
+    from tests.models.helpers import routed_layers
+
+    return {i: model.model.layers[i].router.threshold for i in routed_layers(model)}
+
+
+def test_dtf_threshold_survives_a_bf16_round_trip(tmp_path):
+    """The causal threshold is a statistic kept in fp32 whatever the model is cast to: `model.to(bf16)`
+    and `from_pretrained(..., dtype=bf16)` keep its fp32 value, and a model saved in bf16 and reloaded
+    routes exactly as before. (bf16 rounded a trained 0.7510 to 0.75, and G clusters at 0.75 here: the
+    realised causal capacity went from 0.28 to 0.82.)"""
+    model = _trained_dtf_with_bf16_weights()
+    want = {i: t.item() for i, t in _thresholds(model).items()}
+    assert all(abs(torch.tensor(t).bfloat16().item() - t) > 1e-4 for t in want.values()), want  # precondition
+    x = tokens(8, 64, seed=11)
+    before = _routing(model, x)
+    copy_16 = copy.deepcopy(model).to(torch.bfloat16)
+    for i, t in _thresholds(copy_16).items():
+        assert t.dtype == torch.float32 and t.item() == pytest.approx(want[i], abs=1e-6), (i, t.item(), want[i])
+    copy_16.save_pretrained(tmp_path / "bf16")
+    again = AutoModelForCausalLM.from_pretrained(tmp_path / "bf16", dtype=torch.float32).eval()
+    assert again.model.layers[0].self_attn.q_proj.weight.dtype == torch.float32
+    for i, t in _thresholds(again).items():
+        assert t.item() == pytest.approx(want[i], abs=1e-6), (i, t.item(), want[i])
+    after = _routing(again, x)
+    for i, (mask, frac) in before.items():  # same weights, same thresholds: the same routing
+        assert after[i][1] == frac, f"layer {i}: realised capacity {after[i][1]:.3f} vs {frac:.3f}"
+        assert torch.equal(after[i][0], mask)
+    # from_pretrained straight into bf16 keeps the saved fp32 value too, and routes near the fp32 model
+    model.save_pretrained(tmp_path / "fp32")
+    in_16 = AutoModelForCausalLM.from_pretrained(tmp_path / "fp32", dtype=torch.bfloat16).eval()
+    assert in_16.model.layers[0].self_attn.q_proj.weight.dtype == torch.bfloat16
+    for i, t in _thresholds(in_16).items():
+        assert t.dtype == torch.float32 and t.item() == pytest.approx(want[i], abs=1e-6), (i, t.item(), want[i])
+    for i, (_, frac) in _routing(in_16, x).items():  # bf16 activations move G a little, not the threshold
+        assert abs(frac - before[i][1]) < 0.1, f"layer {i}: bf16 realised capacity {frac:.3f} vs {before[i][1]:.3f}"
+
+
+def test_a_bf16_model_in_training_moves_its_threshold():
+    """A 1% EMA step is below bf16's resolution at 0.75, and 301 counts as 300 in bf16: in fp32 both move."""
+    model = _trained_dtf_with_bf16_weights().to(torch.bfloat16).train()
+    router = model.model.layers[1].router
+    router.threshold.fill_(0.7)
+    router.threshold_updates.fill_(300.0)
+    captured = []
+    hook = router.register_forward_hook(lambda mod, args, out: captured.append(out["gate"]))
+    with torch.no_grad():
+        model(tokens(8, 64, seed=5))
+    hook.remove()
+    q = captured[0].topk(16, dim=1).values[:, -1].mean()  # the batch's (1 - c) quantile: k = 16 of 64
+    assert router.threshold_updates.item() == 301.0
+    assert router.threshold.item() == pytest.approx(0.99 * 0.7 + 0.01 * q.item(), abs=1e-6)

@@ -46,13 +46,56 @@ def test_bench_refuses_a_preset_that_does_not_fit(capsys):
     assert "needs about" in err and "GiB" in err and "3B" in err
 
 
-def test_memory_estimate_grows_with_the_shape():
-    from dtlab import models
+def _saved_bytes(model, x) -> int:
+    """Bytes of the distinct storages a training forward of `model` saves for backward."""
+    import torch
 
-    p = detect_precision("cpu")
-    small = estimate_memory_gib(models.make_config("standard", "debug"), 8, 256, p)
-    big = estimate_memory_gib(models.make_config("standard", "0.5B"), 8, 2048, p)
-    assert 0 < small < 1 < big
+    storages = {}
+
+    def pack(t):
+        storages[t.untyped_storage().data_ptr()] = t.untyped_storage().nbytes()
+        return t
+
+    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+        model(input_ids=x, labels=x)
+    return sum(storages.values())
+
+
+def test_memory_estimate_counts_weights_gradients_and_adamw_state():
+    """Where parameters dominate (0.5B, batch 1 x 16 tokens), the estimate that decides the bench's refusal
+    is the analytic count, within 20%: fp32 weights, gradients and AdamW's two moments, 16 bytes for each
+    parameter of the model transformers builds for the bench (counted on the meta device)."""
+    import torch
+
+    from dtlab import models
+    from dtlab.trainers.tools.bench import hf_baseline
+
+    config = models.make_config("standard", "0.5B")
+    with torch.device("meta"):
+        n = sum(p.numel() for p in hf_baseline(config).parameters())
+    analytic = n * (4 + 4 + 8) / 2**30
+    estimate = estimate_memory_gib(config, 1, 16, detect_precision("cpu"))
+    assert abs(estimate / analytic - 1) < 0.2, (estimate, analytic)
+
+
+@pytest.mark.parametrize("preset,batch,seq", [("debug", 8, 256), ("small", 2, 256)])
+def test_memory_estimate_counts_activations(preset, batch, seq):
+    """Where activations count too, the estimate is within 20% of: the 16 bytes per parameter, what the
+    bench's largest model (transformers' Qwen2, full logits) saves for backward, measured, and its fp32
+    logits' gradient."""
+    import torch
+
+    from dtlab import models
+    from dtlab.trainers.tools.bench import hf_baseline
+
+    config = models.make_config("standard", preset)
+    torch.manual_seed(0)
+    model = hf_baseline(config).train()
+    x = torch.randint(0, config.vocab_size, (batch, seq), generator=torch.Generator().manual_seed(0))
+    params = sum(p.numel() for p in model.parameters()) * 16
+    analytic = (params + _saved_bytes(model, x) + batch * seq * config.vocab_size * 4) / 2**30
+    estimate = estimate_memory_gib(config, batch, seq, detect_precision("cpu"))
+    assert abs(estimate / analytic - 1) < 0.2, (estimate, analytic)
 
 
 def test_bench_bad_arguments():
@@ -62,3 +105,26 @@ def test_bench_bad_arguments():
         run_bench(device="cpu", seq=100_000)
     with pytest.raises(ValueError, match="capacity 1.5"):
         run_bench(device="cpu", capacities=(1.5,))
+
+
+def test_decode_bench_reports_the_physical_cache_beside_the_logical():
+    """`dtlab bench --decode` rows at batch 8 report what the KV cache holds (tokens, `cache.stored()`) and
+    what it takes (buffer slots and bytes), per variant: Standard's slots are its tokens, every column of
+    every layer; a routed variant's are its tokens plus less than one allocation step per row and layer."""
+    from dtlab import models
+    from dtlab.models.layers import KVStore
+    from dtlab.trainers.tools.decode_bench import format_decode_table, run_decode_bench
+
+    rows = run_decode_bench(preset="debug", batches=(8,), prompt=32, new_tokens=16, repeats=1, capacity=0.125)
+    by = {r["variant"]: r for r in rows}
+    L = models.make_config("standard", "debug").num_hidden_layers
+    std = by["standard"]
+    assert std["cache_tokens"] == std["cache_slots"] == L * 8 * (32 + 16)
+    k_and_v = 2 * 8 * L * (32 + 16) * 2 * 16 * 4  # 2 KV heads of 16 dims, fp32
+    assert k_and_v <= std["cache_bytes"] < 1.1 * k_and_v and std["cache_bytes_vs_standard"] == 1.0
+    for name in ("mod", "dtf"):
+        r = by[name]
+        assert r["cache_tokens"] <= r["cache_slots"] < r["cache_tokens"] + (L // 2) * 8 * KVStore.GROW, r
+        assert r["cache_tokens"] < std["cache_tokens"] and r["cache_bytes_vs_standard"] < 1.0, r
+        assert r["cache_bytes_vs_standard"] == pytest.approx(r["cache_bytes"] / std["cache_bytes"])
+    assert "KV slots" in format_decode_table(rows) and "KV MiB" in format_decode_table(rows)

@@ -42,17 +42,25 @@ def test_local_tasks_score_every_variant_in_causal_routing(runs, variant, tmp_pa
     scores = _scores(records)
     assert set(scores) == {("dtlab_next_line", "acc"), ("dtlab_next_line", "acc_norm"), ("dtlab_cloze", "acc"),
                            ("dtlab_cloze", "perplexity")}
-    assert all(v is not None and v == v for v in scores.values())
+    # accuracies are fractions; a perplexity is at least 1 and, after 40 steps, below the untrained twin's
+    # (whose output is near uniform: about 512 per token of the target word)
+    untrained = _scores(evaluate_run(runs["untrained"], tasks=["dtlab_cloze"], limit=12, out=tmp_path / "twin"))
+    for (task, metric), v in scores.items():
+        ok = 0.0 <= v <= 1.0 if metric.startswith("acc") else 1.0 <= v < untrained[(task, metric)]
+        assert v is not None and ok, (task, metric, v, untrained)
     assert all(r["routing_mode"] == "causal" and r["step"] == 40 and r["samples"] == 12 for r in records)
     if variant != "standard":  # realised capacity per routed layer and task, over real tokens only:
         # the same whatever the batch (counting padding would change it)
         caps = {r["task"]: r["capacity"] for r in records}
-        assert set(caps["dtlab_cloze"]) == {"1", "3"} and all(0 <= c <= 1 for c in caps["dtlab_cloze"].values())
+        assert set(caps["dtlab_cloze"]) == {"1", "3"}
+        assert all(0 <= c <= 1 for task in caps for c in caps[task].values()), caps
+        if variant == "dtf":  # precondition where the next check can fail: blocks processed some tokens, not all
+            # (MoD's causal rule, sigmoid(r) > 0.5, selects nothing after these 40 steps: the LM loss drives r
+            # below 0 through the gate faster than the 0.01-weighted aux loss calibrates it)
+            assert all(0 < c < 1 for task in caps for c in caps[task].values()), caps
         one = {r["task"]: r["capacity"] for r in evaluate_run(runs[variant], limit=12, batch_size=1, out=tmp_path)}
         for task in caps:
             assert caps[task] == pytest.approx(one[task], abs=1e-9), task
-        if variant == "dtf":  # precondition where it can fail: blocks processed some tokens, not all
-            assert all(0 < c < 1 for c in caps["dtlab_next_line"].values()), caps
     # deterministic, and written: the run's records (replaced, not appended) and lm-eval's results JSON
     assert _scores(evaluate_run(runs[variant], limit=12, out=tmp_path)) == scores
     lines = (runs[variant] / RECORDS).read_text().splitlines()

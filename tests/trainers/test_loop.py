@@ -4,6 +4,7 @@ import json
 import logging
 from pathlib import Path
 
+import numpy as np
 import pytest
 import torch
 
@@ -134,14 +135,23 @@ def test_transfer_from_a_local_qwen2_checkpoint(tmp_path):
     prep = prepare_data(DataSpec(vocab_size=512, block_size=64, max_bytes=300_000))
     PreTrainedTokenizerFast(tokenizer_file=prep.meta["tokenizer_file"], eos_token=EOT).save_pretrained(tmp_path / "ck")
     torch.manual_seed(0)
-    Qwen2ForCausalLM(Qwen2Config(vocab_size=512, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
-                                 num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=128,
-                                 tie_word_embeddings=True)).save_pretrained(tmp_path / "ck")
-    spec = spec_from_dict(tiny_spec(model={"type": "dtf", "pretrained": str(tmp_path / "ck")},
+    qwen2 = Qwen2ForCausalLM(Qwen2Config(vocab_size=512, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
+                                         num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=128,
+                                         tie_word_embeddings=True, attn_implementation="sdpa")).eval()
+    qwen2.save_pretrained(tmp_path / "ck")
+    # at capacity 1 with the gate forced to 1 a DTF computes what its pretrained Qwen2 computes (contract
+    # item 4), so its step-0 top-k validation loss shows whether the weights arrived
+    spec = spec_from_dict(tiny_spec(model={"type": "dtf", "pretrained": str(tmp_path / "ck"), "dtf_capacity": 1.0,
+                                           "force_unit_gate": True},
                                     training={"from_scratch": False, "max_steps": 4},
                                     data={"tokenizer": str(tmp_path / "ck")}))
     result = run_training(spec, tmp_path / "run")
     assert result["step"] == 4
+    first = records(tmp_path / "run", "eval")[0]
+    val = torch.from_numpy(np.asarray(prepare_data(spec.data).val[:2 * 4], dtype=np.int64))  # eval_batches x batch
+    with torch.no_grad():
+        want = qwen2(val, labels=val).loss.item()
+    assert first["step"] == 0 and first["val_loss_topk"] == pytest.approx(want, abs=1e-5), (first, want)
     no_tok = spec_from_dict(tiny_spec(model={"type": "dtf", "pretrained": str(tmp_path / "ck")},
                                       training={"from_scratch": False}))
     with pytest.raises(SpecError, match="transfer from a pretrained checkpoint needs its tokenizer"):

@@ -5,6 +5,10 @@ batch 1 and 8 by default: a prefill of `prompt` tokens, then `new_tokens` single
 are medians over `repeats` runs after one warm-up; ratios are taken within the run. Fresh models
 route at random, so MoD's and DTF's routing is first fitted to its capacity as training would fit
 it (see `calibrate_routing`); each row records the capacity the routed blocks then realised.
+
+Each row also reports the KV cache the decode left: its logical size (`cache_tokens`, the tokens the
+layers hold, `cache.stored()`) beside its physical one (`cache_slots`, the buffer slots of every layer
+and row, and `cache_bytes`, all it holds), and the bytes against Standard's at the same batch.
 """
 
 from __future__ import annotations
@@ -110,11 +114,21 @@ def bench_variant(model: DTLabForCausalLM, prompt: torch.Tensor, new_tokens: int
     # decode steps feed new_tokens columns; the prefill's stored tokens are subtracted out
     with torch.no_grad(), model.routing("causal"):
         prefill_masks = model(prompt).routing_masks
-    realised = {str(i): float((cache.stored(i).sum() - prefill_masks[i].sum()) / (B * new_tokens)) for i in routed}
+    realised = {str(i): (int(cache.stored(i).sum()) - int(prefill_masks[i].sum())) / (B * new_tokens) for i in routed}
     decode_s = statistics.median(r[1] for r in runs)
     return {"prefill_s": statistics.median(r[0] for r in runs), "decode_step_s": decode_s,
             "decode_tokens_per_s": B / decode_s, "realised_capacity": realised,
-            "realised_capacity_mean": statistics.fmean(realised.values()) if realised else None}
+            "realised_capacity_mean": statistics.fmean(realised.values()) if realised else None,
+            **cache_size(cache)}
+
+
+def cache_size(cache: Any) -> dict[str, int]:
+    """The logical and physical size of a `DTLabCache`: tokens held (`stored`, summed over layers and
+    rows), buffer slots (summed over layers and rows) and the bytes it holds."""
+    layers = range(len(cache.layers))
+    return {"cache_tokens": sum(int(cache.stored(i).sum()) for i in layers),
+            "cache_slots": sum(int(cache.slots(i).sum()) for i in layers),
+            "cache_bytes": cache.nbytes()}
 
 
 def run_decode_bench(preset: str | None = None, device: str | None = None, batches: Sequence[int] = (1, 8),
@@ -153,17 +167,21 @@ def run_decode_bench(preset: str | None = None, device: str | None = None, batch
         base_row = next((b for b in rows if b["variant"] == "standard" and b["batch"] == r["batch"]), None)
         r["decode_speedup_vs_standard"] = base_row["decode_step_s"] / r["decode_step_s"] if base_row else None
         r["prefill_speedup_vs_standard"] = base_row["prefill_s"] / r["prefill_s"] if base_row else None
+        r["cache_bytes_vs_standard"] = r["cache_bytes"] / base_row["cache_bytes"] if base_row else None
     return rows
 
 
 def format_decode_table(rows: list[dict[str, Any]]) -> str:
-    head = ("variant", "batch", "prefill ms", "step ms", "tokens/s", "vs standard", "prefill vs", "capacity")
+    head = ("variant", "batch", "prefill ms", "step ms", "tokens/s", "vs standard", "prefill vs", "capacity",
+            "KV tokens", "KV slots", "KV MiB", "KV vs std")
     lines = [" ".join(f"{h:>11}" for h in head)]
     for r in rows:
         cap = r["realised_capacity_mean"]
         cells = (r["variant"], r["batch"], f"{1e3 * r['prefill_s']:.1f}", f"{1e3 * r['decode_step_s']:.2f}",
                  f"{r['decode_tokens_per_s']:,.1f}", _ratio(r["decode_speedup_vs_standard"]),
-                 _ratio(r["prefill_speedup_vs_standard"]), "-" if cap is None else f"{cap:.3f}")
+                 _ratio(r["prefill_speedup_vs_standard"]), "-" if cap is None else f"{cap:.3f}",
+                 f"{r['cache_tokens']:,}", f"{r['cache_slots']:,}", f"{r['cache_bytes'] / 2**20:.2f}",
+                 "-" if r["cache_bytes_vs_standard"] is None else f"{r['cache_bytes_vs_standard']:.3f}")
         lines.append(" ".join(f"{c:>11}" for c in cells))
     return "\n".join(lines)
 
