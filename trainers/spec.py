@@ -101,6 +101,11 @@ class DataSpec(Strict):
     block_size: int = Field(256, ge=8, le=2**20)
     val_fraction: float = Field(0.05, gt=0.0, lt=0.5)
     max_bytes: int = Field(4_000_000, ge=10_000, le=2**50)  # text budget, builtin or loaded
+    # token budget: preparation stops after this many tokens (documents and end-of-text tokens, before the
+    # split); whichever of max_bytes and max_tokens is reached first ends the corpus
+    max_tokens: int | None = Field(None, ge=1_000, le=2**50)
+    revision: str | None = None  # hub dataset: a branch, tag or commit (part of the data's cache key)
+    num_proc: int = Field(1, ge=1, le=1024)  # processes that tokenize while preparing (the shards do not depend on it)
     cache_dir: str | None = None  # default $DTLAB_CACHE or ~/.cache/dtlab
 
 

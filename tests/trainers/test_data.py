@@ -24,7 +24,7 @@ def test_prepare_builtin_packs_rows_and_splits_deterministically():
     b = prepare_data(spec)
     assert a.path == b.path  # cached
     assert a.train.shape[1] == 64 and a.val.shape[1] == 64 and len(a.val) > 0
-    assert a.train.dtype == np.int32 and int(a.train.max()) < 512
+    assert a.train.dtype == np.uint16 and int(a.train.max()) < 512  # a vocabulary of <= 65,536: uint16 shards
     assert a.vocab_size == 512 and a.meta["eot_id"] == 0
     assert np.array_equal(np.asarray(a.train), np.asarray(b.train))
     # a different block size re-packs the same stream

@@ -123,7 +123,7 @@ def test_a_worker_on_another_node_prepares_the_same_data(tmp_path, monkeypatch):
     monkeypatch.setenv("DTLAB_CACHE", str(tmp_path / "other-node"))
     here = node_data({**cfg, "data_dir": str(tmp_path / "not-on-this-node" / driver.name)})
     assert here.is_relative_to(tmp_path / "other-node") and here.name == driver.name
-    assert (here / "train.npy").read_bytes() == (driver / "train.npy").read_bytes()
+    assert (here / "train-00000.bin").read_bytes() == (driver / "train-00000.bin").read_bytes()
     assert node_data(cfg) == driver  # where the driver's folder is seen, it is used
     with pytest.raises(RuntimeError, match="differs from the driver's"):
         node_data({**cfg, "data_dir": str(tmp_path / "not-on-this-node" / "another-key")})

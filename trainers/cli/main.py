@@ -73,6 +73,49 @@ def _run(args: argparse.Namespace) -> int:
     return _sweep_code("run", result.get("sweep") or {})
 
 
+def _prepare(args: argparse.Namespace) -> int:
+    import time
+
+    from dtlab.trainers.orchestrate.runner import check_out
+    from dtlab.trainers.run.data import data_key, load_prepared, prepare_data, prepared_folder
+    from dtlab.trainers.spec import load_spec
+
+    spec = load_spec(args.spec, args.overrides)
+    update: dict[str, object] = {"num_proc": args.workers} if args.workers else {}
+    if args.out:
+        check_out(Path(args.out), "data")
+        update["cache_dir"] = str(Path(args.out).resolve())
+    spec_data = spec.data.model_copy(update=update)
+    started = time.perf_counter()
+    folder = prepared_folder(spec_data, data_key(spec_data))
+    done = (folder / "meta.json").is_file()
+    data = load_prepared(folder) if done else prepare_data(spec_data)
+    meta = data.meta
+    shards = sum(len(v) for v in meta.get("shards", {}).values())
+    print(f"{meta['tokens']:,} tokens from {meta['documents']:,} documents ({meta['source']}): "
+          f"train {meta['train_tokens']:,}, validation {meta['val_tokens']:,} ({meta['split']})")
+    print(f"{shards} shards of {meta['dtype']} ({_size(data.path)}), tokenizer {meta['tokenizer']} "
+          f"({meta['vocab_size']:,} tokens), block_size {meta['block_size']}")
+    if done:
+        print(f"already prepared ({time.perf_counter() - started:.1f} s, nothing read); prepared in "
+              f"{meta['seconds']:,.1f} s at {meta['tokens_per_s']:,.0f} tokens/s with {meta['workers']} process(es)")
+    else:
+        print(f"prepared in {meta['seconds']:,.1f} s: {meta['tokens_per_s']:,.0f} tokens/s with "
+              f"{meta['workers']} process(es)")
+    hint = f" (train with data.cache_dir={Path(args.out).resolve()})" if args.out else ""
+    print(f"shards: {data.path}{hint}")
+    return 0
+
+
+def _size(folder: Path) -> str:
+    size = sum(f.stat().st_size for f in folder.iterdir() if f.is_file())
+    for unit in ("bytes", "KiB", "MiB", "GiB", "TiB"):
+        if size < 1024 or unit == "TiB":
+            return f"{size:,.0f} {unit}" if unit == "bytes" else f"{size:,.1f} {unit}"
+        size /= 1024
+    return ""
+
+
 def _report(args: argparse.Namespace) -> int:
     from dtlab.analysis.report import write_report
 
@@ -377,6 +420,18 @@ def _add_sample(sub) -> None:
     sample.set_defaults(func=_sample)
 
 
+def _add_prepare(sub) -> None:
+    prep = sub.add_parser("prepare", help="tokenize the spec's data into token shards once, before a study "
+                                          "(train, run and sweep do it themselves when it is not done)")
+    _debug_flag(prep)
+    prep.add_argument("spec", help="experiment spec (YAML), e.g. experiments/sweep_multigpu.yaml")
+    prep.add_argument("overrides", nargs="*", help="key.path=value, e.g. data.max_tokens=100000000")
+    prep.add_argument("--out", type=_path, help="cache folder for the shards (sets data.cache_dir; default "
+                                                "$DTLAB_CACHE or ~/.cache/dtlab): on a cluster, one every node sees")
+    prep.add_argument("--workers", type=_positive, help="processes that tokenize (sets data.num_proc; default 1)")
+    prep.set_defaults(func=_prepare)
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = Parser(prog="dtlab", description=__doc__)
     parser.add_argument("--debug", action="store_true", help="show the traceback of an error")
@@ -403,7 +458,7 @@ def build_parser() -> argparse.ArgumentParser:
                               "without it they go to output.log in the output directory")
         cmd.set_defaults(func=func)
 
-    for add in (_add_report, _add_bench, _add_eval, _add_sample, _add_ls):
+    for add in (_add_prepare, _add_report, _add_bench, _add_eval, _add_sample, _add_ls):
         add(sub)
     return parser
 

@@ -162,6 +162,7 @@ def _comparable(raw: dict[str, Any]) -> dict[str, dict[str, Any]]:
     out = {section: dict(raw.get(section)) if isinstance(raw.get(section), dict) else {}
            for section in ("model", "data")}
     out["data"].pop("cache_dir", None)
+    out["data"].pop("num_proc", None)  # how many processes prepared the data, not which data
     return out
 
 
@@ -351,6 +352,7 @@ def run_training(spec: Spec, out: str | Path | None = None, resume: bool = False
     shape = model_shape(spec)  # a checkpoint that is not there is said before data are prepared
     data = prepare_data(spec.data)
     check_fit(spec, data, spec.resources.num_workers, shape)
+    say_repeats(spec, data, spec.resources.num_workers)
     fresh = not run_dir.exists()
     try:
         prepare_run_dir(run_dir, resume, force)  # the first write
@@ -371,6 +373,26 @@ def run_training(spec: Spec, out: str | Path | None = None, resume: bool = False
         log.debug("final: " + ", ".join(f"{k} {v:.4f}" if isinstance(v, float) else f"{k} {v}"
                                 for k, v in record.items()))
     return result or {}
+
+
+def say_repeats(spec: Spec, data: Prepared, world: int) -> None:
+    """One line at start when the run will pass over its training data more than once."""
+    from dtlab.trainers.run.loop import total_steps
+
+    training, rows = spec.training, len(data.train)
+    steps = total_steps(spec, rows, world)
+    epochs = steps * training.grad_accum_steps / max(1, rows // (training.batch_size * world))
+    if epochs > 1:
+        planned = steps * training.batch_size * training.grad_accum_steps * world * spec.data.block_size
+        log.info(f"{spec.name}-{spec.model.type}: {_count(planned)} tokens planned over "
+                 f"{_count(rows * spec.data.block_size)} training tokens: {epochs:.1f} epochs (the data repeats)")
+
+
+def _count(n: float) -> str:
+    for unit, size in (("B", 1e9), ("M", 1e6), ("k", 1e3)):
+        if n >= size:
+            return f"{n / size:,.{0 if n >= 100 * size else 1}f}{unit}"
+    return f"{n:,.0f}"
 
 
 def launch_watched(config: dict[str, Any], spec: Spec, run_dir: Path, use_ray: bool, hooks: Hooks | None,

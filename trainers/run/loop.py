@@ -133,6 +133,10 @@ class Batches:
             raise ValueError(f"{len(rows)} training rows cannot fill one batch of {batch} x {world} workers")
         self._epoch, self._perm = -1, None
 
+    def epoch(self, g: int) -> int:
+        """The pass over the data (0: the first) micro-batch g belongs to."""
+        return g // self.per_epoch
+
     def get(self, g: int) -> torch.Tensor:
         epoch, i = divmod(g, self.per_epoch)
         if epoch != self._epoch:
@@ -262,6 +266,8 @@ def setup(config: dict[str, Any], hooks: Hooks) -> RunState:
                      *_optimizer(spec, model, device, precision, steps),
                      Batches(data.train, spec.training.batch_size, rank, world, spec.seed), data.val, steps)
     state.info = run_info(state, int(data.train.shape[1]))
+    # passes over the training rows the run will make (above 1: the data repeats)
+    state.info["epochs"] = steps * spec.training.grad_accum_steps / state.batches.per_epoch
     # A fresh run starts in an empty directory (the runner sees to it), so a checkpoint here means a
     # resume, or a restart of this run's worker group by Ray (a failure, a preemption): either way it
     # continues from that checkpoint, and records past it are cut back.
@@ -369,7 +375,9 @@ def log_step(state: RunState, meter: Meter, last: StepResult) -> None:
     record = {"kind": "train", "step": state.step, **dict(zip(names, values, strict=True)),
               "lr": last.lr,
               "grad_norm": float(last.grad_norm), "tokens_per_s": meter.steps * tokens / elapsed,
-              "tokens_seen": state.step * tokens, **memory_stats(state.device),
+              "tokens_seen": state.step * tokens,
+              "epoch": state.batches.epoch(state.step * state.spec.training.grad_accum_steps - 1),
+              **memory_stats(state.device),
               "routing": flat_stats({i: {k: v for k, v in s.items() if v.ndim == 0} for i, s in last.routing.items()})}
     state.write(record)
     check_finite(state, record, ("loss", "lm_loss", "grad_norm"))
