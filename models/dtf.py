@@ -78,6 +78,9 @@ class DTFRouter(nn.Module):
         # Running (1 - c) quantile of G, updated in training; `causal` mode selects G >= it.
         self.register_buffer("threshold", torch.tensor(0.5, dtype=torch.float32))
         self.register_buffer("threshold_updates", torch.tensor(0.0, dtype=torch.float32))
+        # the ranks the threshold's statistics are averaged over (None: the default group); set by
+        # `set_process_group` when one worker group trains several runs side by side
+        self.process_group: dist.ProcessGroup | None = None
 
     def _apply(self, fn: Callable[[torch.Tensor], torch.Tensor], recurse: bool = True) -> DTFRouter:
         kept = {name: getattr(self, name) for name in self.FP32_BUFFERS}  # the tensors before `fn`
@@ -120,8 +123,9 @@ class DTFRouter(nn.Module):
         row_min_B = g_BK.masked_fill(~ok_BK, float("inf")).amin(1)
         row_ok_B = ok_BK.any(1)
         sum_n = torch.stack([row_min_B.where(row_ok_B, 0.0).sum(), row_ok_B.sum().float()])
-        if dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1:
-            dist.all_reduce(sum_n)  # every rank keeps the same estimate
+        group = self.process_group
+        if dist.is_available() and dist.is_initialized() and dist.get_world_size(group) > 1:
+            dist.all_reduce(sum_n, group=group)  # every rank of the run keeps the same estimate
         q = sum_n[0] / sum_n[1].clamp_min(1.0)
         m = self.config.dtf_threshold_momentum
         new = torch.where(self.threshold_updates > 0, m * self.threshold + (1 - m) * q, q)
@@ -193,3 +197,10 @@ class DTFDynamicLayer(RoutedLayer):
         if ctx.training:
             self.router.update_threshold(routing.gate_BT.detach(), idx_BK, ctx.key_mask_BT)
         return {}
+
+
+def set_process_group(model: nn.Module, group: dist.ProcessGroup | None) -> None:
+    """Average DTF's threshold statistics over `group` (one run's ranks) instead of every rank."""
+    for module in model.modules():
+        if isinstance(module, DTFRouter):
+            module.process_group = group

@@ -138,13 +138,17 @@ class TrainingSpec(Strict):
     checkpoint: bool = True
     # torch.compile the model (fullgraph) for training and evaluation; auto: on CUDA only
     compile: Literal["auto", "on", "off"] = "auto"
+    # recompute each decoder layer's activations in the backward pass (less memory, ~1/3 more compute);
+    # auto: on where the memory plan says the run does not fit without it
+    activation_checkpointing: Literal["auto", "on", "off"] = "auto"
 
     @model_validator(mode="before")
     @classmethod
     def _yaml_on_off(cls, data: Any) -> Any:
         """YAML reads a bare `on`/`off` as true/false."""
-        if isinstance(data, dict) and isinstance(data.get("compile"), bool):
-            data = {**data, "compile": "on" if data["compile"] else "off"}
+        for key in ("compile", "activation_checkpointing"):
+            if isinstance(data, dict) and isinstance(data.get(key), bool):
+                data = {**data, key: "on" if data[key] else "off"}
         return data
 
 
@@ -155,6 +159,9 @@ class ResourcesSpec(Strict):
     cpus_per_worker: float = Field(1.0, gt=0.0)
     gpus_per_worker: float | None = Field(None, ge=0.0)  # None: 1 when CUDA is used
     use_ray: bool = True
+    # how a run's ranks hold the model: ddp (each rank a whole copy), fsdp (FSDP2: parameters, gradients
+    # and optimizer state sharded over the ranks), auto (fsdp where the memory plan says ddp does not fit)
+    strategy: Literal["auto", "ddp", "fsdp"] = "auto"
     # Ray: how often a run's worker group (Train) and a sweep's trial (Tune) are restarted after a
     # failure, each time from the run's last checkpoint (node preemptions are always restarted)
     max_failures: int = Field(0, ge=0, le=1_000)

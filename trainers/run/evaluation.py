@@ -53,14 +53,14 @@ def routing_mode(model: torch.nn.Module, mode: str) -> Iterator[DTLabForCausalLM
         model.train(was_training)
 
 
-def _reduce(tensors: list[torch.Tensor], world: int) -> None:
+def _reduce(tensors: list[torch.Tensor], world: int, group: dist.ProcessGroup | None = None) -> None:
     for t in tensors if world > 1 else []:
-        dist.all_reduce(t)
+        dist.all_reduce(t, group=group)
 
 
 @torch.no_grad()
 def eval_pass(target: DTLabForCausalLM, rows: np.ndarray, batch: int, precision: Precision, device: torch.device,
-              world: int) -> tuple[float, dict[str, Any]]:
+              world: int, group: dist.ProcessGroup | None = None) -> tuple[float, dict[str, Any]]:
     """(mean LM loss over `rows` on all ranks, per-layer statistics averaged the same way)."""
     loss_sum, count = torch.zeros((), device=device), torch.zeros((), device=device)
     stat_sums: dict[int, dict[str, torch.Tensor]] = {}
@@ -75,13 +75,13 @@ def eval_pass(target: DTLabForCausalLM, rows: np.ndarray, batch: int, precision:
             acc = stat_sums.setdefault(i, {})
             for k, v in s.items():
                 acc[k] = acc.get(k, 0) + v.float() * n
-    _reduce([loss_sum, count, *(v for s in stat_sums.values() for v in s.values())], world)
+    _reduce([loss_sum, count, *(v for s in stat_sums.values() for v in s.values())], world, group)
     n = count.clamp_min(1)
     return (loss_sum / n).item(), flat_stats({i: {k: v / n for k, v in s.items()} for i, s in stat_sums.items()})
 
 
 def evaluate(model: torch.nn.Module, val: np.ndarray, spec: Spec, precision: Precision, device: torch.device,
-             rank: int, world: int) -> dict[str, Any]:
+             rank: int, world: int, group: dist.ProcessGroup | None = None) -> dict[str, Any]:
     """Validation LM loss (aux losses excluded) and routing statistics in each routing mode the
     model declares: `val_loss_topk` and `routing` for top-k (training semantics: it looks ahead
     within the row), `val_loss_causal` and `routing_causal` for causal routing (routed models).
@@ -96,7 +96,7 @@ def evaluate(model: torch.nn.Module, val: np.ndarray, spec: Spec, precision: Pre
     record: dict[str, Any] = {}
     for mode in modes if training.eval_causal else modes[:1]:
         with routing_mode(model, mode) as target:
-            val_loss, routing = eval_pass(target, mine, training.batch_size, precision, device, world)
+            val_loss, routing = eval_pass(target, mine, training.batch_size, precision, device, world, group)
         record.update({f"val_loss_{mode}": val_loss, f"val_ppl_{mode}": math.exp(min(val_loss, 50.0)),
                        "routing" if mode == "topk" else f"routing_{mode}": routing})
         record.update(val_loss=val_loss, val_ppl=record[f"val_ppl_{mode}"], routing_mode=mode)  # the last: causal

@@ -31,6 +31,7 @@ import torch
 import torch.distributed as dist
 
 from dtlab import models
+from dtlab.models.dtf import set_process_group
 from dtlab.analysis.rundir import DIVERGED, METRICS, JsonlWriter, diverged_reason, read_jsonl, rewrite_jsonl
 from dtlab.trainers.run import checkpoint
 from dtlab.trainers.run.checkpoint import unwrap
@@ -201,6 +202,9 @@ class RunState:
     total_steps: int
     info: dict[str, Any] = field(default_factory=dict)  # the run's facts: run.json's "training"
     metrics: JsonlWriter | None = None  # rank 0 only
+    # the run's process group (None: the default group); rank and world are within it, and every
+    # collective and the DDP/FSDP wrapper use it (several runs, one per group, in one worker group)
+    group: dist.ProcessGroup | None = None
     step: int = 0
     best_val: float = math.inf
     last_eval: dict[str, Any] = field(default_factory=dict)
@@ -242,17 +246,19 @@ def run_info(state: RunState, seq_len: int) -> dict[str, Any]:
             "model_config": {k: v for k, v in config.to_dict().items() if isinstance(v, (int, float, str, bool))}}
 
 
-def setup(config: dict[str, Any], hooks: Hooks) -> RunState:
+def setup(config: dict[str, Any], hooks: Hooks, group: dist.ProcessGroup | None = None) -> RunState:
     """Build the run's state once: model (DDP when distributed), optimizer, data, and the
-    counters of the last checkpoint when resuming."""
+    counters of the last checkpoint when resuming. `group`: the run's process group (None: the
+    default one, when initialised)."""
     spec = Spec.model_validate(config["spec"])
-    world = dist.get_world_size() if dist.is_initialized() else 1
-    rank = dist.get_rank() if dist.is_initialized() else 0
+    world = dist.get_world_size(group) if dist.is_initialized() else 1
+    rank = dist.get_rank(group) if dist.is_initialized() else 0
     device = hooks.device(spec.resources.device)
     precision = detect_precision(device.type, spec.resources.precision)
     data = load_prepared(config["data_dir"])
     torch.manual_seed(spec.seed)
     model = build_for_training(spec, data.vocab_size).to(device).train()
+    set_process_group(model, group)
     if compiles(spec, device.type):
         # in place (parameter names and checkpoints unchanged); one graph each for training and for
         # evaluation per routing mode (causal routing then runs its static, masked form)
@@ -260,11 +266,12 @@ def setup(config: dict[str, Any], hooks: Hooks) -> RunState:
     if world > 1:
         from torch.nn.parallel import DistributedDataParallel as DDP
 
-        model = DDP(model, device_ids=[device.index] if device.type == "cuda" else None)
+        model = DDP(model, device_ids=[device.index] if device.type == "cuda" else None, process_group=group)
     steps = total_steps(spec, len(data.train), world)
     state = RunState(spec, Path(config["run_dir"]), hooks, rank, world, device, precision, model,
                      *_optimizer(spec, model, device, precision, steps),
-                     Batches(data.train, spec.training.batch_size, rank, world, spec.seed), data.val, steps)
+                     Batches(data.train, spec.training.batch_size, rank, world, spec.seed), data.val, steps,
+                     group=group)
     state.info = run_info(state, int(data.train.shape[1]))
     # passes over the training rows the run will make (above 1: the data repeats)
     state.info["epochs"] = steps * spec.training.grad_accum_steps / state.batches.per_epoch
@@ -366,7 +373,7 @@ def log_step(state: RunState, meter: Meter, last: StepResult) -> None:
     names = sorted(meter.sums)
     stacked = torch.stack([meter.sums[n] / meter.steps for n in names])
     if state.world > 1:
-        dist.all_reduce(stacked)
+        dist.all_reduce(stacked, group=state.group)
         stacked = stacked / state.world
     values = stacked.cpu().tolist()
     synchronize(state.device.type)
@@ -396,7 +403,8 @@ def evaluate_and_save(state: RunState) -> dict[str, Any]:
               "flops_per_token": state.info["flops_per_token"],
               "flop_ratio_vs_dense": state.info["flop_ratio_vs_dense"],
               "done": state.step >= state.total_steps,
-              **evaluate(state.model, state.val, state.spec, state.precision, state.device, state.rank, state.world)}
+              **evaluate(state.model, state.val, state.spec, state.precision, state.device, state.rank, state.world,
+                         state.group)}
     check_finite(state, record, ("val_loss",))  # before a checkpoint of weights that gave it
     improved = record["val_loss"] < state.best_val
     state.best_val, state.last_eval = min(state.best_val, record["val_loss"]), record
@@ -457,7 +465,7 @@ def train_until(state: RunState, until: int, meter: Meter) -> Meter:
     return meter
 
 
-def train(config: dict[str, Any], hooks: Hooks | None = None) -> dict[str, Any]:
+def train(config: dict[str, Any], hooks: Hooks | None = None, group: dist.ProcessGroup | None = None) -> dict[str, Any]:
     """Train one run (one variant, one seed) as `config["spec"]` says; returns the last evaluation
     record. Seed replicates are the caller's choice (`orchestrate/replicates.py`)."""
     hooks = hooks or Hooks()
@@ -465,7 +473,7 @@ def train(config: dict[str, Any], hooks: Hooks | None = None) -> dict[str, Any]:
     if why:  # a restarted worker group, or a resumed run: it would only diverge again
         raise Diverged(f"{why}; the run stays stopped")
     hooks.restore(Path(config["run_dir"]))
-    state = setup(config, hooks)
+    state = setup(config, hooks, group)
     try:
         evaluate_at_start(state)
         train_until(state, state.total_steps, Meter())
