@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from collections.abc import Iterable
 
+import numpy as np
 import pandas as pd
 import plotly.graph_objects as go
 
@@ -37,17 +38,35 @@ def val_loss_curves(evals: pd.DataFrame, runs: pd.DataFrame) -> go.Figure | None
 
 
 def final_loss_bars(table: pd.DataFrame) -> go.Figure | None:
+    """The final loss per label (`tables.final_loss`): the mean over seeds with its 95% interval; where a
+    label had several configurations (a sweep), the bar is its best configuration and a second trace
+    shows the range of its configurations' means, the spread over configurations, apart from the seeds'."""
     if table.empty:
         return None
     err = table["ci95_high"] - table["val_loss_mean"]
+    configs = table["configurations"] if "configurations" in table else pd.Series(1, index=table.index)
+    swept = bool((configs > 1).any())
     fig = go.Figure(go.Bar(x=table["label"], y=table["val_loss_mean"],
                            error_y=dict(type="data", array=err.fillna(0), visible=True),
                            marker_color=[_colors(table["label"])[lab] for lab in table["label"]],
-                           text=[f"n={n}" + (f", {c} configs" if c > 1 else "") for n, c in
-                                 zip(table["runs"], table["configurations"], strict=True)],
+                           name="best configuration: mean over its seeds" if swept else "mean over seeds",
+                           text=[f"n={n}" + (f", best of {c} configs" if c > 1 else "") for n, c in
+                                 zip(table["runs"], configs, strict=True)],
                            textposition="outside"))
-    fig.update_yaxes(range=[float(table["val_loss_min"].min()) * 0.98, float(table["val_loss_max"].max()) * 1.02])
-    return _layout(fig, "Final validation loss: mean and 95% interval over seeds", "", "val loss (nats)")
+    low, high = float(table["val_loss_min"].min()), float(table["val_loss_max"].max())
+    if swept:
+        several = table[configs > 1]
+        fig.add_trace(go.Scatter(x=several["label"], y=several["config_means_min"], mode="markers",
+                                 name="range of the configurations' means (not a seed interval)",
+                                 marker=dict(symbol="line-ew-open", size=14, color="black"),
+                                 error_y=dict(type="data", symmetric=False, visible=True, arrayminus=[0] * len(several),
+                                              array=several["config_means_max"] - several["config_means_min"])))
+        low = min(low, float(several["config_means_min"].min()))
+        high = max(high, float(several["config_means_max"].max()))
+    fig.update_yaxes(range=[low * 0.98, high * 1.02])
+    title = ("Final validation loss: each variant's best configuration, mean and 95% interval over its seeds"
+             if swept else "Final validation loss: mean and 95% interval over seeds")
+    return _layout(fig, title, "", "val loss (nats)")
 
 
 def pareto(runs: pd.DataFrame) -> go.Figure | None:
@@ -174,3 +193,82 @@ def stat_over_training(routing: pd.DataFrame, runs: pd.DataFrame, stats: list[st
         fig.add_trace(go.Scatter(x=g["step"], y=g["value"], mode="lines", name=name,
                                  hovertemplate=f"{run_id}<br>step %{{x}}: %{{y:.4f}}<extra></extra>"))
     return _layout(fig, title, "step", "")
+
+
+BUDGET_SYMBOLS = ["circle", "square", "diamond", "triangle-up", "cross", "x", "pentagon", "hexagon", "star-square"]
+BUDGET_DASHES = ["solid", "dash", "dot", "dashdot", "longdash", "longdashdot"]
+
+
+def isoflop_curves(points: pd.DataFrame, optima: pd.DataFrame) -> go.Figure | None:
+    """An isoFLOP study (`isoflop.analyse`): final loss against parameters (log axis), one curve per budget
+    (a marker and dash per budget), a colour per variant; each run a point, the fitted parabola over the
+    sizes tried, the optimum a star with its interval where the sizes bracket it, else a triangle at the
+    best size tried pointing where the optimum lies."""
+    if points.empty or "parameters" not in points:
+        return None
+    fits = (optima[(optima["axis"] == "parameters") & optima["fit_a"].notna()] if "fit_a" in optima
+            else pd.DataFrame(columns=["variant", "budget"]))  # no budget could be fitted: the points alone
+    colors, fig = _colors(points["variant"]), go.Figure()
+    budgets = sorted(points["budget"].unique())
+    for (variant, budget), g in points.sort_values("parameters").groupby(["variant", "budget"], sort=True):
+        i, name = budgets.index(budget), f"{variant} · {budget:.3g} FLOPs"
+        fig.add_trace(go.Scatter(x=g["parameters"], y=g["val_loss"], mode="markers", name=name, legendgroup=name,
+                                 marker=dict(color=colors[variant], size=8,
+                                             symbol=BUDGET_SYMBOLS[i % len(BUDGET_SYMBOLS)]),
+                                 text=g["run_id"], hovertemplate="%{text}<br>%{x:.4g} parameters: %{y:.4f}"
+                                                                 "<extra></extra>"))
+        fit = fits[(fits["variant"] == variant) & (fits["budget"] == budget)]
+        if fit.empty:
+            continue
+        f = fit.iloc[0]
+        lx = np.log10(g["parameters"].astype(float))
+        xs = np.linspace(float(lx.min()) - 0.05, float(lx.max()) + 0.05, 60) - f["x_center"]
+        fig.add_trace(go.Scatter(x=10 ** (xs + f["x_center"]), y=f["fit_a"] * xs ** 2 + f["fit_b"] * xs + f["fit_c"],
+                                 mode="lines", name=f"{name}: Huber fit", legendgroup=name, showlegend=False,
+                                 line=dict(color=colors[variant], dash=BUDGET_DASHES[i % len(BUDGET_DASHES)])))
+        if f["status"] == "optimum":
+            fig.add_trace(go.Scatter(
+                x=[f["optimum"]], y=[f["loss"]], mode="markers", name=f"{name}: optimum", legendgroup=name,
+                showlegend=False, marker=dict(symbol="star", size=16, color=colors[variant],
+                                              line=dict(color="black", width=1)),
+                error_x=dict(type="data", symmetric=False, array=[f["optimum_high"] - f["optimum"]],
+                             arrayminus=[f["optimum"] - f["optimum_low"]], visible=True),
+                hovertemplate=f"optimum %{{x:.4g}} parameters, loss %{{y:.4f}}<br>{f['status']}<extra></extra>"))
+        else:
+            left = str(f["status"]).startswith("below")
+            fig.add_trace(go.Scatter(
+                x=[f["best_tried"]], y=[f["best_tried_loss"]], mode="markers", name=f"{name}: {f['status']}",
+                legendgroup=name, showlegend=False,
+                marker=dict(symbol="triangle-left" if left else "triangle-right", size=14, color=colors[variant],
+                            line=dict(color="black", width=1)),
+                hovertemplate=f"{f['status']}<extra></extra>"))
+    fig.update_xaxes(type="log")
+    # stars: bracketed optima with their 95% intervals; triangles: the optimum lies beyond the sizes tried
+    return _layout(fig, "isoFLOP curves: final validation loss against parameters, one curve per budget",
+                   "parameters (with embeddings)", "final val loss (nats)")
+
+
+def compute_optimal_loss(optima: pd.DataFrame, laws: pd.DataFrame) -> go.Figure | None:
+    """Each variant's compute-optimal loss (its bracketed isoFLOP optima, with their intervals) against the
+    budget, log-log, with the power law L*(C) = A C^s through them where two budgets or more allow one."""
+    if optima.empty or "loss" not in optima:
+        return None
+    opt = optima[(optima["axis"] == "parameters") & (optima["status"] == "optimum")]
+    if opt.empty:
+        return None
+    colors, fig = _colors(optima["variant"]), go.Figure()
+    for variant, g in opt.sort_values("budget").groupby("variant", sort=True):
+        fig.add_trace(go.Scatter(x=g["budget"], y=g["loss"], mode="markers", name=variant,
+                                 marker=dict(size=11, color=colors[variant]),
+                                 error_y=dict(type="data", symmetric=False, array=g["loss_high"] - g["loss"],
+                                              arrayminus=g["loss"] - g["loss_low"], visible=True)))
+        law = laws[(laws["variant"] == variant) & (laws["quantity"] == "optimal loss (nats)")] \
+            if not laws.empty and "exponent" in laws else laws
+        if len(law) and law["exponent"].notna().iloc[0]:
+            c = np.geomspace(float(g["budget"].min()), float(g["budget"].max()), 30)
+            fig.add_trace(go.Scatter(x=c, y=law["coefficient"].iloc[0] * c ** law["exponent"].iloc[0], mode="lines",
+                                     name=f"{variant}: {law['law'].iloc[0]}", line=dict(color=colors[variant])))
+    fig.update_xaxes(type="log")
+    fig.update_yaxes(type="log")
+    return _layout(fig, "Compute-optimal loss against training FLOPs", "training FLOPs (budget)",
+                   "optimal final val loss (nats)")

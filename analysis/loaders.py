@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import math
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -86,18 +87,36 @@ def _dict(value: Any) -> dict[str, Any]:
     return value if isinstance(value, dict) else {}
 
 
-def spec_fingerprint(spec: dict[str, Any]) -> str:
+def spec_fingerprint(spec: dict[str, Any], any_length: bool = False) -> str:
     """What makes runs comparable: the spec less what a comparison varies (variant, seed, sweep
-    parameters, routing knobs, names)."""
+    parameters, routing knobs, names). `any_length`: less the training length too (an isoFLOP study
+    trains each size for its own number of steps, and its sizes are model overrides)."""
     import copy
 
     s = copy.deepcopy(spec or {})
-    for key in ("name", "description", "seed", "seeds", "variants", "sweep", "tracking"):
+    for key in ("name", "description", "seed", "seeds", "variants", "sweep", "tracking", "isoflop"):
         s.pop(key, None)
     s["model"] = {k: v for k, v in _dict(s.get("model")).items() if k in ("size", "pretrained")}
     s["resources"] = {"num_workers": _dict(s.get("resources")).get("num_workers", 1)}
     _dict(_dict(s.get("training")).get("optimizer")).pop("lr", None)
+    if any_length:
+        for key in ("max_steps", "num_epochs"):
+            _dict(s.get("training")).pop(key, None)
+        s["model"].pop("size", None)
     return hashlib.sha256(json.dumps(s, sort_keys=True).encode()).hexdigest()[:10]
+
+
+def version_problem(runs: pd.DataFrame, column: str = "spec_version") -> str | None:
+    """A line when `runs` come from more than one spec version (by `column`), naming which runs are which."""
+    if runs.empty or column not in runs:
+        return None
+    versions = runs[column].dropna().unique()
+    if len(versions) < 2:
+        return None
+    groups = {v: sorted(runs.loc[runs[column] == v, "run_id"]) for v in versions}
+    return ("runs come from different spec versions (data, shape or training settings differ), so their losses "
+            "are not directly comparable: " + "; ".join(f"{v}: {', '.join(ids[:6])}{' ...' if len(ids) > 6 else ''}"
+                                                       for v, ids in groups.items()))
 
 
 def _routing_rows(run_id: str, rec: dict[str, Any], rows: list[dict[str, Any]],
@@ -186,7 +205,8 @@ def _run_row(run_id: str, path: Path, info: dict, spec: dict, params: dict, step
         "final_step": last.get("step"), "val_loss": last.get("val_loss"), "val_loss_topk": last.get("val_loss_topk"),
         "headline_mode": last.get("headline_mode"), "val_ppl": last.get("val_ppl"),
         "val_loss_causal": last.get("val_loss_causal"), "train_flops": last.get("train_flops"),
-        "tokens_seen": last.get("tokens_seen"), "done": bool(last.get("done")) or (
+        "tokens_seen": last.get("tokens_seen"), **_data_facts(info, training, mc, last, steps, evals),
+        "done": bool(last.get("done")) or (
             last.get("step") is not None and last.get("step") == training.get("total_steps")),
         "evaluations": len(evals),
         "routing_modes": ",".join(m for m in ("causal", "topk") if any(f"val_loss_{m}" in e for e in evals)),
@@ -194,12 +214,46 @@ def _run_row(run_id: str, path: Path, info: dict, spec: dict, params: dict, step
         "peak_mem_gib": max((s.get("peak_mem_gib") or 0 for s in steps), default=None) or None,
         "peak_rss_gib": max((s.get("peak_rss_gib") or 0 for s in steps), default=None) or None,
         "spec_version": spec_fingerprint(spec) if spec else None,
+        "spec_version_any_length": spec_fingerprint(spec, any_length=True) if spec else None,
         "params": json.dumps(params.get("params", {}), sort_keys=True) if params else None,
         "trial_id": params.get("trial_id"),
         # why it stopped on a non-finite loss, else None; a seed of a replicate trial stops with its trial
         "diverged": diverged_reason(path) or (diverged_reason(path.parent.parent) if path.parent.name == "seeds"
                                               else None),
     }
+
+
+def embedding_parameters(mc: dict[str, Any]) -> int | None:
+    """Parameters in the token embedding and, untied, the output head (vocab_size x hidden_size each):
+    what dominates a small model's count. None when the config does not say."""
+    vocab, hidden = mc.get("vocab_size"), mc.get("hidden_size")
+    if not isinstance(vocab, int) or not isinstance(hidden, int):
+        return None
+    return vocab * hidden * (1 if mc.get("tie_word_embeddings", True) else 2)
+
+
+def _data_facts(info: dict[str, Any], training: dict[str, Any], mc: dict[str, Any], last: dict[str, Any],
+                steps: list[dict[str, Any]], evals: list[dict[str, Any]]) -> dict[str, Any]:
+    """Parameters without the embeddings, the final loss in bits per byte where the data manifest
+    counts the validation bytes, and how many times the run went over its training data."""
+    data = _dict(info.get("data"))
+    val_tokens, val_bytes = data.get("val_tokens"), data.get("val_bytes")
+    loss = last.get("val_loss")
+    bpb = None
+    if (isinstance(val_tokens, (int, float)) and isinstance(val_bytes, (int, float)) and val_tokens > 0
+            and val_bytes > 0 and isinstance(loss, (int, float))):
+        # bits per byte: nats per token / ln 2 x tokens per byte of validation text (as Paloma and Marin report it)
+        bpb = loss / math.log(2) * val_tokens / val_bytes
+    params, embedding = training.get("parameters"), embedding_parameters(mc)
+    planned = training.get("epochs")  # passes over the training rows the run planned (above 1: it repeats)
+    total, final = training.get("total_steps"), last.get("step")
+    seen = (planned * final / total if isinstance(planned, (int, float)) and isinstance(total, int) and total > 0
+            and isinstance(final, int) else None)
+    passes = [r["epoch"] for r in (*steps, *evals) if isinstance(r.get("epoch"), int)]
+    return {"non_embedding_parameters": params - embedding if isinstance(params, int) and embedding else None,
+            "embedding_parameters": embedding, "val_tokens": val_tokens, "val_bytes": val_bytes, "val_bpb": bpb,
+            "epochs_planned": planned, "epochs_seen": seen,
+            "last_epoch": max(passes) if passes else None}  # the 0-based pass of its last record
 
 
 def load_bench(path: Path, problems: list[str]) -> list[dict[str, Any]]:
@@ -260,13 +314,9 @@ def load(paths: Sequence[str | Path]) -> RunSet:
         if dupes.any():  # the same directory name in two places: qualify by parent
             runs_df.loc[dupes, "run_id"] = [f"{Path(p).parent.name}/{r}" for p, r in
                                             zip(runs_df.loc[dupes, "path"], runs_df.loc[dupes, "run_id"], strict=True)]
-        versions = runs_df["spec_version"].dropna().unique()
-        if len(versions) > 1:
-            groups = {v: sorted(runs_df.loc[runs_df["spec_version"] == v, "run_id"]) for v in versions}
-            problems.append("runs come from different spec versions (data, shape or training settings differ), so "
-                            "their losses are not directly comparable: " +
-                            "; ".join(f"{v}: {', '.join(ids[:6])}{' ...' if len(ids) > 6 else ''}"
-                                      for v, ids in groups.items()))
+        versions = version_problem(runs_df)
+        if versions:
+            problems.append(versions)
         for _, r in runs_df[runs_df["diverged"].notna()].iterrows():
             problems.append(f"{r['run_id']}: {r['diverged']}; left out of the comparisons")
         missing_variant = runs_df["variant"].isna()

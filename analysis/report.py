@@ -15,8 +15,8 @@ import pandas as pd
 
 from dtlab.dashboards.layout import GENERATOR, Section, render
 
-from . import figures, tables
-from .loaders import RunSet, load
+from . import figures, isoflop, tables
+from .loaders import RunSet, load, version_problem
 
 
 @dataclass
@@ -66,8 +66,17 @@ def _sweep_space(paths: list[Path]) -> dict[str, Any]:
     return {}
 
 
+STUDY_FILES = ("optuna.journal", "optuna.db")  # a sweep's Optuna study: the journal file; SQLite before it
+
+
 def _studies(paths: list[Path]) -> list[Path]:
-    return [f for p in paths if p.is_dir() for f in [p / "optuna.db", *p.glob("*/optuna.db")] if f.is_file()]
+    found = []
+    for p in paths:
+        for folder in [p, *sorted(p.glob("*/"))] if p.is_dir() else []:
+            study = next((folder / n for n in STUDY_FILES if (folder / n).is_file()), None)
+            if study is not None:
+                found.append(study)
+    return found
 
 
 def _importance(runs: pd.DataFrame, space: dict[str, Any], studies: Sequence[Path]) -> pd.DataFrame:
@@ -76,9 +85,18 @@ def _importance(runs: pd.DataFrame, space: dict[str, Any], studies: Sequence[Pat
     return tables.importances(study if not study.empty else runs, space)
 
 
-def build_sections(rs: RunSet, space: dict[str, Any], studies: Sequence[Path] = ()) -> tuple[list[Section],
-                                                                                              dict[str, pd.DataFrame]]:
-    runs = tables.results(rs.runs)
+def _relabel(runs: pd.DataFrame, labels: dict[str, str]) -> pd.DataFrame:
+    if not labels or runs.empty:
+        return runs
+    runs = runs.copy()
+    runs["label"] = [labels.get(r, lab) for r, lab in zip(runs["run_id"], runs["label"], strict=True)]
+    return runs
+
+
+def build_sections(rs: RunSet, space: dict[str, Any], studies: Sequence[Path] = (),
+                   isoflops: Sequence[isoflop.Isoflop] = ()) -> tuple[list[Section], dict[str, pd.DataFrame]]:
+    labels = {k: v for study in isoflops for k, v in study.labels.items()}
+    runs = _relabel(tables.results(rs.runs), labels)
     swept = runs["params"].notna().any()
     if swept:  # a trial stopped early has a loss from fewer steps: compared, it would look worse or better
         runs = runs[runs["done"].astype(bool)]
@@ -86,17 +104,24 @@ def build_sections(rs: RunSet, space: dict[str, Any], studies: Sequence[Path] = 
     speed = tables.speed(runs, rs.benches)
     best = tables.best_configs(runs)
     imp = _importance(runs, space, studies) if swept else pd.DataFrame()
-    facts = tables.facts(tables.label_runs(rs.runs))
+    facts = tables.facts(_relabel(tables.label_runs(rs.runs), labels))
     out: dict[str, pd.DataFrame] = {"final_loss": final, "speed": speed, "best_configs": best,
                                     "importance": imp, "runs": facts}
-    s = []
+    first: dict[str, pd.DataFrame] = {}  # an isoFLOP study's tables come first, as its sections do
+    s = [section for i, study in enumerate(isoflops)
+         for section in _isoflop_sections(study, first, f"_{i + 1}" if len(isoflops) > 1 else "")]
+    out = {**first, **out}
     curves = figures.val_loss_curves(rs.evals, runs)
     s.append(Section("Validation loss", "LM loss on the fixed validation set (aux losses excluded), per run, "
                      "coloured by variant; routed models in causal routing. Then the final loss per variant: "
                      "mean, a 95% Student-t interval when there are two seeds or more, the training-mode "
                      "(top-k) loss beside it, and whether the difference from Standard (and from the dense "
                      "control) is established: not when a side has a single seed, the difference is within the "
-                     "seed-to-seed spread, or Welch's 95% interval of the difference holds 0.",
+                     "seed-to-seed spread, or Welch's 95% interval of the difference holds 0. Runs of different "
+                     "hyperparameters are not seeds: where a variant has several configurations (a sweep), its "
+                     "headline is its best finished configuration, the mean and interval over that configuration's "
+                     "seeds, and the range of its configurations' means is shown apart, as the spread over "
+                     "configurations.",
                      [x for x in (curves, figures.final_loss_bars(final), final) if x is not None]))
     s.append(Section("Loss against compute", "Final validation loss against training FLOPs (forward + backward, "
                      "counted from the config); the dashed line is the Pareto front. Standard runs shallower than "
@@ -128,6 +153,39 @@ def build_sections(rs: RunSet, space: dict[str, Any], studies: Sequence[Path] = 
     s.append(Section("Facts of each run", "Device, precision, the routing modes its evaluations used, seed, tokens "
                      "seen and the git commit (dirty: uncommitted changes when it ran).", [facts]))
     return s, out
+
+
+ISOFLOP_BLURB = (
+    "At each training-compute budget, models of several sizes were trained to exactly that budget (the "
+    "schedule spanning each run). Each point is a finished run's final validation loss (causal routing for "
+    "routed models) against its parameters; the line is a quadratic in log parameters fitted with a Huber "
+    "loss, so that one bad run does not carry it. An optimum (star, with the 95% bootstrap interval over "
+    "the runs) is shown only where the sizes tried bracket it: a larger loss on both sides. Elsewhere the "
+    "optimum lies beyond the sizes tried (triangle, pointing where), a bound with the sizes to add. The "
+    "table gives every budget and variant against parameters with and without the embeddings and against "
+    "training tokens; then the compute-optimal loss and size as power laws in C, and what is established.")
+
+
+def _isoflop_sections(study: isoflop.Isoflop, out: dict[str, pd.DataFrame], suffix: str) -> list[Section]:
+    """An isoFLOP study: its curves, the optima per budget and variant, the power laws, the verdicts."""
+    out[f"isoflop_optima{suffix}"] = study.optima
+    out[f"isoflop_points{suffix}"] = study.points
+    out[f"isoflop_power_laws{suffix}"] = study.laws
+    out[f"isoflop_verdicts{suffix}"] = pd.DataFrame({"verdict": study.sentences})
+    shown = [c for c in ("budget", "variant", "axis", "optimum [95%] or bound", "loss at optimum [95%]",
+                         "loss_bpb", "sizes", "points", "note") if c in study.optima]
+    curves = figures.isoflop_curves(study.points, study.optima)
+    frontier = figures.compute_optimal_loss(study.optima, study.laws)
+    return [
+        Section(f"isoFLOP study: {study.root.name}", ISOFLOP_BLURB,
+                [*study.sentences, curves or "no finished runs to plot",
+                 study.optima[shown] if shown else "no budget could be fitted"]),
+        Section("Compute-optimal loss and size across budgets",
+                "Per variant, the bracketed optima against the budget C, with L*(C) = A C^s and N*(C) = k C^e "
+                "fitted in log-log (an interval of the exponent needs three budgets or more).",
+                [x for x in (frontier, study.laws if not study.laws.empty else None) if x is not None]
+                or ["no variant has a bracketed optimum at a budget"]),
+    ]
 
 
 def _sweep_sections(rs: RunSet, runs: pd.DataFrame, best: pd.DataFrame, imp: pd.DataFrame,
@@ -246,7 +304,22 @@ def write_report(paths: Sequence[str | Path], out: str | Path | None = None, for
         raise ReportError(f"no runs found under {', '.join(map(str, roots))}: a run directory holds metrics.jsonl "
                           f"(dtlab train, sweep or run writes one){'; ' + why if why else ''}")
     problems = list(rs.problems)
-    sections, frames = build_sections(rs, _sweep_space(roots), _studies(roots))
+    studies = []
+    for root in isoflop.find_studies(roots):
+        try:
+            studies.append(isoflop.analyse(root, rs.runs))
+        except isoflop.IsoflopError as err:
+            problems.append(f"isoFLOP study not analysed: {err}")
+    problems += [p for study in studies for p in study.problems]
+    in_study = {r for study in studies for r in study.labels}
+    if studies and set(rs.runs["run_id"]) <= in_study:  # sizes and steps differ by design: the rest must not
+        problems = [p for p in problems if p != version_problem(rs.runs)]
+        if (line := version_problem(rs.runs, "spec_version_any_length")) is not None:
+            problems.append(line.replace("spec versions (data, shape or training settings differ)",
+                                         "spec versions beyond their sizes and steps (data or training settings "
+                                         "differ)"))
+    problems += tables.repeated_data(rs.runs)
+    sections, frames = build_sections(rs, _sweep_space(roots), _studies(roots), studies)
     stopped = (rs.runs[rs.runs["params"].notna() & ~rs.runs["done"].astype(bool) & rs.runs["diverged"].isna()]
                if "params" in rs.runs else rs.runs.iloc[0:0])
     if len(stopped):  # a replicate trial's seeds stop together: counted once
@@ -266,7 +339,7 @@ def write_report(paths: Sequence[str | Path], out: str | Path | None = None, for
     md += [f"## {name.replace('_', ' ')}\n\n{_markdown(df)}" for name, df in frames.items()]
     written = _write_all(out, page, markdown, "\n".join(md), tables_dir, frames)
     _manifest_path(out).write_text(json.dumps({"generator": GENERATOR, "files": written}, indent=1))
-    runs = tables.results(rs.runs)
+    runs = _relabel(tables.results(rs.runs), {k: v for study in studies for k, v in study.labels.items()})
     closing = tables.closing(runs, per_run=bool(runs["params"].notna().any()))
     return Report(out, markdown, tables_dir, charts, problems, closing)
 

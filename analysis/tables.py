@@ -9,14 +9,14 @@ from pathlib import Path
 from typing import Any
 
 import pandas as pd
-
-# Two-sided 95% Student-t quantiles by degrees of freedom (1..30); 1.96 beyond.
-T95 = [12.706, 4.303, 3.182, 2.776, 2.571, 2.447, 2.365, 2.306, 2.262, 2.228, 2.201, 2.179, 2.160, 2.145, 2.131,
-       2.120, 2.110, 2.101, 2.093, 2.086, 2.080, 2.074, 2.069, 2.064, 2.060, 2.056, 2.052, 2.048, 2.045, 2.042]
+from scipy import stats
 
 
 def t95(n: int) -> float:
-    return T95[n - 2] if 2 <= n <= 31 else 1.96
+    """The two-sided 95% Student-t quantile for a mean of `n` values (n - 1 degrees of freedom)."""
+    if n < 2:
+        raise ValueError(f"a t interval needs two values or more, got {n}")
+    return float(stats.t.ppf(0.975, n - 1))
 
 
 SHAPE = ["hidden_size", "intermediate_size", "vocab_size", "seq_len"]  # what makes runs one model family
@@ -85,23 +85,34 @@ def _mean(g: pd.DataFrame, col: str) -> float:
 def final_loss(runs: pd.DataFrame) -> pd.DataFrame:
     """Final validation loss per label: mean, spread and a 95% interval over seeds (n >= 2), in the
     headline routing (`causal` for routed models), the training-mode top-k loss beside it, and
-    whether each difference from Standard is established."""
+    whether each difference from Standard is established.
+
+    Runs of different hyperparameters (a sweep's configurations) are not replicates: where a label has
+    several, its headline is its best configuration (the lowest mean over that configuration's seeds),
+    with the interval over those seeds; `configurations` counts the label's configurations, and
+    `config_means_min`/`config_means_max` give the range of their means, the spread over configurations
+    (NaN for one)."""
     rows = []
     for label, g in runs.dropna(subset=["val_loss"]).groupby("label", sort=True):
-        x = g["val_loss"].astype(float)
-        n = len(x)
-        configs = g["params"].fillna("").nunique() if "params" in g else 1
+        key = g["params"].fillna("") if "params" in g else pd.Series("", index=g.index)
+        means = g["val_loss"].astype(float).groupby(key).mean()
+        best = str(means.idxmin())
+        members = g[key == best]
+        x = members["val_loss"].astype(float)
+        n, configs = len(x), len(means)
         sd = float(x.std(ddof=1)) if n > 1 else float("nan")
-        # an interval over seeds only: runs of different hyperparameters are not replicates
-        half = t95(n) * sd / math.sqrt(n) if n > 1 and configs == 1 else float("nan")
-        seeds = sorted(g["seed"].dropna().unique())
-        rows.append({"label": label, "variant": g["variant"].iloc[0], "routing": _modes(g), "runs": n,
+        half = t95(n) * sd / math.sqrt(n) if n > 1 else float("nan")
+        seeds = sorted(members["seed"].dropna().unique())
+        rows.append({"label": label, "variant": g["variant"].iloc[0], "routing": _modes(members), "runs": n,
                      "seeds": len(seeds), "seed_ids": ",".join(str(int(s)) for s in seeds),
-                     "configurations": configs, "val_loss_mean": float(x.mean()), "val_loss_std": sd,
+                     "configurations": configs, "configuration": best,
+                     "val_loss_mean": float(x.mean()), "val_loss_std": sd,
                      "ci95_low": float(x.mean()) - half, "ci95_high": float(x.mean()) + half,
                      "val_loss_min": float(x.min()), "val_loss_max": float(x.max()),
-                     "val_loss_topk_mean (training mode)": _mean(g, "val_loss_topk"),
-                     "flop_ratio_vs_dense": _mean(g, "flop_ratio_vs_dense")})
+                     "config_means_min": float(means.min()) if configs > 1 else float("nan"),
+                     "config_means_max": float(means.max()) if configs > 1 else float("nan"),
+                     "val_loss_topk_mean (training mode)": _mean(members, "val_loss_topk"),
+                     "flop_ratio_vs_dense": _mean(members, "flop_ratio_vs_dense")})
     return with_verdicts(pd.DataFrame(rows))
 
 
@@ -111,31 +122,34 @@ def _modes(g: pd.DataFrame) -> str:
 
 
 def verdict(row: pd.Series, ref: pd.Series) -> str:
-    """Whether `row`'s difference from `ref` is established. Not with a single seed on either side
-    (or several configurations), nor within the seed-to-seed spread (the larger standard deviation),
-    nor when the 95% Welch interval of the difference of means includes 0."""
+    """Whether `row`'s difference from `ref` is established. Not with a single seed on either side, nor
+    within the seed-to-seed spread (the larger standard deviation), nor when the 95% Welch interval of the
+    difference of means includes 0. Rows that are the best of several configurations (a sweep) are
+    compared on their seeds, and the verdict says that the best was chosen on those same seeds (which
+    favours it)."""
     diff, spread = row["val_loss_mean"] - ref["val_loss_mean"], max(row["val_loss_std"], ref["val_loss_std"])
+    tried = [int(c) for c in (row.get("configurations", 1), ref.get("configurations", 1)) if c == c]
+    chosen = (f"; best of {tried[0]} vs {tried[1]} configurations, each chosen on these seeds"
+              if len(tried) == 2 and max(tried) > 1 else "")
     if min(row["seeds"], ref["seeds"]) < 2:
-        return "not established (single seed)"
-    if max(row["configurations"], ref["configurations"]) > 1:
-        return "not established (several configurations)"
+        return f"not established (single seed{chosen})"
     if abs(diff) <= spread:
-        return f"not established (|{diff:.3f}| within the seed spread {spread:.3f})"
+        return f"not established (|{diff:.3f}| within the seed spread {spread:.3f}{chosen})"
     lo, hi = welch_interval(row, ref)
     if lo <= 0 <= hi:
         return (f"not established (beyond the seed spread {spread:.3f}, but its 95% interval "
-                f"[{lo:.3f}, {hi:.3f}] holds 0)")
+                f"[{lo:.3f}, {hi:.3f}] holds 0{chosen})")
     return f"established (95% interval of the difference [{lo:.3f}, {hi:.3f}], {int(row['seeds'])} vs " \
-           f"{int(ref['seeds'])} seeds)"
+           f"{int(ref['seeds'])} seeds{chosen})"
 
 
 def welch_interval(row: pd.Series, ref: pd.Series) -> tuple[float, float]:
-    """The 95% interval of mean(row) - mean(ref), unequal variances (Welch; degrees of freedom rounded
-    down, the conservative side)."""
+    """The 95% interval of mean(row) - mean(ref), unequal variances (Welch: Welch-Satterthwaite degrees
+    of freedom, not rounded; `scipy.stats.ttest_ind(..., equal_var=False)` gives the same from the values)."""
     va, vb = row["val_loss_std"] ** 2 / row["seeds"], ref["val_loss_std"] ** 2 / ref["seeds"]
     se = math.sqrt(va + vb)
     dof = (va + vb) ** 2 / (va ** 2 / (row["seeds"] - 1) + vb ** 2 / (ref["seeds"] - 1)) if se > 0 else 1.0
-    half = t95(max(1, int(dof)) + 1) * se  # t95(n) is the quantile for n - 1 degrees of freedom
+    half = float(stats.t.ppf(0.975, dof)) * se
     diff = row["val_loss_mean"] - ref["val_loss_mean"]
     return diff - half, diff + half
 
@@ -328,13 +342,20 @@ def importances(runs: pd.DataFrame, space: dict | None = None) -> pd.DataFrame:
 
 
 def study_trials(db: str | Path) -> pd.DataFrame:
-    """The completed trials of a sweep's Optuna study (`optuna.db`: one per configuration, its value
-    the mean over seeds) as rows `importances` takes: variant, params (JSON), val_loss (the first
-    objective)."""
+    """The completed trials of a sweep's Optuna study (`optuna.journal`, Optuna's journal file, or an
+    older sweep's SQLite `optuna.db`: one trial per configuration, its value the mean over seeds;
+    COMPLETE only when the configuration finished) as rows `importances` takes: variant, params
+    (JSON), val_loss (the first objective)."""
     import optuna
 
     optuna.logging.set_verbosity(optuna.logging.WARNING)
-    storage = optuna.storages.RDBStorage(f"sqlite:///{db}")
+    storage: optuna.storages.BaseStorage
+    if str(db).endswith(".db"):
+        storage = optuna.storages.RDBStorage(f"sqlite:///{db}")
+    else:
+        from optuna.storages.journal import JournalFileBackend
+
+        storage = optuna.storages.JournalStorage(JournalFileBackend(str(db)))
     rows = []
     for summary in optuna.get_all_study_summaries(storage):
         study = optuna.load_study(study_name=summary.study_name, storage=storage)
@@ -346,10 +367,31 @@ def study_trials(db: str | Path) -> pd.DataFrame:
     return pd.DataFrame(rows)
 
 
+def repeated_data(runs: pd.DataFrame, limit: int = 20) -> list[str]:
+    """One line per run that went over its training data more than once: how many times it saw it (its
+    planned passes, `training.epochs` in run.json, times the share of its steps it ran), else the pass its
+    records reached (their `epoch`, 0 for the first). At most `limit` lines, then a count of the rest."""
+    if runs.empty:
+        return []
+    lines = []
+    for _, r in runs.iterrows():
+        seen, last = r.get("epochs_seen"), r.get("last_epoch")
+        if isinstance(seen, (int, float)) and seen == seen and seen > 1:
+            planned = r.get("epochs_planned")
+            lines.append(f"{r['run_id']} saw its training data {seen:.1f} times"
+                         + (f" (planned {planned:.1f})" if planned != seen and planned == planned else "")
+                         + ": later passes repeat rows it has trained on")
+        elif isinstance(last, (int, float)) and last == last and last >= 1:
+            lines.append(f"{r['run_id']} repeated its training data: its records reach pass {int(last) + 1}")
+    if len(lines) > limit:
+        lines = lines[:limit] + [f"... and {len(lines) - limit} more runs repeated their training data"]
+    return lines
+
+
 def facts(runs: pd.DataFrame) -> pd.DataFrame:
     cols = ["run_id", "label", "variant", "seed", "device", "precision", "world_size", "routing_modes",
-            "tokens_seen", "final_step", "total_steps", "done", "diverged", "evaluations", "commit", "dirty",
-            "spec_version"]
+            "tokens_seen", "epochs_seen", "final_step", "total_steps", "done", "diverged", "evaluations", "commit",
+            "dirty", "spec_version"]
     out = runs[[c for c in cols if c in runs]].copy()
     if "commit" in out:
         out["commit"] = out["commit"].map(lambda c: c[:10] if isinstance(c, str) else c)

@@ -7,7 +7,7 @@ Shape legend: B batch, T sequence length, K tokens per routed block and row, D h
 from __future__ import annotations
 
 import contextlib
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any, NamedTuple
 
@@ -149,6 +149,9 @@ class DTLabModel(DTLabPreTrainedModel):
         self.rotary_emb = RotaryEmbedding(config.head_dim, config.rope_theta)
         # persistent: a reloaded model with scheduled DTF temperatures runs at the step it was saved at
         self.register_buffer("schedule_step", torch.tensor(0, dtype=torch.long))
+        # how a pass without a KV cache runs each layer: `runner(layer, x, ctx, carry)` (None: a plain
+        # call); the trainer's activation checkpointing sets it
+        self.layer_runner: Callable[[nn.Module, torch.Tensor, Context, tuple | None], LayerOutput] | None = None
         self.post_init()
 
     def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor | None = None,
@@ -164,8 +167,11 @@ class DTLabModel(DTLabPreTrainedModel):
         masks: dict[int, torch.Tensor] = {}
         carry = None
         for i, layer in enumerate(self.layers):
-            store = None if cache is None else cache.layers[i]
-            x, carry, layer_aux, layer_stats, selected = layer(x, ctx, carry, store)
+            if cache is None and self.layer_runner is not None:
+                out = self.layer_runner(layer, x, ctx, carry)
+            else:
+                out = layer(x, ctx, carry, None if cache is None else cache.layers[i])
+            x, carry, layer_aux, layer_stats, selected = out
             for name, value in layer_aux.items():
                 aux.setdefault(name, []).append(value)
             if layer_stats:

@@ -4,9 +4,10 @@
 #      which SDPA kernels padded/routed attention ran with the math kernel disabled);
 #   2. the training bench at the 0.5B shape, eager and compiled;
 #   3. a short compiled training run of the loop (the quick experiment's data, no Ray);
-#   4. the decode bench (prefill and per-token decode at batch 1 and 8, Standard as baseline).
+#   4. the decode bench (prefill and per-token decode at batch 1 and 8, Standard as baseline);
+#   5. the memory plan against torch.cuda.max_memory_allocated at 0.5B (memory.json: the ratios).
 # Everything goes into one folder: scripts/gpu_check.sh [OUT_DIR] (default $OUT, else gpu-check-DATE).
-# Each step has its own time limit (460 s together) and its exit status is recorded; the script goes on
+# Each step has its own time limit (520 s together) and its exit status is recorded; the script goes on
 # after a failure. `dtlab report OUT_DIR` shows the short run with the bench-*.json files beside it.
 set -uo pipefail
 cd "$(dirname "$0")/.."
@@ -54,5 +55,6 @@ step train_compiled 80 python -m dtlab.trainers train experiments/quick.yaml tra
   resources.device=cuda training.max_steps=60 resources.use_ray=false --no-ray --out "$OUT_DIR/train" --force
 step decode_bench 100 python -m dtlab.trainers bench --decode --preset 0.5B --steps 2 --new-tokens 64 \
   --out "$OUT_DIR/bench-decode.json" --force
+step memory_plan 60 python scripts/gpu_memory_check.py "$OUT_DIR/memory.json" --batch 4 --seq-len 2048
 echo "results in $OUT_DIR"
 ! grep -v "rc=0 " "$STATUS"

@@ -253,6 +253,9 @@ class SweepSpec(Strict):
     search_space: dict[str, Distribution] = Field(default_factory=dict)
     asha: AshaSpec = AshaSpec()
     driver_cpus: float = Field(0.1, gt=0.0)  # the per-trial driver that builds the TorchTrainer
+    # a trial that ASHA stopped keeps its `best` weights; its `last` checkpoint (with the optimizer's
+    # state, for a resume that never comes) is dropped unless this says keep it
+    keep_stopped_last: bool = False
     dashboard_host: str = "127.0.0.1"
 
     def objective_list(self) -> list[Objective]:
@@ -297,6 +300,43 @@ class TrackingSpec(Strict):
         return raw
 
 
+ISOFLOP_SHAPE_KEYS = ("hidden_size", "num_hidden_layers", "num_attention_heads", "num_key_value_heads",
+                      "intermediate_size")
+
+
+class IsoflopSize(Strict):
+    """One model size of an isoFLOP family: a preset (`size`, default `model.size`) with shape
+    overrides; in a spec either a preset's name (`small`) or `{name, size, overrides}`."""
+
+    name: str = Field(min_length=1, max_length=100, pattern=NAME_PATTERN)
+    size: str | None = None
+    overrides: dict[Literal["hidden_size", "num_hidden_layers", "num_attention_heads", "num_key_value_heads",
+                            "intermediate_size"],
+                    Annotated[int, Field(ge=1, le=2**31 - 1)]] = Field(default_factory=dict)
+
+    @model_validator(mode="before")
+    @classmethod
+    def _preset_name(cls, raw: Any) -> Any:
+        return {"name": raw, "size": raw} if isinstance(raw, str) else raw
+
+
+class IsoflopSpec(Strict):
+    """`dtlab isoflop`: every size x variant x seed trained to each budget of training FLOPs, its
+    steps (and so its learning-rate schedule) set so that FLOPs per token x tokens equals the budget."""
+
+    budgets: list[Annotated[float, Field(gt=0.0)]] = Field(min_length=1)  # training FLOPs per run
+    sizes: list[IsoflopSize] = Field(min_length=3)  # depth and width scaled together; 3 or more for a minimum
+
+    @model_validator(mode="after")
+    def _each_once(self) -> IsoflopSpec:
+        names = [s.name for s in self.sizes]
+        twice = sorted({n for n in names if names.count(n) > 1}) + sorted(
+            {f"{b:g}" for b in self.budgets if self.budgets.count(b) > 1})
+        if twice:
+            raise ValueError(f"isoflop: {', '.join(twice)} listed more than once; each names runs, list it once")
+        return self
+
+
 class Spec(Strict):
     name: str = Field("experiment", min_length=1, max_length=200)  # part of directory names: see `_plain_name`
     description: str = ""
@@ -311,6 +351,7 @@ class Spec(Strict):
     training: TrainingSpec = TrainingSpec()
     resources: ResourcesSpec = ResourcesSpec()
     sweep: SweepSpec | None = None
+    isoflop: IsoflopSpec | None = None  # `dtlab isoflop`: sizes x variants x seeds at equal training FLOPs
     eval: EvalSpec | None = None  # downstream tasks after training (`dtlab run`)
     tracking: TrackingSpec = TrackingSpec()  # tensorboard, mlflow, wandb (none by default)
 
@@ -341,6 +382,38 @@ class Spec(Strict):
         if self.eval is not None and self.sweep is not None:
             raise ValueError("eval: scores the runs of `dtlab run` without a sweep; for a sweep's trials run "
                              "`dtlab eval SWEEP_DIR` once it has finished")
+        return self
+
+    @model_validator(mode="after")
+    def _check_isoflop(self) -> Spec:
+        """An isoFLOP study: no sweep, no dense_control (the sizes are the dense family), the shapes from
+        its sizes (not from `model`), each size a valid model of each variant."""
+        if self.isoflop is None:
+            return self
+        from dtlab.models.config import PRESETS, make_config
+
+        if self.sweep is not None:
+            raise ValueError("isoflop: and sweep: in one spec; an isoFLOP study trains fixed sizes to fixed budgets "
+                             "(no search, no early stopping): keep one of them")
+        if DENSE_CONTROL in (self.variants or []):
+            raise ValueError("isoflop: variants: dense_control is a shallower Standard at one shape; in an isoFLOP "
+                             "study the sizes are the dense family: list standard instead")
+        shape = [k for k in self.model.overrides() if k in ISOFLOP_SHAPE_KEYS]
+        if shape:
+            raise ValueError(f"isoflop: model.{shape[0]} is set for every run; the shapes come from isoflop.sizes "
+                             "(give each size its own overrides)")
+        if not self.training.from_scratch:
+            raise ValueError("isoflop: trains each size from scratch (training.from_scratch=true)")
+        for size in self.isoflop.sizes:
+            preset = size.size or self.model.size
+            if preset not in PRESETS:
+                raise ValueError(f"isoflop.sizes: {size.name}: size={preset!r}: expected one of {list(PRESETS)}"
+                                 f"{did_you_mean(preset, PRESETS)}")
+            for variant in {base_variant(v) for v in self.variant_list()}:
+                try:
+                    make_config(variant, preset, **{**self.model.overrides_for(variant), **size.overrides})
+                except ValueError as err:
+                    raise ValueError(f"isoflop.sizes: {size.name}: {err}") from None
         return self
 
     @model_validator(mode="after")
@@ -400,7 +473,7 @@ class Spec(Strict):
     def for_run(self, variant: str, seed: int, params: dict[str, Any] | None = None, source: str = "") -> Spec:
         """The spec of one run: one variant, one seed, no sweep; `params` (dotted keys) applied,
         model keys only where the variant has them."""
-        raw = self.model_dump(mode="json", exclude={"sweep"})
+        raw = self.model_dump(mode="json", exclude={"sweep", "isoflop"})
         raw.update(seed=seed, variants=None, seeds=None)
         for key, value in (params or {}).items():
             set_key(raw, key.split("."), value, f"sweep.search_space.{key}")
@@ -516,6 +589,60 @@ def apply_overrides(raw: dict[str, Any], overrides: list[str]) -> dict[str, Any]
     return raw
 
 
+class _UniqueKeyLoader(yaml.SafeLoader):
+    """YAML's safe loader, refusing a mapping that gives a key twice (plain YAML keeps the last one, so a
+    second `training:` section would silently replace the first)."""
+
+    def construct_mapping(self, node: yaml.MappingNode, deep: bool = False) -> dict[Any, Any]:
+        seen: dict[Any, int] = {}
+        for key_node, _ in node.value:
+            if key_node.tag == "tag:yaml.org,2002:merge":  # `<<: *anchor` merges, as YAML says
+                continue
+            key = self.construct_object(key_node, deep=True)
+            line = key_node.start_mark.line + 1
+            if isinstance(key, (str, int, float, bool)) and key in seen:
+                raise DuplicateKey(key, seen[key], line)
+            if isinstance(key, (str, int, float, bool)):
+                seen[key] = line
+        return super().construct_mapping(node, deep=deep)
+
+
+class DuplicateKey(Exception):
+    """A key given twice in one mapping, at lines `first` and `second` (1-based)."""
+
+    def __init__(self, key: Any, first: int, second: int) -> None:
+        super().__init__(key, first, second)
+        self.key, self.first, self.second = key, first, second
+
+
+def _parents(text: str, line: int) -> list[str]:
+    """The keys of the sections around line `line` (1-based) of a block-style YAML text, outermost first."""
+    lines = text.splitlines()
+    target = lines[line - 1]
+    indent = len(target) - len(target.lstrip())
+    path: list[str] = []
+    for prev in reversed(lines[:line - 1]):
+        stripped = prev.strip()
+        if not stripped or stripped.startswith("#"):
+            continue
+        ind = len(prev) - len(prev.lstrip())
+        if ind < indent and stripped.endswith(":") and not stripped.startswith("-"):
+            path.insert(0, stripped[:-1].strip())
+            indent = ind
+    return path
+
+
+def load_yaml_unique(text: str, source: str) -> Any:
+    """YAML text as Python objects; a key given twice in one mapping is a SpecError naming `source`, the
+    key (dotted, with its sections) and both lines."""
+    try:
+        return yaml.load(text, Loader=_UniqueKeyLoader)  # noqa: S506 (a SafeLoader subclass)
+    except DuplicateKey as dup:
+        dotted = ".".join([*_parents(text, dup.second), str(dup.key)])
+        raise SpecError(f"{source}: key {dotted!r} is given twice (lines {dup.first} and {dup.second}); YAML would "
+                        "keep only the last one: merge them into one") from None
+
+
 def load_spec(path: str | Path, overrides: list[str] | None = None) -> Spec:
     """Read, override (`key.path=value`, values parsed as YAML) and validate a spec file."""
     path = Path(path)
@@ -532,7 +659,7 @@ def load_spec(path: str | Path, overrides: list[str] | None = None) -> Spec:
     except OSError as err:
         raise SpecError(f"{path}: cannot read it ({err.strerror})") from None
     try:
-        raw = yaml.safe_load(text)
+        raw = load_yaml_unique(text, str(path))
     except yaml.YAMLError as err:
         raise SpecError(f"{path}: not valid YAML: {' '.join(str(err).split())}") from None
     if raw is None:

@@ -54,3 +54,75 @@ def make_run(root: Path, name: str, variant: str, seed: int = 0, final: float = 
         text = text[: len(text) - 40]  # a crash in the middle of the last line
     (run / "metrics.jsonl").write_text(text)
     return run
+
+
+def set_epochs(run: Path, planned: float | None, per_step: float) -> None:
+    """A run that planned `planned` passes over its training rows (run.json's `training.epochs`, None: not
+    recorded) and whose training records carry the 0-based pass of each step (`per_step` passes a step)."""
+    info = json.loads((run / "run.json").read_text())
+    if planned is not None:
+        info["training"]["epochs"] = planned
+    (run / "run.json").write_text(json.dumps(info))
+    lines = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
+    for r in lines:
+        if r["kind"] == "train":
+            r["epoch"] = int((r["step"] - 1) * per_step)
+    (run / "metrics.jsonl").write_text("".join(json.dumps(r) + "\n" for r in lines))
+
+
+# ---- isoFLOP studies ---------------------------------------------------------------------------------------
+VOCAB = 512
+TOKENS_PER_STEP = 1024
+
+
+def make_isoflop_study(root: Path, budgets: list[float], sizes: dict[str, tuple[int, int]], variants: list[str],
+                       seeds: list[int], loss, unfinished: tuple[str, ...] = (), val_bytes: int | None = 4000,
+                       tied: bool = True) -> Path:
+    """An isoFLOP study directory as `dtlab isoflop` writes it: `isoflop.json` and one run directory per
+    budget x size x variant x seed, each trained to its budget (flops per token 6N, steps = budget / (6N x
+    tokens per step), rounded), its final loss `loss(variant, budget, parameters, seed)`. `sizes`: name ->
+    (parameters, hidden size). Runs named in `unfinished` stop halfway (`done` false)."""
+    root.mkdir(parents=True, exist_ok=True)
+    entries = []
+    for budget in budgets:
+        for size, (params, hidden) in sizes.items():
+            for variant in variants:
+                for seed in seeds:
+                    name = f"{variant}-{size}-c{budget:.0e}-s{seed}"
+                    fpt = 6.0 * params
+                    steps = max(2, round(budget / (fpt * TOKENS_PER_STEP)))
+                    final = float(loss(variant, budget, params, seed))
+                    _isoflop_run(root / "runs" / name, variant, seed, params, hidden, fpt, steps, final,
+                                 name in unfinished, val_bytes, tied)
+                    entries.append({"dir": f"runs/{name}", "variant": variant, "size": size, "budget": budget,
+                                    "seed": seed, "steps": steps, "planned_flops": steps * TOKENS_PER_STEP * fpt})
+    (root / "isoflop.json").write_text(json.dumps({
+        "budgets": budgets, "sizes": [{"name": s, "overrides": {"hidden_size": h}} for s, (_, h) in sizes.items()],
+        "variants": variants, "seeds": seeds, "runs": entries}))
+    return root
+
+
+def _isoflop_run(run: Path, variant: str, seed: int, params: int, hidden: int, fpt: float, steps: int, final: float,
+                 unfinished: bool, val_bytes: int | None, tied: bool) -> None:
+    run.mkdir(parents=True)
+    spec = json.loads(json.dumps(SPEC))
+    spec["model"]["type"], spec["seed"] = variant, seed
+    spec["model"]["hidden_size"], spec["training"]["max_steps"] = hidden, steps  # as the study sets them
+    (run / "spec.yaml").write_text(yaml.safe_dump(spec))
+    data = {"val_tokens": 2000, **({"val_bytes": val_bytes} if val_bytes else {})}
+    (run / "run.json").write_text(json.dumps({
+        "name": "iso", "variant": variant, "seed": seed, "commit": "abc123def4567", "dirty": False, "data": data,
+        "training": {"variant": variant, "capacity": None if variant == "standard" else 0.125, "device": "cpu",
+                     "precision": "fp32", "world_size": 1, "total_steps": steps, "tokens_per_step": TOKENS_PER_STEP,
+                     "parameters": params, "flops_per_token": fpt, "flop_ratio_vs_dense": 1.0, "seq_len": 16,
+                     "epochs": 0.5,
+                     "model_config": {"num_hidden_layers": 4, "hidden_size": hidden, "vocab_size": VOCAB,
+                                      "tie_word_embeddings": tied}}}))
+    last = steps // 2 if unfinished else steps
+    lines = []
+    for step in sorted({0, steps // 2, last}):
+        loss = final + (steps - step) / steps
+        lines.append({"kind": "eval", "step": step, "tokens_seen": step * TOKENS_PER_STEP,
+                      "train_flops": step * TOKENS_PER_STEP * fpt, "done": step == steps, "val_loss": loss,
+                      "val_loss_topk": loss - 0.01, "routing_mode": "topk" if variant == "standard" else "causal"})
+    (run / "metrics.jsonl").write_text("".join(json.dumps(r) + "\n" for r in lines))

@@ -8,6 +8,7 @@ import random
 import statistics
 from pathlib import Path
 
+import numpy as np
 import pandas as pd
 import pytest
 import yaml
@@ -178,7 +179,9 @@ def test_val_loss_curves_is_none_without_evaluations(tmp_path):
 
 # ---- final loss per label ------------------------------------------------------------------------------------
 
-T95 = {1: 12.706, 2: 4.303}  # two-sided 95% Student-t quantile by degrees of freedom (a table, not the code's)
+# two-sided 95% Student-t quantiles by degrees of freedom, in closed form (not the code's scipy): with 1 degree
+# the t is Cauchy, quantile tan(pi (p - 1/2)); with 2, (2p - 1) / sqrt(2p(1 - p)) = sqrt(2) 0.95 / sqrt(1 - 0.95^2)
+T95 = {1: math.tan(0.475 * math.pi), 2: math.sqrt(2) * 0.95 / math.sqrt(1 - 0.95 ** 2)}
 
 
 def test_final_loss_bars_are_the_mean_and_interval_over_seeds(exp):
@@ -205,6 +208,36 @@ def test_final_loss_bars_is_none_without_a_final_loss(tmp_path):
     rs = load([tmp_path])
     assert figures.final_loss_bars(tables.final_loss(tables.results(rs.runs))) is None
     assert figures.final_loss_bars(pd.DataFrame()) is None
+
+
+def test_final_loss_bars_of_a_sweep_are_the_best_configuration_and_the_spread_over_configurations(tmp_path):
+    """A sweep's variant with two configurations (two seeds each): the bar is the better configuration's mean
+    over its seeds with its seed interval; the spread over configurations is a trace of its own, the range
+    of the configurations' means, never folded into the seed interval."""
+    finals = {"a": [], "b": []}
+    for config, cap, offset in (("a", 0.2, 0.0), ("b", 0.4, 0.6)):
+        for seed in (0, 1):
+            run = write_run(tmp_path, f"trial-{config}-{seed}", "mod", seed=seed, capacity=cap,
+                            offset=offset + seed / 10)
+            (run / "params.json").write_text(json.dumps({"trial_id": config, "seed": seed,
+                                                         "params": {"model.type": "mod", "model.mod_capacity": cap}}))
+            finals[config].append(final(tmp_path, run.name)["val_loss"])
+    assert statistics.fmean(finals["a"]) < statistics.fmean(finals["b"])  # precondition: a is the best
+    rs = load([tmp_path])
+    table = tables.final_loss(tables.results(rs.runs))
+    fig = figures.final_loss_bars(table)
+    bars, spread = fig.data
+    assert list(bars.x) == ["mod"] and list(bars.y) == pytest.approx([statistics.fmean(finals["a"])], abs=1e-12)
+    half = T95[1] * statistics.stdev(finals["a"]) / math.sqrt(2)
+    assert list(bars.error_y.array) == pytest.approx([half], abs=1e-12)
+    assert list(bars.text) == ["n=2, best of 2 configs"]
+    means = sorted(statistics.fmean(v) for v in finals.values())
+    assert list(spread.y) == pytest.approx([means[0]]) and list(spread.error_y.array) == pytest.approx(
+        [means[1] - means[0]])
+    assert "not a seed interval" in spread.name and "best configuration" in fig.layout.title.text
+    row = table.iloc[0]
+    assert row["configurations"] == 2 and row["runs"] == 2 and json.loads(row["configuration"])[
+        "model.mod_capacity"] == 0.2
 
 
 # ---- loss against compute ------------------------------------------------------------------------------------
@@ -483,3 +516,84 @@ def test_every_figure_function_is_tested():
     tested = {n.split("test_", 1)[1] for n in globals() if n.startswith("test_")}
     untested = {n for n in public if not any(t.startswith(n) for t in tested)}
     assert len(public) >= 8 and not untested, untested
+
+
+# ---- isoFLOP studies -----------------------------------------------------------------------------------------
+
+def _isoflop(tmp_path):
+    """Two budgets x five sizes x Standard and MoD: Standard's optimum bracketed at 1e15 and below the sizes
+    tried at 1e16; MoD's bracketed at both."""
+    from tests.analysis.fixtures import make_isoflop_study
+
+    sizes = {f"s{i}": (int(1e6 * 2 ** i), 64 + 32 * i) for i in range(5)}
+
+    def loss(variant, budget, params, seed):
+        x_star = 5.7 if (variant == "standard" and budget == 1e16) else 6.55
+        return 3.0 + 0.8 * (math.log10(params) - x_star) ** 2 + random.Random(f"{variant}{budget}{params}{seed}").gauss(
+            0, 0.01)
+
+    root = make_isoflop_study(tmp_path / "iso", [1e15, 1e16], sizes, ["standard", "mod"], [0, 1], loss)
+    from dtlab.analysis import isoflop
+
+    return root, isoflop.analyse(root, load([root]).runs, bootstrap=100)
+
+
+def test_isoflop_curves_are_each_runs_loss_the_fits_and_the_optima(tmp_path):
+    root, study = _isoflop(tmp_path)
+    fig = figures.isoflop_curves(study.points, study.optima)
+    by_name = {}
+    for trace in fig.data:
+        by_name.setdefault(trace.legendgroup, []).append(trace)
+    assert sorted(by_name) == sorted(f"{v} · {b:.3g} FLOPs" for v in ("standard", "mod") for b in (1e15, 1e16))
+    info = {json.loads((d / "run.json").read_text())["training"]["parameters"] for d in (root / "runs").iterdir()}
+    for name, traces in by_name.items():
+        variant, budget = name.split(" · ")[0], float(name.split(" · ")[1].split()[0])
+        runs, line, mark = traces
+        for run_id, x, y in zip(runs.text, runs.x, runs.y, strict=True):  # each run at its parameters and loss
+            rec = final(root / "runs", run_id)
+            assert y == rec["val_loss"] and x in info and run_id.startswith(f"{variant}-")
+        assert len(runs.x) == 10 and runs.marker.color == line.line.color == mark.marker.color
+        # the fitted parabola passes near each size's mean loss (noise 0.01) and its lowest point is the optimum
+        row = study.optima[(study.optima["variant"] == variant) & (study.optima["budget"] == budget)
+                           & (study.optima["axis"] == "parameters")].iloc[0]
+        sizes = pd.DataFrame({"x": runs.x, "y": runs.y}).groupby("x")["y"].mean()
+        curve = np.interp(np.log10(sizes.index), np.log10(line.x), line.y)
+        assert np.abs(curve - sizes.to_numpy()).max() < 0.03
+        if variant == "standard" and budget == 1e16:  # below the sizes tried: a triangle at the smallest, leftward
+            assert row["status"] == "below the smallest size tried" and mark.marker.symbol == "triangle-left"
+            assert (mark.x[0], mark.y[0]) == (1e6, pytest.approx(sizes.iloc[0]))
+        else:
+            assert row["status"] == "optimum" and mark.marker.symbol == "star"
+            assert (mark.x[0], mark.y[0]) == (row["optimum"], row["loss"])
+            assert line.x[int(np.argmin(line.y))] == pytest.approx(row["optimum"], rel=0.05)
+            assert mark.error_x.array[0] == pytest.approx(row["optimum_high"] - row["optimum"])
+            assert mark.error_x.arrayminus[0] == pytest.approx(row["optimum"] - row["optimum_low"])
+    assert fig.layout.xaxis.type == "log"
+
+
+def test_isoflop_curves_is_none_without_points(tmp_path):
+    assert figures.isoflop_curves(pd.DataFrame(), pd.DataFrame()) is None
+
+
+def test_compute_optimal_loss_is_the_bracketed_optima_and_their_power_law(tmp_path):
+    root, study = _isoflop(tmp_path)
+    fig = figures.compute_optimal_loss(study.optima, study.laws)
+    names = [t.name for t in fig.data]
+    law = study.laws.set_index(["variant", "quantity"]).loc[("mod", "optimal loss (nats)")]
+    assert names == ["mod", f"mod: {law['law']}", "standard"]  # Standard: one bracketed optimum, no law
+    opt = study.optima[(study.optima["axis"] == "parameters") & (study.optima["status"] == "optimum")]
+    mod, line, standard = fig.data
+    want = opt[opt["variant"] == "mod"].sort_values("budget")
+    assert list(mod.x) == [1e15, 1e16] and list(mod.y) == list(want["loss"])
+    assert list(mod.error_y.array) == pytest.approx(list(want["loss_high"] - want["loss"]))
+    assert list(standard.x) == [1e15]
+    assert line.y[0] == pytest.approx(law["coefficient"] * line.x[0] ** law["exponent"])
+    assert line.y[-1] == pytest.approx(want["loss"].iloc[-1], rel=1e-9)  # exact through two points
+    assert fig.layout.xaxis.type == fig.layout.yaxis.type == "log"
+
+
+def test_compute_optimal_loss_is_none_without_a_bracketed_optimum(tmp_path):
+    assert figures.compute_optimal_loss(pd.DataFrame(), pd.DataFrame()) is None
+    root, study = _isoflop(tmp_path)
+    nothing = study.optima.assign(status="below the smallest size tried")
+    assert figures.compute_optimal_loss(nothing, study.laws) is None

@@ -8,7 +8,7 @@ import pandas as pd
 
 from dtlab.analysis.loaders import load
 from dtlab.analysis.tables import final_loss, importances, label_runs, speed
-from tests.analysis.fixtures import make_run
+from tests.analysis.fixtures import make_run, set_epochs
 
 ROOT = Path(__file__).resolve().parents[2]
 
@@ -50,7 +50,7 @@ def test_final_loss_interval_over_seeds(tmp_path):
     table = final_loss(label_runs(load([tmp_path]).runs)).set_index("label")
     mod = table.loc["mod c=0.125"]
     assert mod["runs"] == 3 and abs(mod["val_loss_mean"] - 5.21) < 1e-9 and abs(mod["val_loss_std"] - 0.2) < 1e-9
-    assert abs((mod["ci95_high"] - mod["val_loss_mean"]) - 4.303 * 0.2 / 3 ** 0.5) < 1e-6  # t(2 dof)
+    assert abs((mod["ci95_high"] - mod["val_loss_mean"]) - 4.3026527 * 0.2 / 3 ** 0.5) < 1e-6  # t(2 dof)
     assert table.loc["standard"]["ci95_high"] != table.loc["standard"]["ci95_high"]  # one seed: no interval
     assert mod["seeds"] == 3 and mod["seed_ids"] == "0,1,2"
     assert table.loc["standard"]["seeds"] == 1 and table.loc["standard"]["seed_ids"] == "0"  # one seed, not "0"
@@ -150,7 +150,78 @@ def test_sweep_trials_and_importance(tmp_path):
 
 
 def test_analysis_imports_neither_torch_nor_ray():
-    code = ("import sys, dtlab.analysis.loaders, dtlab.analysis.tables, dtlab.analysis.figures, dtlab.analysis.report;"
+    code = ("import sys, dtlab.analysis.loaders, dtlab.analysis.tables, dtlab.analysis.figures, dtlab.analysis.report,"
+            " dtlab.analysis.isoflop;"
             "print('torch' in sys.modules, 'ray' in sys.modules)")
     out = subprocess.run([sys.executable, "-c", code], cwd=ROOT, capture_output=True, text=True, check=True)
     assert out.stdout.split() == ["False", "False"]
+
+
+def test_welch_interval_is_scipys():
+    """The Welch interval from the table's means, standard deviations and seed counts equals scipy's
+    `ttest_ind(equal_var=False)` interval from the values themselves (fractional degrees of freedom)."""
+    import math
+
+    from scipy import stats
+
+    from dtlab.analysis.tables import welch_interval
+
+    a, b = [5.0, 5.3, 5.1, 5.45], [4.7, 4.75, 4.72]
+    row = pd.Series({"val_loss_mean": sum(a) / 4, "val_loss_std": pd.Series(a).std(), "seeds": 4})
+    ref = pd.Series({"val_loss_mean": sum(b) / 3, "val_loss_std": pd.Series(b).std(), "seeds": 3})
+    want = stats.ttest_ind(a, b, equal_var=False).confidence_interval(0.95)
+    got = welch_interval(row, ref)
+    assert math.isclose(got[0], want.low) and math.isclose(got[1], want.high), (got, want)
+    assert not math.isclose(stats.ttest_ind(a, b).confidence_interval(0.95).low, want.low)  # pooled differs
+
+
+def test_a_sweeps_headline_is_each_variants_best_configuration(tmp_path):
+    """Two DTF configurations of one seed each (as in sweep_smoke) are not two seeds: the headline is the
+    better configuration (one seed: no interval), and the spread over configurations is its own columns."""
+    make_run(tmp_path / "trials", "a", "dtf", final=6.1, params={"model.type": "dtf", "model.dtf_capacity": 0.2})
+    make_run(tmp_path / "trials", "b", "dtf", final=6.5, params={"model.type": "dtf", "model.dtf_capacity": 0.4})
+    for seed, final in enumerate([6.0, 6.2]):  # Standard: one configuration, two seeds
+        make_run(tmp_path / "trials", f"s{seed}", "standard", seed=seed, final=final,
+                 params={"model.type": "standard"})
+    table = final_loss(label_runs(load([tmp_path]).runs)).set_index("label")
+    dtf, std = table.loc["dtf"], table.loc["standard"]
+    assert dtf["configurations"] == 2 and dtf["runs"] == 1 and '"model.dtf_capacity": 0.2' in dtf["configuration"]
+    assert abs(dtf["val_loss_mean"] - 6.11) < 1e-9 and pd.isna(dtf["ci95_high"])  # causal loss, one seed
+    assert abs(dtf["config_means_min"] - 6.11) < 1e-9 and abs(dtf["config_means_max"] - 6.51) < 1e-9
+    assert std["configurations"] == 1 and std["runs"] == 2 and pd.isna(std["config_means_min"])
+    assert abs(std["val_loss_mean"] - 6.1) < 1e-9 and std["ci95_high"] > std["val_loss_mean"]
+    assert dtf["difference"] == "not established (single seed; best of 2 vs 1 configurations, each chosen on " \
+                                "these seeds)"
+
+
+def test_parameters_without_embeddings(tmp_path):
+    import json
+
+    run = make_run(tmp_path, "standard-seed0", "standard")
+    info = json.loads((run / "run.json").read_text())
+    info["training"]["model_config"].update(vocab_size=512, tie_word_embeddings=True)
+    (run / "run.json").write_text(json.dumps(info))
+    row = load([tmp_path]).runs.iloc[0]
+    assert row["parameters"] == 1000 + 0 and row["embedding_parameters"] == 512 * 64
+    assert row["non_embedding_parameters"] == 1000 - 512 * 64
+    assert pd.isna(row["val_bpb"])  # the manifest has no byte count
+
+
+def test_the_report_says_when_a_run_repeated_its_data(tmp_path):
+    from dtlab.analysis.report import write_report
+
+    set_epochs(make_run(tmp_path / "e", "standard-s0", "standard"), planned=2.2, per_step=2.2 / 20)
+    set_epochs(make_run(tmp_path / "e", "mod-s0", "mod"), planned=None, per_step=0.15)  # older run.json
+    set_epochs(make_run(tmp_path / "e", "dtf-s0", "dtf"), planned=0.6, per_step=0.6 / 20)  # one pass, not all of it
+    make_run(tmp_path / "e", "dtf-s1", "dtf", seed=1)  # nothing recorded about epochs
+    runs = load([tmp_path / "e"]).runs.set_index("run_id")
+    assert runs.loc["standard-s0", "epochs_seen"] == 2.2 and runs.loc["standard-s0", "last_epoch"] == 2
+    assert runs.loc["dtf-s0", "epochs_seen"] == 0.6 and runs.loc["dtf-s0", "last_epoch"] == 0
+    report = write_report([tmp_path / "e"])
+    repeated = [p for p in report.problems if "training data" in p]
+    assert repeated == ["mod-s0 repeated its training data: its records reach pass 3",  # in the order of the runs
+                        "standard-s0 saw its training data 2.2 times: later passes repeat rows it has trained on"]
+    md = report.markdown.read_text()
+    assert all(line in md for line in repeated)
+    facts = pd.read_csv(report.tables_dir / "runs.csv").set_index("run_id")
+    assert facts.loc["standard-s0", "epochs_seen"] == 2.2 and pd.isna(facts.loc["dtf-s1", "epochs_seen"])

@@ -113,14 +113,32 @@ def _chromium(args, url, tmp_path):
     return subprocess.run([CHROMIUM, *flags, *args, url], capture_output=True, text=True, timeout=180)
 
 
+def _isoflop_study(root):
+    """Two budgets x five sizes x Standard and MoD, two seeds: MoD's optima 0.1 nats lower."""
+    import math
+    import random
+
+    from tests.analysis.fixtures import make_isoflop_study
+
+    def loss(variant, budget, params, seed):
+        return 3.0 - 0.1 * (variant == "mod") + 0.8 * (math.log10(params) - 6.55) ** 2 + random.Random(
+            f"{variant}{budget}{params}{seed}").gauss(0, 0.01)
+
+    sizes = {f"s{i}": (int(1e6 * 2 ** i), 64 + 32 * i) for i in range(5)}
+    return make_isoflop_study(root, [1e15, 1e16], sizes, ["standard", "mod"], [0, 1], loss)
+
+
 @pytest.mark.slow
-def test_report_renders_in_headless_chromium(tmp_path):
+@pytest.mark.parametrize("kind", ["experiment", "isoflop"])
+def test_report_renders_in_headless_chromium(tmp_path, kind):
     if CHROMIUM is None:
         if os.environ.get("CI"):
             pytest.fail("chromium is missing: .ci/run installs Debian's chromium package")
         pytest.skip("chromium is not installed")
-    exp = experiment(tmp_path / "exp")
+    exp = experiment(tmp_path / "exp") if kind == "experiment" else _isoflop_study(tmp_path / "iso")
     report = write_report([exp])
+    if kind == "isoflop":
+        assert "isoFLOP curves" in report.html.read_text()  # precondition: the study's figures are on the page
     dom = _chromium(["--dump-dom"], report.html.as_uri(), tmp_path).stdout
     errors = re.search(r'data-errors="([^"]*)"', dom)
     charts = re.search(r'data-charts="(\d+)"', dom)
@@ -129,7 +147,7 @@ def test_report_renders_in_headless_chromium(tmp_path):
     assert int(charts.group(1)) == report.charts, (charts.group(1), report.charts)
     assert dom.count('class="main-svg"') >= report.charts
     ARTIFACTS.mkdir(exist_ok=True)
-    shot = ARTIFACTS / "report.png"
+    shot = ARTIFACTS / ("report.png" if kind == "experiment" else "report-isoflop.png")
     _chromium(["--window-size=1400,5000", f"--screenshot={shot}"], report.html.as_uri(), tmp_path)
     assert shot.is_file() and shot.stat().st_size > 50_000
 
@@ -156,14 +174,19 @@ def test_report_shows_samples_and_decode_speed(tmp_path):
     assert "<b>bold</b>" not in report.html.read_text()
 
 
-def test_importances_come_from_the_sweeps_optuna_study(tmp_path):
-    """A sweep directory's optuna.db (one trial per configuration, its value the mean over seeds) is
-    what the importance table reads, not the per-seed runs."""
+@pytest.mark.parametrize("name", ["optuna.journal", "optuna.db"])  # the journal; SQLite of older sweeps
+def test_importances_come_from_the_sweeps_optuna_study(tmp_path, name):
+    """A sweep directory's Optuna study (one trial per configuration, its value the mean over seeds) is
+    what the importance table reads, not the per-seed runs; only COMPLETE trials count."""
     import optuna
+    from optuna.storages.journal import JournalFileBackend
 
     from dtlab.analysis import tables
+    from dtlab.analysis.report import _studies
 
-    storage = f"sqlite:///{tmp_path / 'optuna.db'}"
+    path = tmp_path / name
+    storage = (optuna.storages.JournalStorage(JournalFileBackend(str(path))) if name.endswith(".journal")
+               else f"sqlite:///{path}")
     study = optuna.create_study(study_name="s", storage=storage)
     dists = {"model.type": optuna.distributions.CategoricalDistribution(["mod"]),
              "model.mod_capacity": optuna.distributions.FloatDistribution(0.1, 0.5),
@@ -173,7 +196,11 @@ def test_importances_come_from_the_sweeps_optuna_study(tmp_path):
         study.add_trial(optuna.trial.create_trial(params={"model.type": "mod", "model.mod_capacity": cap,
                                                           "training.optimizer.lr": lr},
                                                   distributions=dists, value=5.0 - cap))
-    trials = tables.study_trials(tmp_path / "optuna.db")
+    study.add_trial(optuna.trial.create_trial(params={"model.type": "mod", "model.mod_capacity": 0.2,
+                                                      "training.optimizer.lr": 1e-3}, distributions=dists,
+                                              state=optuna.trial.TrialState.PRUNED, intermediate_values={10: 9.0}))
+    assert _studies([tmp_path]) == [path]
+    trials = tables.study_trials(path)
     assert len(trials) == 6 and set(trials["variant"]) == {"mod"}
     imp = tables.importances(trials)
     assert set(imp["parameter"]) == {"model.mod_capacity", "training.optimizer.lr"}
@@ -216,6 +243,11 @@ def test_a_replicate_sweep_is_compared_by_configuration(tmp_path):
     assert got["seeds"] == 2 and got["run_id"] == "trial-a-seed0, trial-a-seed1"
     md = report.markdown.read_text()
     assert "1 trial(s) stopped early by ASHA (at step 20)" in md
+    # the headline: the best finished configuration over its seeds (a), with the spread over a and b apart
+    final = pd.read_csv(report.tables_dir / "final_loss.csv").iloc[0]
+    assert final["val_loss_mean"] == pytest.approx(5.21) and final["runs"] == 2 and final["configurations"] == 2
+    assert final["ci95_low"] == pytest.approx(5.21 - 12.7062047 * 0.4 / 2, abs=1e-6)  # seeds 5.0 and 5.4: sd 0.283
+    assert (final["config_means_min"], final["config_means_max"]) == pytest.approx((5.21, 5.31))
     common = pd.read_csv(report.tables_dir / "common_step.csv")  # every trial at the step all reached
     assert list(common["trial"]) == ["c", "a", "b"] and set(common["step"]) == {20}  # d diverged: not a result
     assert list(common["status"]) == ["stopped at step 20", "finished", "finished"]

@@ -154,3 +154,35 @@ def test_bad_data_is_a_clear_error(tmp_path):
                               cache_dir=str(tmp_path / "c")))
     with pytest.raises(SpecError, match="data.tokenizer='./no/such/tokenizer'"):
         prepare_data(DataSpec(tokenizer="./no/such/tokenizer", max_bytes=10_000, cache_dir=str(tmp_path / "c")))
+
+
+@pytest.mark.parametrize("kind", ["builtin", "non-ascii"])
+def test_manifest_has_the_validation_bytes_and_tokens_for_bits_per_byte(tmp_path, kind, monkeypatch):
+    """meta.json (which run.json copies under "data") holds the validation split's tokens and the UTF-8
+    bytes of the text they stand for (end-of-text tokens none): bits per byte = loss * val_tokens /
+    (val_bytes * ln 2). The bytes are those of decoding the kept validation rows; per-document decoding
+    (the way for a tokenizer that is not byte-level) gives the same count."""
+    from tokenizers import Tokenizer
+
+    from dtlab.trainers.run import data as D
+
+    if kind == "builtin":
+        spec = DataSpec(vocab_size=512, block_size=64, max_bytes=300_000, cache_dir=str(tmp_path / "c"))
+    else:
+        words = ["naïve", "café", "東京", "Grüße", "emoji 🙂", "plain", "text", "über"]
+        rng = np.random.default_rng(0)
+        docs = [" ".join(rng.choice(words, 50)) + f" {i}." for i in range(300)]
+        (tmp_path / "c.jsonl").write_text("".join(json.dumps({"text": d}) + "\n" for d in docs))
+        spec = DataSpec(source=str(tmp_path / "c.jsonl"), vocab_size=300, block_size=32, cache_dir=str(tmp_path / "c"))
+    prep = prepare_data(spec)
+    meta = prep.meta
+    tok = Tokenizer.from_file(meta["tokenizer_file"])
+    text = tok.decode(np.asarray(prep.val).ravel().tolist(), skip_special_tokens=True)
+    assert meta["split"].startswith("by document") and meta["val_tokens"] == prep.val.size > 0
+    assert meta["val_bytes"] == len(text.encode("utf-8")) > 0
+    if kind == "non-ascii":
+        assert len(text.encode("utf-8")) > len(text)  # bytes, not characters, are counted
+    monkeypatch.setattr(D, "token_bytes", lambda tok: None)
+    by_document = D.split_bytes(D.Tokenizer(tok, False, "x"), prep.path, "val", meta["shards"]["val"],
+                                np.dtype(meta["dtype"]))
+    assert by_document == meta["val_bytes"]

@@ -2,8 +2,10 @@
 
 import json
 import math
+import os
 import subprocess
 import sys
+from collections import Counter
 from pathlib import Path
 
 import pytest
@@ -34,7 +36,7 @@ def test_a_diverging_run_stops_within_one_logging_interval_and_stays_stopped(tmp
     assert recs[-1]["step"] <= 2 + spec.training.log_every  # NaN from step 2 on, caught at the next record
     assert json.loads((run / "diverged.json").read_text())["step"] == recs[-1]["step"]
     saved = [int(p.name.split("-")[1]) for p in (run / "checkpoints").glob("step-*")]
-    assert max(saved) < recs[-1]["step"]  # no checkpoint of diverged weights
+    assert all(s < recs[-1]["step"] for s in saved)  # no checkpoint of diverged weights
     assert json.loads((run / "status.json").read_text())["state"] == "diverged"
     assert [r.status for r in listing(tmp_path)] == ["diverged"]
     # --resume is refused (it would only diverge again), before anything is written
@@ -63,22 +65,53 @@ def test_the_report_leaves_a_diverged_run_out_and_says_so(tmp_path):
 
 
 @pytest.mark.slow
-def test_a_sweep_with_a_diverging_trial_reports_it_and_exits_non_zero(tmp_path):
+def test_a_sweep_retries_a_killed_worker_but_never_a_diverged_trial(tmp_path):
+    """resources.max_failures=2, two trials. One diverges: its worker group starts once, the trial is
+    diverged (FAILED in the study) and `--resume` does not start it again. The other's worker kills
+    itself (SIGKILL) at its second checkpoint (step 10): Tune starts the trial again, it continues
+    from that checkpoint and finishes, each record once."""
+    import optuna
+
+    from dtlab.trainers.orchestrate.sweep import STUDY, make_searcher, plan_sweep
+
     raw = yaml.safe_load((ROOT / "experiments" / "sweep_smoke.yaml").read_text())
-    raw["training"]["max_steps"] = 20
-    raw["sweep"].update(num_samples=4, asha={"enabled": False})
-    raw["sweep"]["search_space"]["training.optimizer.lr"] = {"choice": [0.003, 1.0e6]}
+    raw["training"].update(max_steps=20, eval_every=10, log_every=10)
+    raw["resources"]["max_failures"] = 2
+    raw["sweep"].update(num_samples=2, asha={"enabled": False})
+    raw["sweep"]["search_space"] = {"training.optimizer.lr": {"choice": [0.003, 1.0e6]}}
+    for raw["seed"] in range(50):  # a seed for which TPE's first two trials take both learning rates
+        searcher = make_searcher(plan_sweep(spec_from_dict(raw)))
+        if {searcher.suggest(f"t{i}")["training.optimizer.lr"] for i in range(2)} == {0.003, 1.0e6}:
+            break
+    else:
+        pytest.fail("no seed gives both learning rates")
     spec = tmp_path / "diverging.yaml"
     spec.write_text(yaml.safe_dump(raw))
-    out = tmp_path / "sweep"
-    proc = subprocess.run([sys.executable, "-m", "dtlab.trainers.cli", "sweep", str(spec), "--out", str(out)],
-                          cwd=ROOT, capture_output=True, text=True, timeout=900)
+    out, starts = tmp_path / "sweep", tmp_path / "starts.txt"
+    env = {**os.environ, "DTLAB_WORKER_STARTS": str(starts), "DTLAB_FAULT": "checkpoint-written:2"}
+    cmd = [sys.executable, "-m", "dtlab.trainers.cli", "sweep", str(spec), "--out", str(out)]
+    proc = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=900, env=env)
     summary = json.loads((out / "summary.json").read_text())
     status = {t["trial_id"]: t["status"] for t in summary["trials"]}
-    assert "diverged" in status.values() and "finished" in status.values(), (status, proc.stderr[-2000:])
-    assert proc.returncode == 1, proc.stderr[-3000:]
     lr = {t["trial_id"]: t["params"]["training.optimizer.lr"] for t in summary["trials"]}
-    assert {lr[t] for t, s in status.items() if s == "diverged"} == {1.0e6}
-    assert summary["best"]["status"] == "finished" and summary["best"]["params"]["training.optimizer.lr"] == 0.003
-    assert summary["counts"]["diverged"] == sum(s == "diverged" for s in status.values())
+    assert sorted(status.values()) == ["diverged", "finished"], (status, proc.stderr[-3000:])
+    assert proc.returncode == 1, proc.stderr[-3000:]
+    bad, good = (next(t for t, s in status.items() if s == want) for want in ("diverged", "finished"))
+    assert lr[bad] == 1.0e6 and lr[good] == 0.003
+    launched = Counter(line.split()[0] for line in starts.read_text().splitlines())
+    assert launched == {bad: 1, good: 2}, launched  # diverged: once; killed once: started twice
+    steps = [(r["kind"], r["step"]) for r in records(out / "trials" / good)]
+    assert len(steps) == len(set(steps)) and [s for k, s in steps if k == "eval"] == [0, 10, 20]
+    assert "resumed from step-0000010" in (out / "output.log").read_text()
+    assert "diverged at step" in next(t for t in summary["trials"] if t["trial_id"] == bad)["reason"]
+    assert summary["best"]["trial_id"] == good and summary["counts"]["diverged"] == 1
     assert "trials: " in proc.stderr and "diverged" in proc.stderr.splitlines()[-1]
+
+    proc = subprocess.run(cmd + ["--resume"], cwd=ROOT, capture_output=True, text=True, timeout=900, env=env)
+    assert proc.returncode == 1, proc.stderr[-3000:]  # still a diverged trial
+    assert Counter(line.split()[0] for line in starts.read_text().splitlines()) == launched  # nothing started
+    again = json.loads((out / "summary.json").read_text())
+    assert {t["trial_id"]: t["status"] for t in again["trials"]} == status
+    study = optuna.load_study(study_name=raw["name"], storage=optuna.storages.JournalStorage(
+        optuna.storages.journal.JournalFileBackend(str(out / STUDY))))
+    assert sorted(t.state.name for t in study.trials) == ["COMPLETE", "FAIL"]

@@ -25,7 +25,8 @@ def train(spec: Path, out: Path, *extra: str, env: dict | None = None) -> subpro
 
 @pytest.fixture(scope="module")
 def uninterrupted(tmp_path_factory):
-    """Saves at steps 0, 2, 4, 6, 8: the faults below strike the third (step 4)."""
+    """Saves at steps 2, 4, 6, 8 (the untrained step 0 is evaluated, not saved): the faults below
+    strike the second save (step 4)."""
     folder = tmp_path_factory.mktemp("faults")
     spec = folder / "tiny.yaml"
     spec.write_text(yaml.safe_dump(tiny_spec(training={"max_steps": 8, "eval_every": 2, "log_every": 2})))
@@ -34,7 +35,7 @@ def uninterrupted(tmp_path_factory):
     return spec, records(folder / "full", drop=VOLATILE)
 
 
-@pytest.mark.parametrize("point", ["checkpoint-written:3", "checkpoint-best:3", "checkpoint-last:3"])
+@pytest.mark.parametrize("point", ["checkpoint-written:2", "checkpoint-best:2", "checkpoint-last:2"])
 def test_kill_during_a_checkpoint_save_then_resume(uninterrupted, tmp_path, point):
     spec, full = uninterrupted
     run = tmp_path / "cut"
@@ -44,7 +45,7 @@ def test_kill_during_a_checkpoint_save_then_resume(uninterrupted, tmp_path, poin
     steps = sorted(p.name for p in ckpt.iterdir() if p.name.startswith("step-"))
     # precondition: killed after step 4's directory was complete, before (or just after) `last` moved to it
     assert "step-0000004" in steps, steps
-    moved = {"checkpoint-written:3": (), "checkpoint-best:3": ("best",), "checkpoint-last:3": ("best", "last")}[point]
+    moved = {"checkpoint-written:2": (), "checkpoint-best:2": ("best",), "checkpoint-last:2": ("best", "last")}[point]
     for link in ("best", "last"):  # the losses fall at every evaluation here: each checkpoint is the best
         assert os.readlink(ckpt / link) == ("step-0000004" if link in moved else "step-0000002"), link
     # the step-4 training record is there; its eval record is not
@@ -66,9 +67,9 @@ def test_disk_full_during_a_checkpoint_then_resume(uninterrupted, tmp_path, monk
     spec, full = uninterrupted
     real, calls = safetensors.torch.save_file, []
 
-    def full_disk(tensors, filename, *args, **kwargs):  # once, at the third checkpoint (step 4)
+    def full_disk(tensors, filename, *args, **kwargs):  # once, at the second checkpoint (step 4)
         calls.append(str(filename))
-        if str(filename).endswith("optimizer.safetensors") and len([f for f in calls if "optimizer" in f]) == 3:
+        if str(filename).endswith("optimizer.safetensors") and len([f for f in calls if "optimizer" in f]) == 2:
             raise OSError(errno.ENOSPC, "No space left on device", str(filename))
         return real(tensors, filename, *args, **kwargs)
 
@@ -84,11 +85,49 @@ def test_disk_full_during_a_checkpoint_then_resume(uninterrupted, tmp_path, monk
     assert not [p for p in (tmp_path / "run" / "checkpoints").iterdir() if p.name.endswith(".tmp")]
 
 
-def test_resume_from_the_step_0_checkpoint_does_not_evaluate_step_0_twice(uninterrupted, tmp_path):
+def test_a_crash_before_the_first_checkpoint_starts_the_run_over(uninterrupted, tmp_path):
+    """Killed while saving its first checkpoint (step 2): no `last`, the step-0 evaluation and the first
+    training records on file. The loop started again on that directory (a restarted worker group)
+    drops those records and trains from scratch: the records equal an uninterrupted run's, step 0
+    evaluated once."""
+    from dtlab.trainers.run.data import prepare_data
+    from dtlab.trainers.run.loop import train as train_loop
+    from dtlab.trainers.spec import load_spec
+
     spec, full = uninterrupted
-    proc = train(spec, tmp_path / "run", env={"DTLAB_FAULT": "checkpoint-written:2"})  # dies saving step 2
-    assert proc.returncode == -9 and os.readlink(tmp_path / "run" / "checkpoints" / "last") == "step-0000000"
-    proc = train(spec, tmp_path / "run", "--resume")
-    assert proc.returncode == 0, proc.stderr[-2000:]
-    evals = [r["step"] for r in records(tmp_path / "run", drop=VOLATILE) if r["kind"] == "eval"]
-    assert evals == [0, 2, 4, 6, 8] and records(tmp_path / "run", drop=VOLATILE) == full
+    run = tmp_path / "run"
+    proc = train(spec, run, env={"DTLAB_FAULT": "checkpoint-written:1"})  # dies saving step 2
+    assert proc.returncode == -9, f"the fault did not strike: {proc.returncode} {proc.stderr[-1000:]}"
+    assert not (run / "checkpoints" / "last").is_symlink()
+    assert [r["step"] for r in records(run, "eval")] == [0]  # precondition: records before any checkpoint
+    loaded = load_spec(run / "spec.yaml")  # as the run was started
+    train_loop({"spec": loaded.model_dump(mode="json"), "run_dir": str(run),
+                "data_dir": str(prepare_data(loaded.data).path)})
+    evals = [r["step"] for r in records(run, drop=VOLATILE) if r["kind"] == "eval"]
+    assert evals == [0, 2, 4, 6, 8] and records(run, drop=VOLATILE) == full
+
+
+def test_which_failures_are_retried():
+    """Divergence, out of memory and a refused input end a run at once, on whichever worker they
+    happen (Ray Train's `WorkerGroupError` holds each rank's error); a killed worker, a lost node or
+    a broken collective is transient and retried."""
+    import torch
+    from ray.train import ControllerError, WorkerGroupError
+
+    from dtlab.trainers.orchestrate.runner import OOM, REFUSED, failure_kind
+    from dtlab.trainers.run.loop import Diverged
+    from dtlab.trainers.spec import SpecError
+
+    def group(*errors):
+        return WorkerGroupError("worker errors", dict(enumerate(errors)))
+
+    broken = RuntimeError("[gloo] Connection closed by peer")  # what the surviving rank of a killed one raises
+    assert failure_kind(group(Diverged("diverged at step 3: loss nan"))) == "diverged"
+    assert failure_kind(group(broken, torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 2 GiB"))) == OOM
+    assert failure_kind(group(SpecError("data: ..."))) == REFUSED
+    wrapped = RuntimeError("wrapper")
+    wrapped.__cause__ = ValueError("block_size too large")
+    assert failure_kind(group(wrapped)) == REFUSED
+    assert failure_kind(group(broken)) is None
+    assert failure_kind(ControllerError(RuntimeError("The actor died unexpectedly"))) is None
+    assert failure_kind(group(broken, RuntimeError("ActorDiedError: the worker's process was killed"))) is None

@@ -39,13 +39,14 @@ def test_two_cpu_workers(tmp_path, ray_session):
 
 
 def test_replicates_on_two_workers(tmp_path, ray_session):
-    """Two seeds of one configuration in one worker group of two DDP ranks: every collective of one
-    seed's model pairs with the same seed's on the other rank, and the trial reports the seeds' mean."""
+    """Two seeds of one configuration side by side in one worker group of four ranks, two per seed (DDP
+    within each seed's process group): every collective of one seed's model pairs with the same seed's
+    on its other rank, and the trial reports the seeds' mean."""
     from dtlab.trainers.orchestrate.ray_train import train_with_ray
     from dtlab.trainers.run.data import prepare_data
 
     spec = spec_from_dict(tiny_spec(model={"type": "mod"}, training={"max_steps": 8},
-                                    resources={"use_ray": True, "num_workers": 2}))
+                                    resources={"use_ray": True, "num_workers": 2, "cpus_per_worker": 0.5}))
     run = tmp_path / "trial"
     run.mkdir()
     result = train_with_ray({"spec": spec.model_dump(mode="json"), "run_dir": str(run), "seeds": [0, 1],

@@ -99,9 +99,16 @@ def test_cli_refuses_bad_sweep_before_ray(tmp_path, capsys):
 
 @pytest.mark.slow
 def test_sweep_smoke_end_to_end_with_asha(tmp_path):
+    """The smoke sweep with two objectives (loss and cost): ASHA compares trials at equal training
+    FLOPs; the study's COMPLETE trials are the finished ones, its PRUNED ones those ASHA stopped, and
+    its best trials are `summary.json`'s Pareto set; a stopped trial keeps only its best weights."""
     out = tmp_path / "sweep"
+    objectives = "sweep.objectives=[{metric: val_loss, mode: min}, {metric: flop_ratio_vs_dense, mode: min}]"
+    # evaluations every 5 steps: ASHA's first rung, one interval of the costliest corner of the space (capacity
+    # 0.5), is reached by the trials drawn around step 10 of 30, early enough for a stop to save steps
     proc = subprocess.run([sys.executable, "-m", "dtlab.trainers.cli", "sweep", "experiments/sweep_smoke.yaml",
-                           "--out", str(out)], cwd=ROOT, capture_output=True, text=True, timeout=900)
+                           objectives, "training.eval_every=5", "--out", str(out)], cwd=ROOT, capture_output=True,
+                          text=True, timeout=900)
     assert proc.returncode == 0, proc.stderr[-3000:]
     assert "Ray dashboard: http://127.0.0.1:" in proc.stdout + proc.stderr
     runs = sorted(out.glob("trials/*/metrics.jsonl"))
@@ -113,7 +120,7 @@ def test_sweep_smoke_end_to_end_with_asha(tmp_path):
     stopped = [t for t in summary["trials"] if not t["done"]]
     assert stopped, "ASHA stopped no trial early"
     assert {t["status"] for t in stopped} == {"stopped"}
-    assert all(t["step"] >= 10 for t in stopped), [t["step"] for t in stopped]  # step 0 is never a rung
+    assert all(0 < t["step"] < 30 for t in stopped), [t["step"] for t in stopped]  # step 0 is never a rung
     assert summary["best"]["status"] == "finished"
     # what the terminal showed (no TTY: plain lines): each trial's end, the running counts, the last line
     err = proc.stderr
@@ -127,6 +134,61 @@ def test_sweep_smoke_end_to_end_with_asha(tmp_path):
     for run in runs:
         steps = [r["step"] for r in records(run, "eval")]
         assert steps == sorted(set(steps)) and steps[0] == 0
+    _asha_compared_at_equal_flops(out)
+    _study_tells_the_truth(out, summary)
+    _stopped_trials_keep_best_weights_only(out, summary)
+
+
+def _asha_compared_at_equal_flops(out):
+    """Each value at a rung is the trial's own loss at exactly the rung's FLOPs: interpolated between
+    its two evaluations around them; trials of different cost per step are among those compared."""
+    state = json.loads((out / "asha.json").read_text())
+    assert state["settings"]["time_attr"] == "train_flops"
+    costs = set()
+    for milestone, rung in zip(state["settings"]["milestones"], state["rungs"], strict=True):
+        for trial, value in rung.items():
+            evals = records(out / "trials" / trial / "metrics.jsonl", "eval")
+            after = next(i for i, r in enumerate(evals) if r["train_flops"] >= milestone)
+            before = evals[after - 1]
+            share = (milestone - before["train_flops"]) / (evals[after]["train_flops"] - before["train_flops"])
+            assert value == pytest.approx(before["val_loss"] + share * (evals[after]["val_loss"] - before["val_loss"]))
+            if len(rung) > 1:
+                costs.add(evals[0]["flops_per_token"])
+    assert len(costs) > 1, state  # a rung compared configurations of different cost
+
+
+def _study_tells_the_truth(out, summary):
+    import optuna
+
+    from dtlab.trainers.orchestrate.sweep import STUDY
+
+    study = optuna.load_study(study_name="sweep_smoke", storage=optuna.storages.JournalStorage(
+        optuna.storages.journal.JournalFileBackend(str(out / STUDY))))
+    by_params = {json.dumps(t["params"], sort_keys=True): t for t in summary["trials"]}
+    told = {by_params[json.dumps(t.params, sort_keys=True)]["trial_id"]: t for t in study.trials}
+    assert len(told) == len(summary["trials"]) == len(study.trials)
+    status = {t["trial_id"]: t["status"] for t in summary["trials"]}
+    for state, end in (("COMPLETE", "finished"), ("PRUNED", "stopped")):
+        assert {i for i, t in told.items() if t.state.name == state} == {i for i, s in status.items() if s == end}
+    best = {by_params[json.dumps(t.params, sort_keys=True)]["trial_id"] for t in study.best_trials}
+    assert best == set(summary["pareto"]) and best, (best, summary["pareto"])
+    for i in best:  # the same values: each finished trial's last evaluation
+        row = next(t for t in summary["trials"] if t["trial_id"] == i)
+        assert told[i].values == [row["val_loss"], row["flop_ratio_vs_dense"]]
+
+
+def _stopped_trials_keep_best_weights_only(out, summary):
+    for t in summary["trials"]:
+        ckpt = out / "trials" / t["trial_id"] / "checkpoints"
+        files = {p for p in ckpt.rglob("*") if p.is_file()}
+        if t["status"] == "stopped":
+            assert not (ckpt / "last").exists() and not (ckpt / "last").is_symlink()
+            best = (ckpt / "best").resolve()
+            assert (best / "model.safetensors").stat().st_size > 0
+            assert files == {p for p in best.rglob("*") if p.is_file()}  # the bytes on disk: best's, no more
+            assert not [p for p in files if "optimizer" in p.name]
+        else:
+            assert (ckpt / "last" / "optimizer.safetensors").is_file()
 
 
 @pytest.mark.slow
@@ -201,9 +263,10 @@ def test_sigint_then_resume_loses_nothing(tmp_path, s3):
     assert runs.groupby("params")["seed"].apply(sorted).tolist() == [[0, 1]] * 3
     rows = listing(out)  # `dtlab ls`: the sweep, its three trials finished
     assert rows[0].kind == "sweep" and rows[0].status == "3 finished" and rows[0].steps == "3 trials", rows[0]
-    import optuna  # the study is in its file store, continued by the resume: one trial per configuration
+    import optuna  # the study is in its journal file, continued by the resume: one trial per configuration
 
-    study = optuna.load_study(study_name="sweep_smoke", storage=f"sqlite:///{out / 'optuna.db'}")
+    study = optuna.load_study(study_name="sweep_smoke", storage=optuna.storages.JournalStorage(
+        optuna.storages.journal.JournalFileBackend(str(out / "optuna.journal"))))
     states = [t.state.name for t in study.trials]
     assert states.count("COMPLETE") == 3, states
     finals = sorted(t["val_loss"] for t in summary["trials"])  # Optuna was told each trial's mean over seeds
@@ -217,7 +280,7 @@ def test_shipped_sweeps_plan(name):
 
 
 @pytest.mark.parametrize("name, gpus, per_trial, at_once", [
-    ("sweep_gpu.yaml", 1, 0.5, 2),  # one 80 GB GPU, two single-worker trials sharing it
+    ("sweep_gpu.yaml", 1, 1.0, 1),  # one GPU: one trial at a time, its two seeds side by side on it (0.5 GPU each)
     ("sweep_multigpu.yaml", 8, 2.0, 4),  # an 8-GPU node: two ranks of one whole GPU each
 ])
 def test_gpu_sweeps_fit_a_cluster_of_their_shape(name, gpus, per_trial, at_once):
@@ -301,29 +364,163 @@ def test_resources_come_from_the_cluster_not_the_drivers_node():
         cluster.shutdown()
 
 
-def test_asha_rungs_are_restored_from_the_trials_records(tmp_path):
-    """Tune restores ASHA as it was at the start (empty rungs): a resumed sweep gets its rungs back
-    from the trials' records, so a trial resumed below the cutoff is still stopped."""
-    from ray.tune.schedulers import ASHAScheduler
+class _Trial:
+    def __init__(self, trial_id):
+        self.trial_id = trial_id
 
-    from dtlab.trainers.orchestrate.sweep import restore_rungs
 
+def test_asha_rungs_compare_trials_at_equal_compute():
+    """Two configurations evaluated every 10 steps, one twice the other's cost per step: at the rung
+    of 40 FLOPs the costly one is judged after 20 steps and the cheap one after 40, each at exactly
+    40 FLOPs; at equal steps (20) the cheap one would look worse and be cut."""
+    from dtlab.trainers.orchestrate.sweep import EqualComputeASHA
+
+    asha = EqualComputeASHA("val_loss", "min", milestones=[40.0, 80.0], reduction_factor=2)
+    costly = [(0, 0.0, 6.0), (10, 20.0, 4.0), (20, 40.0, 3.0), (30, 60.0, 2.9)]  # (step, train_flops, val_loss)
+    cheap = [(0, 0.0, 6.0), (10, 10.0, 5.0), (20, 20.0, 4.0), (30, 30.0, 3.2), (40, 40.0, 2.8)]
+    assert cheap[2][2] > costly[2][2]  # precondition: at step 20 the cheap one is behind
+    for _, flops, loss in costly:
+        assert asha.judge("costly", flops, loss) == "CONTINUE"
+    decisions = [asha.judge("cheap", flops, loss) for _, flops, loss in cheap]
+    assert decisions == ["CONTINUE"] * 5  # ahead at equal compute: kept
+    assert asha.rungs[0] == {"costly": 3.0, "cheap": 2.8}
+    # a third one, worse at 40 FLOPs but reaching them between two evaluations: interpolated, then cut
+    assert asha.judge("late", 0.0, 6.0) == "CONTINUE"
+    assert asha.judge("late", 30.0, 3.5) == "CONTINUE"
+    assert asha.judge("late", 50.0, 3.1) == "STOP"
+    assert asha.rungs[0]["late"] == pytest.approx(3.5 + (3.1 - 3.5) * (40 - 30) / (50 - 30))
+
+
+def test_asha_state_round_trip_and_a_changed_asha_is_refused(tmp_path):
+    from dtlab.trainers.orchestrate.sweep import EqualComputeASHA
+
+    path = tmp_path / "asha.json"
+    asha = EqualComputeASHA("val_loss", "min", milestones=[10.0, 20.0], reduction_factor=2, path=path)
     for trial, losses in {"a": [5.0, 3.0, 2.0], "b": [5.0, 3.5, 2.5], "c": [5.0, 2.9, 2.2]}.items():
+        for i, loss in enumerate(losses):
+            asha.judge(trial, 10.0 * i, loss)
+    assert asha.rungs == [{"a": 3.0, "b": 3.5, "c": 2.9}, {"a": 2.0, "b": 2.5, "c": 2.2}]
+    fresh = EqualComputeASHA("val_loss", "min", milestones=[10.0, 20.0], reduction_factor=2)
+    assert fresh.judge("d", 10.0, 4.0) == "CONTINUE"  # empty rungs (Tune's ASHA on a resume): nothing to compare
+    again = EqualComputeASHA("val_loss", "min", milestones=[10.0, 20.0], reduction_factor=2, path=path)
+    again.restore(str(path))
+    assert again.rungs == asha.rungs and again.last == asha.last
+    assert again.judge("d", 10.0, 4.0) == "STOP"  # the rungs it had: a resumed trial below the cutoff is cut
+    changed = EqualComputeASHA("val_loss", "min", milestones=[10.0, 30.0], reduction_factor=3, path=path)
+    with pytest.raises(SpecError, match=r"ASHA differs .*milestones.*reduction_factor: 2.0 -> 3.0"):
+        changed.restore(str(path))
+
+
+def test_asha_rungs_from_the_plan_are_in_flops_of_the_costliest_configuration():
+    from dtlab.models.config import make_config
+    from dtlab.models.flops import flops_per_token
+    from dtlab.trainers.orchestrate.sweep import asha_milestones, eval_interval_flops
+
+    plan = plan_sweep(load_spec(ROOT / "experiments/sweep_smoke.yaml"))
+    flops = eval_interval_flops(plan, 1024)
+    t, d = plan.spec.training, plan.spec.data
+    tokens = t.batch_size * t.grad_accum_steps * d.block_size
+    each = {(v, c): t.eval_every * tokens * flops_per_token(make_config(v, "debug", vocab_size=1024,
+                                                                        **{f"{v}_capacity": c}), d.block_size)
+            for v in ("mod", "dtf") for c in (0.1, 0.5)}
+    assert flops == pytest.approx(max(each.values())) and len(set(each.values())) == 4  # costs differ
+    milestones = asha_milestones(plan.spec, plan, flops)
+    assert milestones == pytest.approx([flops, 2 * flops, 4 * flops])  # grace 1, factor 2, max_t 5 evaluations
+
+
+def test_optuna_is_told_how_each_trial_ended(tmp_path):
+    """Finished: COMPLETE with the trial's last evaluation; stopped by ASHA: PRUNED with its last
+    intermediate value; diverged or failed: FAILED. The study is Optuna's journal file."""
+    import optuna
+
+    from dtlab.trainers.orchestrate.sweep import STUDY, make_searcher
+
+    plan = plan_sweep(load_spec(ROOT / "experiments/sweep_smoke.yaml"))
+    searcher = make_searcher(plan, tmp_path)
+    ends = {"t0": "finished", "t1": "stopped", "t2": "diverged", "t3": "failed"}
+    for i, (trial, end) in enumerate(ends.items()):
+        assert searcher.suggest(trial)
         run = tmp_path / "trials" / trial
         run.mkdir(parents=True)
-        (run / "metrics.jsonl").write_text("".join(json.dumps({"kind": "eval", "step": 10 * i, "val_loss": v}) + "\n"
-                                                   for i, v in enumerate(losses)))
-    asha = ASHAScheduler(time_attr="step", metric="val_loss", mode="min", max_t=40, grace_period=10,
-                         reduction_factor=2)
-    assert restore_rungs(asha, tmp_path) == 6  # milestones 10 and 20, three trials each
-    rungs = {m: rec for m, rec in asha._brackets[0]._rungs if rec}
-    assert rungs == {10: {"a": -3.0, "b": -3.5, "c": -2.9}, 20: {"a": -2.0, "b": -2.5, "c": -2.2}}
+        evals = [{"kind": "eval", "step": s, "val_loss": 5.0 - s / 10 - i / 100, "done": s == 30}
+                 for s in (0, 10, 20, 30)]
+        evals = evals if end == "finished" else evals[:2]
+        (run / "metrics.jsonl").write_text("".join(json.dumps(e) + "\n" for e in evals))
+        for n, e in enumerate(evals, 1):
+            searcher.on_trial_result(trial, {**e, "training_iteration": n})
+        if end == "diverged":
+            (run / "diverged.json").write_text(json.dumps({"step": 10, "reason": "diverged at step 10"}))
+        if end == "failed":
+            (run / "status.json").write_text(json.dumps({"state": "failed", "error": "out of memory: ..."}))
+        searcher.on_trial_complete(trial, {**evals[-1], "val_loss": 1.0})  # Tune's last result, stopped or not
+    assert (tmp_path / STUDY).is_file()
+    study = optuna.load_study(study_name=plan.spec.name, storage=optuna.storages.JournalStorage(
+        optuna.storages.journal.JournalFileBackend(str(tmp_path / STUDY))))
+    states = [t.state.name for t in study.trials if t.state.name != "WAITING"]  # (the variants queued in turn)
+    assert states == ["COMPLETE", "PRUNED", "FAIL", "FAIL"]
+    assert study.trials[0].value == pytest.approx(5.0 - 3.0)  # its own last evaluation, not the result passed
+    assert study.trials[1].value == pytest.approx(5.0 - 1.0 - 0.01)  # the last intermediate value
+    assert study.best_trial.number == 0
 
-    class Trial:
-        trial_id = "d"
 
-    asha.on_trial_add(None, Trial())
-    assert asha.on_trial_result(None, Trial(), {"step": 10, "val_loss": 4.0}) == "STOP"  # worse than the rung
-    fresh = ASHAScheduler(time_attr="step", metric="val_loss", mode="min", max_t=40, grace_period=10)
-    fresh.on_trial_add(None, Trial())
-    assert fresh.on_trial_result(None, Trial(), {"step": 10, "val_loss": 4.0}) == "CONTINUE"  # what it was
+def test_a_resumed_sweep_runs_at_the_clusters_concurrency_now(tmp_path):
+    """Tune restores a sweep's searcher, scheduler and callbacks from the pickle it made at the start;
+    ours unpickle as the ones this process built, so a resume runs as many trials at once as the
+    cluster fits now, and with the scheduler's saved rungs."""
+    import ray.cloudpickle as pickle
+    from ray import tune
+
+    from dtlab.trainers.orchestrate import sweep
+
+    plan = plan_sweep(load_spec(ROOT / "experiments/sweep_smoke.yaml"))
+    out = tmp_path / "s"
+    out.mkdir()
+    tuner = sweep.make_tuner(plan, out, resume=False, concurrent=1, eval_flops=1e6)
+    assert tuner is not None and (out / "asha.json").is_file()
+    first = sweep._LIVE["limit"]
+    sweep._LIVE.clear()  # a new process
+    state = (out / "tune" / "sweep" / "tuner.pkl").read_bytes()
+    with pytest.raises(RuntimeError, match="restored by `dtlab sweep --resume`"):
+        pickle.loads(state)
+    restored = sweep.make_tuner(plan, out, resume=True, concurrent=3, eval_flops=1e6)
+    assert isinstance(restored, tune.Tuner)
+    config = pickle.loads(state)["_tune_config"]  # what Tuner.restore reads back
+    assert config.search_alg is sweep._LIVE["limit"] is not first and config.search_alg.max_concurrent == 3
+    assert config.scheduler is sweep._LIVE["scheduler"]
+    with pytest.raises(SpecError, match="ASHA differs"):
+        sweep.make_tuner(plan, out, resume=True, concurrent=3, eval_flops=2e6)  # other rungs: refused
+
+
+def test_a_stopped_trial_keeps_best_and_drops_last(tmp_path):
+    from dtlab.trainers.orchestrate.sweep import drop_last
+
+    def checkpoint(run, name, files):
+        folder = run / "checkpoints" / name
+        folder.mkdir(parents=True)
+        for f, size in files.items():
+            (folder / f).write_bytes(b"x" * size)
+
+    weights, opt = {"model.safetensors": 1000, "trainer_state.json": 10}, {"optimizer.safetensors": 2000}
+    apart, together = tmp_path / "apart", tmp_path / "together"
+    checkpoint(apart, "step-0000010", weights)
+    checkpoint(apart, "step-0000020", {**weights, **opt})
+    (apart / "checkpoints" / "best").symlink_to("step-0000010")
+    (apart / "checkpoints" / "last").symlink_to("step-0000020")
+    checkpoint(together, "step-0000020", {**weights, **opt})
+    for link in ("best", "last"):
+        (together / "checkpoints" / link).symlink_to("step-0000020")
+    assert drop_last(apart) == 3010 and drop_last(together) == 2000
+    for run in (apart, together):
+        left = {p.relative_to(run / "checkpoints").as_posix(): p.stat().st_size
+                for p in (run / "checkpoints").rglob("*") if p.is_file()}
+        assert sorted(p.name for p in (run / "checkpoints").iterdir() if p.is_symlink()) == ["best"]
+        assert sum(left.values()) == 1010 and not any("optimizer" in k for k in left), left
+
+
+def test_workers_get_the_drivers_cache_token_and_credentials():
+    from dtlab.trainers.orchestrate.ray_train import worker_env
+
+    env = {"DTLAB_CACHE": "/shared/cache", "HF_HOME": "/shared/hf", "HF_TOKEN": "hf_x", "AWS_ACCESS_KEY_ID": "k",
+           "WANDB_MODE": "offline", "HOME": "/home/me", "PATH": "/bin", "RAY_ADDRESS": "auto"}
+    assert worker_env(env) == {k: env[k] for k in ("AWS_ACCESS_KEY_ID", "DTLAB_CACHE", "HF_HOME", "HF_TOKEN",
+                                                   "WANDB_MODE")}

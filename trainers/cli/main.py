@@ -68,9 +68,39 @@ def _run(args: argparse.Namespace) -> int:
     from dtlab.trainers.orchestrate.experiment import run_experiment
     from dtlab.trainers.spec import load_spec
 
-    result = run_experiment(load_spec(args.spec, args.overrides), args.out, resume=args.resume, force=args.force,
+    spec = load_spec(args.spec, args.overrides)
+    if spec.isoflop is not None:  # a spec with an isoflop: section is an isoFLOP study
+        return _isoflop(args)
+    result = run_experiment(spec, args.out, resume=args.resume, force=args.force,
                             use_ray=False if args.no_ray else None, source=args.spec)
     return _sweep_code("run", result.get("sweep") or {})
+
+
+def _isoflop(args: argparse.Namespace) -> int:
+    from dtlab.trainers.orchestrate.isoflop import run_isoflop
+    from dtlab.trainers.spec import SpecError, load_spec
+
+    spec = load_spec(args.spec, args.overrides)
+    if args.resume and not args.out:
+        raise SpecError("--resume needs --out DIR: the isoFLOP study to continue")
+    run_isoflop(spec, args.out, resume=args.resume, force=args.force, use_ray=False if args.no_ray else None,
+                source=args.spec)
+    return 0
+
+
+def _add_isoflop(sub) -> None:
+    cmd = sub.add_parser("isoflop", help="an isoFLOP study: the spec's sizes x variants x seeds, each trained to "
+                                         "each budget of training FLOPs, then the report")
+    _debug_flag(cmd)
+    cmd.add_argument("spec", help="a spec with an isoflop: section, e.g. experiments/isoflop_smoke.yaml")
+    cmd.add_argument("overrides", nargs="*", help="key.path=value, e.g. seeds=[0,1]")
+    cmd.add_argument("--out", type=_path, help="study directory (default under runs/)")
+    cmd.add_argument("--resume", action="store_true", help="continue: finished runs are kept, the others resumed")
+    cmd.add_argument("--force", action="store_true", help="set an existing study in --out aside, start afresh")
+    cmd.add_argument("--no-ray", action="store_true", help="train in this process, one run at a time, without Ray")
+    cmd.add_argument("-v", "--verbose", action="store_true",
+                     help="show every log line instead of progress; without it they go to output.log in --out")
+    cmd.set_defaults(func=_isoflop)
 
 
 def _prepare(args: argparse.Namespace) -> int:
@@ -89,19 +119,26 @@ def _prepare(args: argparse.Namespace) -> int:
     started = time.perf_counter()
     folder = prepared_folder(spec_data, data_key(spec_data))
     done = (folder / "meta.json").is_file()
-    data = load_prepared(folder) if done else prepare_data(spec_data)
+    if done:
+        data = load_prepared(folder)
+    elif args.ray:
+        from dtlab.trainers.orchestrate.prepare_ray import prepare_with_ray
+
+        data = prepare_with_ray(spec_data, actors=args.workers)
+    else:
+        data = prepare_data(spec_data)
     meta = data.meta
     shards = sum(len(v) for v in meta.get("shards", {}).values())
     print(f"{meta['tokens']:,} tokens from {meta['documents']:,} documents ({meta['source']}): "
           f"train {meta['train_tokens']:,}, validation {meta['val_tokens']:,} ({meta['split']})")
     print(f"{shards} shards of {meta['dtype']} ({_size(data.path)}), tokenizer {meta['tokenizer']} "
           f"({meta['vocab_size']:,} tokens), block_size {meta['block_size']}")
+    engine = meta.get("engine") or f"{meta['workers']} process(es)"
     if done:
         print(f"already prepared ({time.perf_counter() - started:.1f} s, nothing read); prepared in "
-              f"{meta['seconds']:,.1f} s at {meta['tokens_per_s']:,.0f} tokens/s with {meta['workers']} process(es)")
+              f"{meta['seconds']:,.1f} s at {meta['tokens_per_s']:,.0f} tokens/s with {engine}")
     else:
-        print(f"prepared in {meta['seconds']:,.1f} s: {meta['tokens_per_s']:,.0f} tokens/s with "
-              f"{meta['workers']} process(es)")
+        print(f"prepared in {meta['seconds']:,.1f} s: {meta['tokens_per_s']:,.0f} tokens/s with {engine}")
     hint = f" (train with data.cache_dir={Path(args.out).resolve()})" if args.out else ""
     print(f"shards: {data.path}{hint}")
     return 0
@@ -420,6 +457,49 @@ def _add_sample(sub) -> None:
     sample.set_defaults(func=_sample)
 
 
+def _plan(args: argparse.Namespace) -> int:
+    from dtlab.trainers.spec import SpecError, load_spec
+    from dtlab.trainers.tools.plan import (
+        device_cluster,
+        format_plan,
+        parse_cluster,
+        plan_runs,
+        prepared_here,
+        read_bench,
+        refusal,
+    )
+
+    spec = load_spec(args.spec, args.overrides)
+    cluster = parse_cluster(args.cluster) if args.cluster else device_cluster(spec)
+    if cluster is None:
+        raise SpecError(f"resources.device={spec.resources.device!r}: this machine has no such device; describe the "
+                        "cluster the runs go to with --cluster, e.g. --cluster 4x8xH100-80GB")
+    bench = read_bench(args.bench) if args.bench else None
+    command = "sweep" if spec.sweep else "run" if spec.variants or spec.seeds else "train"
+    data = prepared_here(spec) if spec.training.from_scratch or spec.training.max_steps is None else None
+    vocab = data.vocab_size if data is not None and spec.training.from_scratch else None
+    runs = plan_runs(spec, cluster, command, vocab_size=vocab, rows=None if data is None else len(data.train),
+                     bench=bench)
+    print(format_plan(runs, spec, cluster, command))
+    bad = [r for r in runs if not r.fits]
+    for run in bad:
+        print(f"dtlab plan: {refusal(run, spec)}", file=sys.stderr)
+    return 2 if bad else 0
+
+
+def _add_plan(sub) -> None:
+    plan = sub.add_parser("plan", help="the plan of a spec before any work: devices, strategy, memory per device, "
+                                       "steps, tokens, FLOPs, time; runs nothing, writes nothing")
+    _debug_flag(plan)
+    plan.add_argument("spec", help="experiment spec (YAML), e.g. experiments/sweep_multigpu.yaml")
+    plan.add_argument("overrides", nargs="*", help="key.path=value, e.g. training.batch_size=4")
+    plan.add_argument("--cluster", help="plan for a described cluster instead of this machine: NODESxGPUSxTYPE, "
+                                        "e.g. 4x8xH100-80GB (types: H100-80GB, H200-141GB, A100-80GB, A100-40GB, "
+                                        "L40S-48GB, L4-24GB)")
+    plan.add_argument("--bench", type=_path, help="a `dtlab bench --out` JSON file, for the estimated time")
+    plan.set_defaults(func=_plan)
+
+
 def _add_prepare(sub) -> None:
     prep = sub.add_parser("prepare", help="tokenize the spec's data into token shards once, before a study "
                                           "(train, run and sweep do it themselves when it is not done)")
@@ -428,7 +508,12 @@ def _add_prepare(sub) -> None:
     prep.add_argument("overrides", nargs="*", help="key.path=value, e.g. data.max_tokens=100000000")
     prep.add_argument("--out", type=_path, help="cache folder for the shards (sets data.cache_dir; default "
                                                 "$DTLAB_CACHE or ~/.cache/dtlab): on a cluster, one every node sees")
-    prep.add_argument("--workers", type=_positive, help="processes that tokenize (sets data.num_proc; default 1)")
+    prep.add_argument("--workers", type=_positive,
+                      help="processes that tokenize (sets data.num_proc; default 1); with --ray, tokenizing actors "
+                           "(default: the cluster's CPUs)")
+    prep.add_argument("--ray", action="store_true",
+                      help="tokenize with Ray Data on the cluster at RAY_ADDRESS (or a local Ray instance): for "
+                           "billions of tokens; give --out a folder every node sees")
     prep.set_defaults(func=_prepare)
 
 
@@ -458,8 +543,9 @@ def build_parser() -> argparse.ArgumentParser:
                               "without it they go to output.log in the output directory")
         cmd.set_defaults(func=func)
 
-    for add in (_add_prepare, _add_report, _add_bench, _add_eval, _add_sample, _add_ls):
+    for add in (_add_prepare, _add_report, _add_bench, _add_eval, _add_sample, _add_ls, _add_isoflop):
         add(sub)
+    _add_plan(sub)
     return parser
 
 

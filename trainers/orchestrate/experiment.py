@@ -4,11 +4,13 @@ from __future__ import annotations
 
 import json
 import logging
+import math
+import threading
 import time
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from dtlab.analysis.rundir import reached_last_step
+from dtlab.analysis.rundir import diverged_reason, reached_last_step
 from dtlab.trainers.monitor.progress import RESULT
 from dtlab.trainers.spec import Spec, SpecError, dump_spec
 
@@ -27,6 +29,8 @@ def run_experiment(spec: Spec, out: str | Path | None, resume: bool = False, for
     write the report there. Everything that can be refused is refused before the first write."""
     from dtlab.trainers.monitor.tracking import Tracking
 
+    if spec.isoflop is not None:
+        raise SpecError(f"{source}: has an isoflop: section; an isoFLOP study runs with dtlab isoflop {source}")
     out = Path(out or f"runs/{spec.name}-{time.strftime('%Y%m%d-%H%M%S')}")
     tracking = Tracking(out)
     report, summary = None, None
@@ -66,25 +70,13 @@ def train_all(spec: Spec, out: Path, resume: bool, force: bool, use_ray: bool | 
               tracking: Tracking | None = None) -> None:
     from dtlab.trainers.monitor.progress import current
     from dtlab.trainers.monitor.tracking import check_tracking
-    from dtlab.trainers.orchestrate.runner import (
-        RunFailed,
-        check_fit,
-        check_resources,
-        holds_run,
-        prepare_run_dir,
-        run_training,
-    )
-    from dtlab.trainers.run.data import prepare_data
-    from dtlab.trainers.tools.sample import ensure_samples
+    from dtlab.trainers.orchestrate.runner import prepare_run_dir
 
     plan = [(v, s) for v in spec.variant_list() for s in spec.seed_list()]
-    specs = {(v, s): spec.for_run(v, s) for v, s in plan}
+    runs = {out / f"{v}-seed{s}": spec.for_run(v, s) for v, s in plan}
     check_experiment_dir(out, resume, force)  # what needs no data first
     check_tracking(spec)
-    for sub in specs.values():
-        check_resources(sub, sub.resources.use_ray if use_ray is None else use_ray)
-    for sub in specs.values():  # every run's input is checked before the first one starts
-        check_fit(sub, prepare_data(sub.data), sub.resources.num_workers)
+    check_runs(runs, resume, use_ray)
     if spec.eval is not None:  # task names too, before any training
         from dtlab.trainers.tools.downstream import check_tasks
 
@@ -99,19 +91,134 @@ def train_all(spec: Spec, out: Path, resume: bool, force: bool, use_ray: bool | 
         (out / "spec.yaml").write_text(dump_spec(spec))
         (out / MARKER).write_text(json.dumps({"name": spec.name, "runs": [f"{v}-seed{s}" for v, s in plan],
                                               "created": time.strftime("%Y-%m-%dT%H:%M:%S%z")}, indent=1))
-    for (variant, seed), sub in specs.items():
-        run_dir = out / f"{variant}-seed{seed}"
+    failed = train_runs(runs, use_ray, tracking)
+    if spec.eval is not None:  # in turn, once the runs have trained (each loads a model in this process)
+        for run_dir, sub in runs.items():
+            if run_dir.name not in failed and not diverged_reason(run_dir):
+                downstream(run_dir, sub)
+    raise_failed(failed, len(runs), f"dtlab run {source} --out {out} --resume")
+
+
+def use_ray_for(spec: Spec, use_ray: bool | None) -> bool:
+    return spec.resources.use_ray if use_ray is None else use_ray
+
+
+def check_runs(runs: dict[Path, Spec], resume: bool, use_ray: bool | None) -> None:
+    """Every run's input, checked before the first one starts: resources, data against model (the
+    data prepared once, in the cache), and on --resume that each unfinished run can continue."""
+    from dtlab.trainers.orchestrate.runner import check_fit, check_resources, check_run_dir, holds_run
+    from dtlab.trainers.run.data import prepare_data
+
+    for sub in runs.values():
+        check_resources(sub, use_ray_for(sub, use_ray))
+    for sub in runs.values():
+        check_fit(sub, prepare_data(sub.data), sub.resources.num_workers)
+    for run_dir, sub in runs.items():
+        if resume and holds_run(run_dir) and not (reached_last_step(run_dir) or diverged_reason(run_dir)):
+            check_run_dir(run_dir, True, False, sub)
+
+
+def concurrent_runs(specs: list[Spec], use_ray: bool | None) -> int:
+    """How many of these runs train at the same time: as many as the Ray cluster's nodes hold their
+    workers at once (each worker `cpus_per_worker` CPUs and, where the cluster has GPUs, a GPU or
+    `gpus_per_worker`), the rest waiting for a run to end. One at a time without Ray, and on a single
+    machine without GPUs (its cores are all one run's: two runs would only share them)."""
+    if len(specs) < 2 or not all(use_ray_for(s, use_ray) for s in specs):
+        return 1
+    import ray
+
+    from dtlab.trainers.orchestrate.ray_train import init_ray
+
+    if not ray.is_initialized():
+        init_ray()
+    nodes = [n["Resources"] for n in ray.nodes() if n.get("Alive")]
+    gpus = sum(n.get("GPU", 0.0) for n in nodes)
+    fit = len(specs)
+    for spec in specs:
+        res = spec.resources
+        gpw = ((res.gpus_per_worker if res.gpus_per_worker is not None else 1.0)
+               if res.device in ("auto", "cuda") and gpus > 0 else 0.0)
+        if len(nodes) < 2 and not gpw:
+            return 1
+
+        def workers(node: dict[str, float], cpw: float = res.cpus_per_worker, gpw: float = gpw) -> int:
+            n = math.floor(node.get("CPU", 0.0) / cpw + 1e-9)
+            return min(n, math.floor(node.get("GPU", 0.0) / gpw + 1e-9)) if gpw else n
+
+        fit = min(fit, sum(workers(n) for n in nodes) // res.num_workers)
+    return max(1, fit)
+
+
+def train_runs(runs: dict[Path, Spec], use_ray: bool | None, tracking: Tracking | None = None
+               ) -> dict[str, BaseException]:
+    """Train each run that has not finished (a run that reached its last step, or diverged, is kept as
+    it is; one that stopped part way continues from its last checkpoint), as many at a time as
+    `concurrent_runs` says (each in a thread of this process that drives its own Ray Train run; the
+    others wait for a free place). A run that fails does not stop the others: returns the failed
+    runs' errors by run name (an interrupt stops them all)."""
+    from dtlab.trainers.orchestrate.runner import holds_run, run_training
+    from dtlab.trainers.tools.sample import ensure_samples
+
+    todo = []
+    for run_dir, sub in runs.items():
         if holds_run(run_dir) and reached_last_step(run_dir):
             log.info(f"{run_dir.name}: finished earlier, kept")
             ensure_samples(run_dir)  # a run finished by an older dtlab has none yet
+        elif holds_run(run_dir) and diverged_reason(run_dir):
+            log.info(f"{run_dir.name}: diverged earlier ({diverged_reason(run_dir)}), kept as it is "
+                     "(--force starts the experiment afresh)")
         else:
-            try:
-                run_training(sub, run_dir, resume=holds_run(run_dir), use_ray=use_ray, tracking=tracking)
-            except RunFailed as err:  # the experiment resumes as a whole
-                raise RunFailed(f"{run_dir.name}: {str(err).split('; continue with')[0]}; continue with: dtlab "
-                                f"run {source} --out {out} --resume") from err
-        if spec.eval is not None:
-            downstream(run_dir, sub)
+            todo.append((run_dir, sub))
+    failed: dict[str, BaseException] = {}
+
+    def train(run_dir: Path, sub: Spec) -> None:
+        try:
+            run_training(sub, run_dir, resume=holds_run(run_dir), use_ray=use_ray, tracking=tracking)
+        except Exception as err:  # the others go on; said once they are done
+            failed[run_dir.name] = err
+            log.info(f"{run_dir.name}: {' '.join(str(err).split())[:300]}")
+
+    slots = concurrent_runs([sub for _, sub in todo], use_ray)
+    if slots == 1:  # one after another, in this thread
+        for run_dir, sub in todo:
+            train(run_dir, sub)
+        return failed
+    log.info(f"{len(todo)} runs, up to {slots} at a time (as the cluster's resources hold them)")
+    free = threading.Semaphore(slots)
+
+    def in_turn(run_dir: Path, sub: Spec) -> None:
+        try:
+            train(run_dir, sub)
+        finally:
+            free.release()
+
+    threads = []
+    for run_dir, sub in todo:
+        while not free.acquire(timeout=0.5):  # short waits: an interrupt reaches this thread
+            pass
+        thread = threading.Thread(target=in_turn, args=(run_dir, sub), name=f"dtlab-{run_dir.name}", daemon=True)
+        thread.start()
+        threads.append(thread)
+    for thread in threads:
+        while thread.is_alive():
+            thread.join(0.5)
+    return failed
+
+
+def raise_failed(failed: dict[str, BaseException], total: int, resume: str) -> None:
+    """Once every run has ended: the runs that failed, said together (bad input found only once a run
+    started stays bad input), with how to continue."""
+    from dtlab.trainers.orchestrate.runner import RunFailed
+
+    if not failed:
+        return
+    said = "; ".join(f"{name}: {' '.join(str(err).split()).split('; continue with')[0]}"
+                     for name, err in failed.items())
+    first = next(iter(failed.values()))
+    if len(failed) == 1 and isinstance(first, SpecError):
+        raise SpecError(said) from first
+    kept = f" (the other {total - len(failed)} kept their records)" if total > len(failed) else ""
+    raise RunFailed(f"{len(failed)} of {total} run(s) did not finish{kept}: {said}; continue with: {resume}") from first
 
 
 def downstream(run_dir: Path, spec: Spec) -> None:

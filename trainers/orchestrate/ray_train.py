@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import logging
+import os
 import shutil
 import sys
 import tempfile
@@ -32,6 +33,10 @@ class RayHooks(Hooks):
     def __init__(self, config: dict[str, Any]) -> None:
         self.run_dir = Path(config["run_dir"])
         self.storage = (config["spec"].get("resources") or {}).get("storage")
+        starts = os.environ.get("DTLAB_WORKER_STARTS")
+        if starts:  # tests count worker-group starts: one line per worker process that starts this run
+            with open(starts, "a") as f:
+                f.write(f"{self.run_dir.name} {os.getpid()}\n")
 
     def device(self, requested: str) -> torch.device:
         import ray.train.torch
@@ -69,7 +74,7 @@ class RayHooks(Hooks):
                     for line in unpack_from_storage(Path(folder), run_dir):
                         log.debug(line)
             if torch.distributed.is_initialized():
-                torch.distributed.barrier()
+                _host_barrier()
 
     def export(self, record: dict[str, Any]) -> None:
         from dtlab.dashboards.metrics import export_record
@@ -77,18 +82,44 @@ class RayHooks(Hooks):
         export_record(record)
 
 
-def init_ray(dashboard_host: str = "127.0.0.1") -> Any:
-    """Join the cluster at RAY_ADDRESS, or start a local one on 127.0.0.1: its nodes advertise and
-    connect over loopback and the dashboard listens there only. (Ray 2.60's own gRPC servers, GCS,
-    raylet and workers, still listen on every interface and no setting changes that; a strict xfail
-    test says when a Ray release does.)"""
-    import os
+def _host_barrier() -> None:
+    """A barrier over every rank that needs no GPU of its own: over gloo (a NCCL barrier refuses two
+    ranks on one GPU, as a trial's seeds side by side on a shared GPU are)."""
+    dist = torch.distributed
+    if dist.get_backend() == "gloo":
+        dist.barrier()
+        return
+    group = dist.new_group(backend="gloo")  # every rank calls this at the same point: a collective
+    dist.barrier(group=group)
+    dist.destroy_process_group(group)
 
+
+# What a worker on another node needs from the driver's environment: dtlab's own settings (the data
+# cache, DTLAB_*), Hugging Face's (cache, token, offline mode), the trackers' and the object stores'
+# credentials for `resources.storage`. Only those set here are sent.
+FORWARDED_PREFIXES = ("DTLAB_", "HF_", "HUGGINGFACE_", "TRANSFORMERS_", "WANDB_", "MLFLOW_", "AWS_", "GOOGLE_",
+                      "AZURE_STORAGE_")
+FORWARDED = ("TOKENIZERS_PARALLELISM", "CUDA_LAUNCH_BLOCKING", "NCCL_DEBUG", "NCCL_SOCKET_IFNAME",
+             "GLOO_SOCKET_IFNAME")
+
+
+def worker_env(environ: dict[str, str] | None = None) -> dict[str, str]:
+    """The environment variables every Ray task and worker of this job gets (`runtime_env`), so that
+    a worker on another node reads the same cache, token and storage credentials as the driver."""
+    environ = dict(os.environ if environ is None else environ)
+    return {k: v for k, v in sorted(environ.items()) if k.startswith(FORWARDED_PREFIXES) or k in FORWARDED}
+
+
+def init_ray(dashboard_host: str = "127.0.0.1") -> Any:
+    """Join the cluster at RAY_ADDRESS, or start a local one; the dashboard listens on
+    `dashboard_host` (loopback by default). Every task and worker of the job gets `worker_env()`
+    through the job's `runtime_env`, on whichever node it runs. (Ray 2.60's own gRPC servers, GCS,
+    raylet and workers, listen on every interface whatever the node's address, and no public setting
+    changes that; a strict xfail test says when a Ray release does.)"""
     import ray
 
-    address = os.environ.get("RAY_ADDRESS")
-    local = {} if address else {"_node_ip_address": "127.0.0.1"}
-    return ray.init(address=address, include_dashboard=True, dashboard_host=dashboard_host, **local)
+    return ray.init(address=os.environ.get("RAY_ADDRESS"), include_dashboard=True, dashboard_host=dashboard_host,
+                    runtime_env={"env_vars": worker_env()})
 
 
 def ray_worker(config: dict[str, Any]) -> None:
@@ -104,16 +135,31 @@ def ray_worker(config: dict[str, Any]) -> None:
     train_trial({**config, "data_dir": str(node_data(config))}, RayHooks(config))
 
 
-def node_data(config: dict[str, Any]) -> Path:
+def node_data(config: dict[str, Any], poll_s: float = 1.0) -> Path:
     """The prepared data where this worker can read it: the driver's folder when this node sees it
-    (one machine, a shared cache), else prepared here from the spec, deterministically (the same
-    cache key, hence the same rows, or a refusal)."""
-    from dtlab.trainers.run.data import prepare_data
+    (one machine, a shared cache), else prepared on this node from the spec, deterministically (the
+    same cache key, hence the same rows, or a refusal): by its first local rank (`LOCAL_RANK`, which
+    Ray Train's torch backend sets; 0 where unset), while the node's other ranks wait for the folder's
+    manifest, which appears only once the folder is whole. The cache's file lock still keeps any two
+    processes from preparing one key at once. (A first rank that fails fails the worker group, and
+    Ray Train stops the ranks that wait.)"""
+    import time
+
+    from dtlab.trainers.run.data import prepare_data, prepared_folder
 
     folder = Path(config["data_dir"])
     if (folder / "meta.json").is_file():
         return folder
-    here = prepare_data(Spec.model_validate(config["spec"]).data).path
+    data = Spec.model_validate(config["spec"]).data
+    local_rank = int(os.environ.get("LOCAL_RANK") or 0)
+    if local_rank == 0:
+        here = prepare_data(data).path
+    else:
+        here = prepared_folder(data)  # its key, from the spec (reads no corpus)
+        if not (here / "meta.json").is_file():
+            log.info(f"local rank {local_rank}: waiting for local rank 0 to prepare the data in {here}")
+        while not (here / "meta.json").is_file():
+            time.sleep(poll_s)
     if here.name != folder.name:
         raise RuntimeError(f"data prepared on this node ({here.name}) differs from the driver's ({folder.name}): "
                            "the source or tokenizer is not the same on every node")
@@ -122,13 +168,16 @@ def node_data(config: dict[str, Any]) -> Path:
 
 def run_config(spec: Spec, name: str, local: Path, callbacks: Sequence[Any] = ()) -> RunConfig:
     """A run's Ray `RunConfig`: storage in `resources.storage` (a URI or a path all nodes share) or
-    `local`; at most one latest and one best (lowest val_loss) checkpoint kept there; restarts."""
+    `local`; at most one latest and one best (lowest val_loss) checkpoint kept there. Ray Train
+    restarts nothing itself (its `FailureConfig` retries every worker-group error, a divergence or an
+    out-of-memory too, with no way to tell them apart): the one retry layer is the caller's,
+    `runner.launch` for a run and Tune's for a sweep's trial (`resources.max_failures`)."""
     from ray.train import CheckpointConfig, FailureConfig, RunConfig
 
     return RunConfig(name=name, storage_path=spec.resources.storage or str(local), callbacks=list(callbacks),
                      checkpoint_config=CheckpointConfig(num_to_keep=1, checkpoint_score_attribute="val_loss",
                                                         checkpoint_score_order="min"),
-                     failure_config=FailureConfig(max_failures=spec.resources.max_failures))
+                     failure_config=FailureConfig(max_failures=0, max_preemption_failures=0))
 
 
 def cluster_gpus() -> float:
@@ -141,9 +190,10 @@ def cluster_gpus() -> float:
     return float(torch.cuda.device_count()) if torch.cuda.is_available() else 0.0
 
 
-def scaling(spec: Spec) -> ScalingConfig:
+def scaling(spec: Spec, seeds: int = 1) -> ScalingConfig:
     """The workers of a run, decided from the cluster's resources: Ray then places each rank where
-    what it asks for is."""
+    what it asks for is. A trial of several seeds gets `num_workers` ranks for each, so that its
+    seeds train side by side, each on devices of its own (`replicates.train_side_by_side`)."""
     from ray.train import ScalingConfig
 
     res = spec.resources
@@ -153,7 +203,8 @@ def scaling(spec: Spec) -> ScalingConfig:
     per_worker = {"CPU": res.cpus_per_worker}
     if use_gpu:
         per_worker["GPU"] = res.gpus_per_worker if res.gpus_per_worker is not None else 1.0
-    return ScalingConfig(num_workers=res.num_workers, use_gpu=use_gpu, resources_per_worker=per_worker)
+    return ScalingConfig(num_workers=res.num_workers * max(1, seeds), use_gpu=use_gpu,
+                         resources_per_worker=per_worker)
 
 
 def train_with_ray(config: dict[str, Any], spec: Spec) -> dict[str, Any]:
@@ -163,7 +214,8 @@ def train_with_ray(config: dict[str, Any], spec: Spec) -> dict[str, Any]:
     if not ray.is_initialized():
         init_ray()
     run_dir = Path(config["run_dir"])
-    trainer = TorchTrainer(ray_worker, train_loop_config=config, scaling_config=scaling(spec),
+    seeds = len(config.get("seeds") or []) or 1
+    trainer = TorchTrainer(ray_worker, train_loop_config=config, scaling_config=scaling(spec, seeds),
                            run_config=run_config(spec, storage_name(run_dir), run_dir / "ray"))
     result = trainer.fit()
     if result.error:

@@ -66,7 +66,9 @@ def model_shape(spec: Spec) -> dict[str, Any]:
     return {"vocab_size": shape["vocab_size"], "max_positions": shape.get("max_position_embeddings", 32768)}
 
 
-def check_fit(spec: Spec, data: Prepared, world: int, shape: dict[str, Any] | None = None) -> None:
+def check_fit(spec: Spec, data: Prepared, world: int, shape: dict[str, Any] | None = None) -> Spec:
+    """The run fits its data and its devices, before anything is written; returns the spec its workers
+    get, with `auto` strategy and activation checkpointing decided by the memory plan (`check_memory`)."""
     shape = shape or model_shape(spec)
     if not spec.training.from_scratch and not spec.data.tokenizer:
         raise SpecError("data.tokenizer: transfer from a pretrained checkpoint needs its tokenizer "
@@ -81,29 +83,44 @@ def check_fit(spec: Spec, data: Prepared, world: int, shape: dict[str, Any] | No
     if len(data.train) < need:
         raise SpecError(f"data: {len(data.train)} training rows of {spec.data.block_size} tokens cannot fill one "
                         f"batch of training.batch_size={spec.training.batch_size} x {world} worker(s)")
-    check_memory(spec, data, world)
+    return check_memory(spec, data, world)
 
 
-def check_memory(spec: Spec, data: Prepared, world: int) -> None:
-    """A model whose parameters alone cannot fit this machine's memory is refused before anything is
-    written: fp32 weights, gradients and AdamW's two moments (16 bytes a parameter) per worker, against
-    the memory available now. Only where the run trains on this machine's CPU (a GPU's memory is the
-    GPU's; a cluster's workers are elsewhere)."""
+def check_memory(spec: Spec, data: Prepared, world: int) -> Spec:
+    """The run's memory plan (`tools/plan.py`: weights, gradients, AdamW state, buckets, activations, the
+    loss chunk per device) before anything is written. On GPUs (this machine's, or the cluster that
+    DTLAB_CLUSTER describes) a run that will not fit is refused with its estimate and what would fit;
+    `auto` strategy and activation checkpointing are decided (ddp and no recomputation where they fit).
+    On this machine's CPU the refusal is a model whose parameters alone cannot fit: fp32 weights,
+    gradients and AdamW's two moments (16 bytes a parameter) per worker, against the memory available
+    now. Returns the spec with `auto` decided (ddp, no checkpointing where no plan can be made)."""
     from dtlab.models.config import make_config
     from dtlab.models.flops import param_count
-    from dtlab.trainers.run.device import detect_device
     from dtlab.trainers.tools.bench import available_memory_gib
+    from dtlab.trainers.tools.plan import check_plan, concrete, device_cluster, plan_run, resolve
 
-    if not spec.training.from_scratch or os.environ.get("RAY_ADDRESS") or detect_device(spec.resources.device) != "cpu":
-        return
-    overrides = spec.model.overrides_for(spec.model.type)
-    overrides.setdefault("vocab_size", data.vocab_size)
-    params = param_count(make_config(spec.model.type, spec.model.size, **overrides))
-    need, have = params * 16 * world / 2**30, available_memory_gib("cpu")
-    if have is not None and need > have:
-        raise SpecError(f"model: {params:,} parameters need about {need:,.1f} GiB for weights, gradients and AdamW "
-                        f"state ({world} worker(s) x 16 bytes a parameter) but this machine has {have:,.1f} GiB "
-                        "available; choose a smaller model.size or shape (hidden_size, num_hidden_layers, vocab_size)")
+    cluster = device_cluster(spec)
+    if cluster is None:  # CUDA that this process does not see: the workers' GPUs are planned by the driver
+        return concrete(spec)
+    vocab = data.vocab_size if spec.training.from_scratch else None
+    run = plan_run(spec, spec.model.type, cluster, vocab_size=vocab, rows=len(data.train))
+    log.debug(f"memory plan of {spec.name}-{spec.model.type}: peak {run.memory.peak / 2**30:,.1f} GiB of "
+              f"{run.budget / 2**30:,.1f} GiB per device, {run.strategy}, activation checkpointing "
+              f"{'on' if run.checkpointing else 'off'}")
+    if cluster.cuda:
+        check_plan([run], spec, f"{spec.name} ({spec.model.type})")
+        return resolve(spec, run)
+    if spec.training.from_scratch and not os.environ.get("RAY_ADDRESS"):
+        overrides = spec.model.overrides_for(spec.model.type)
+        overrides.setdefault("vocab_size", data.vocab_size)
+        params = param_count(make_config(spec.model.type, spec.model.size, **overrides))
+        need, have = params * 16 * world / 2**30, available_memory_gib("cpu")
+        if have is not None and need > have:
+            raise SpecError(f"model: {params:,} parameters need about {need:,.1f} GiB for weights, gradients and "
+                            f"AdamW state ({world} worker(s) x 16 bytes a parameter) but this machine has "
+                            f"{have:,.1f} GiB available; choose a smaller model.size or shape (hidden_size, "
+                            "num_hidden_layers, vocab_size)")
+    return resolve(spec, run)
 
 
 def check_out(path: Path, what: str = "run") -> None:
@@ -143,6 +160,12 @@ def check_resume(run_dir: Path, spec: Spec) -> None:
     why = why_not_resumable(last_checkpoint(run_dir), deep=True)
     if why and spec.resources.storage and spec.resources.use_ray and storage_holds(run_dir, spec.resources.storage):
         return  # the checkpoint of record is in Ray's storage: the run reads it back from there
+    saved = run_dir / "checkpoints"
+    if why and not (saved.is_dir() and any(saved.iterdir())):
+        # stopped before its first checkpoint (step 0 is evaluated, not saved): the run starts over and
+        # logs its first records again, identically (the loop drops the old ones)
+        log.info(f"--resume: {run_dir} stopped before its first checkpoint; it starts over")
+        return
     if why and read_jsonl(run_dir / METRICS).records:
         raise SpecError(f"--resume: cannot continue {run_dir}: {why}, so its records would be repeated; "
                         "--force sets the run aside and starts afresh")
@@ -296,13 +319,23 @@ def write_run_files(run_dir: Path, spec: Spec, data: Prepared, resume: bool) -> 
 
 
 def launch(config: dict[str, Any], spec: Spec, run_dir: Path, use_ray: bool, hooks: Hooks | None) -> dict[str, Any]:
-    """Train; a failure once training has started is a `RunFailed` that says how to continue."""
+    """Train; a failure once training has started is a `RunFailed` that says how to continue. Under
+    Ray this is the run's one retry layer: a transient failure (a worker killed, a node lost or
+    preempted) starts a new worker group from the run's last checkpoint, up to
+    `resources.max_failures` times; a deterministic one (`failure_kind`) ends the run at once."""
     resume_hint = f"continue with --resume (--out {run_dir})"
     try:
         if use_ray:
             from dtlab.trainers.orchestrate.ray_train import train_with_ray
 
-            return train_with_ray(config, spec)
+            for retry in range(spec.resources.max_failures + 1):
+                try:
+                    return train_with_ray(config, spec)
+                except Exception as err:
+                    if failure_kind(err) is not None or retry == spec.resources.max_failures:
+                        raise
+                    log.info(f"{run_dir.name}: training failed ({_one_line(err)}); starting again from the last "
+                             f"checkpoint (retry {retry + 1} of resources.max_failures={spec.resources.max_failures})")
         from dtlab.trainers.run.loop import train
 
         return train(config, hooks)
@@ -318,7 +351,10 @@ def launch(config: dict[str, Any], spec: Spec, run_dir: Path, use_ray: bool, hoo
         why = diverged_reason(run_dir)
         if why:
             raise RunDiverged(f"{run_dir.name}: {why}; the run stopped (--force starts it afresh)") from err
-        first = (str(err).strip().splitlines() or [""])[0][:200]
+        first = _one_line(err)
+        if failure_kind(err) == OOM:
+            raise RunFailed(f"training ran out of memory ({_one_line(inner)}); not retried: it would again. A "
+                            "smaller training.batch_size with more grad_accum_steps, or a smaller model, fits") from err
         if type(err).__module__.split(".")[0] == "ray":  # a worker died or its process group failed
             raise RunFailed(f"training failed in a Ray worker ({type(err).__name__}: {first}); {resume_hint}") from err
         if type(err).__name__ == "SafetensorError":  # e.g. the disk filled up while writing a checkpoint
@@ -326,12 +362,46 @@ def launch(config: dict[str, Any], spec: Spec, run_dir: Path, use_ray: bool, hoo
         raise RunFailed(f"training failed ({type(err).__name__}: {first}); {resume_hint}") from err
 
 
+def _one_line(err: BaseException) -> str:
+    return (str(err).strip().splitlines() or [""])[0][:200]
+
+
+DIVERGED_KIND, OOM, REFUSED = "diverged", "out of memory", "refused"
+
+
+def failure_kind(err: BaseException) -> str | None:
+    """Why a run failed, when trying again cannot help: it diverged (`loop.Diverged`), ran out of
+    memory, or its input was refused (`SpecError`, `ValueError`, an unreadable checkpoint), on any
+    of its workers (Ray Train's `WorkerGroupError` holds each rank's error). None for a transient
+    failure: a worker process killed, a node lost or preempted, a collective broken by either, or
+    anything not known to repeat; those are retried up to `resources.max_failures`."""
+    import torch
+
+    from dtlab.trainers.run.loop import Diverged
+
+    kinds = []
+    for one in [err, *(getattr(err, "worker_failures", None) or {}).values()]:
+        seen: set[int] = set()
+        while isinstance(one, BaseException) and id(one) not in seen:
+            seen.add(id(one))
+            if isinstance(one, Diverged):
+                kinds.append(DIVERGED_KIND)
+            elif isinstance(one, torch.OutOfMemoryError) or "CUDA out of memory" in str(one)[:500]:
+                kinds.append(OOM)
+            elif isinstance(one, (SpecError, CheckpointError, ValueError)):
+                kinds.append(REFUSED)
+            one = one.__cause__ or getattr(one, "cause", None) or one.__context__
+    return next((k for k in (DIVERGED_KIND, OOM, REFUSED) if k in kinds), None)
+
+
 def _cause(err: BaseException) -> BaseException:
-    """The innermost error of a chain (Ray wraps a worker's error in its own)."""
+    """The innermost error of a chain (Ray wraps a worker's error in its own; of Ray Train's
+    `WorkerGroupError`, which holds each rank's, the first rank's)."""
     seen = set()
     while id(err) not in seen:
         seen.add(id(err))
-        nxt = err.__cause__ or getattr(err, "cause", None) or err.__context__
+        failures = list((getattr(err, "worker_failures", None) or {}).values())
+        nxt = err.__cause__ or getattr(err, "cause", None) or err.__context__ or (failures[0] if failures else None)
         if not isinstance(nxt, BaseException):
             break
         err = nxt
@@ -351,7 +421,7 @@ def run_training(spec: Spec, out: str | Path | None = None, resume: bool = False
     check_run_dir(run_dir, resume, force, spec)
     shape = model_shape(spec)  # a checkpoint that is not there is said before data are prepared
     data = prepare_data(spec.data)
-    check_fit(spec, data, spec.resources.num_workers, shape)
+    run_spec = check_fit(spec, data, spec.resources.num_workers, shape)  # `auto` settings decided
     say_repeats(spec, data, spec.resources.num_workers)
     fresh = not run_dir.exists()
     try:
@@ -361,7 +431,7 @@ def run_training(spec: Spec, out: str | Path | None = None, resume: bool = False
         if fresh:  # a failed start leaves nothing behind
             shutil.rmtree(run_dir, ignore_errors=True)
         raise RunFailed(f"could not write the run directory {run_dir} ({err.strerror or err})") from err
-    config = {"spec": spec.model_dump(mode="json"), "run_dir": str(run_dir.resolve()), "data_dir": str(data.path),
+    config = {"spec": run_spec.model_dump(mode="json"), "run_dir": str(run_dir.resolve()), "data_dir": str(data.path),
               "resume": resume}
     current().capture(run_dir)  # from here on, what the libraries print goes to the run's output.log
     result = launch_watched(config, spec, run_dir, use_ray, hooks, tracking)

@@ -8,6 +8,15 @@ and renamed once complete; `last` and `best` are relative symlinks to such direc
 atomically (`os.replace`) afterwards. A crash at any moment leaves the old checkpoint or the new one,
 never neither. The resume path and the evaluation path both go through `save` and `load` here.
 
+`best` holds weights only: the optimizer's state (8 bytes per parameter of AdamW moments) is kept in
+`last`, the one checkpoint a run resumes from; a `best` that is not also `last` loses its
+`optimizer.safetensors` once `last` has moved on. The untrained step 0 is never saved (the loop's
+rule): a run that stops before its first checkpoint starts again from scratch.
+
+The format does not depend on how the run's ranks held the model (`parallel.py`): under FSDP the
+full tensors are gathered for saving (`gather`) and each rank takes its shard back when loading, so a
+DDP checkpoint resumes under FSDP and the reverse.
+
 A run directory is trusted input all the same: only checkpoints in this format, or older ones whose
 `trainer_state.pt` loads with `torch.load(weights_only=True)`, are read.
 """
@@ -36,7 +45,7 @@ class CheckpointError(ValueError):
 
 
 def unwrap(model: torch.nn.Module) -> DTLabForCausalLM:
-    """The model inside a DDP wrapper (or the model itself)."""
+    """The model inside a DDP wrapper (or the model itself; FSDP2 shards the model in place)."""
     return model.module if hasattr(model, "module") else model
 
 
@@ -96,12 +105,62 @@ def _finite(value: Any) -> Any:
     return None if isinstance(value, float) and not math.isfinite(value) else value
 
 
+# ---- FSDP: full tensors for saving, shards when loading -----------------------------------------------
+Gathered = tuple[dict[str, Any], dict[str, Any]]
+
+
+def _sharded(model: torch.nn.Module) -> bool:
+    from torch.distributed.fsdp import FSDPModule
+
+    return isinstance(model, FSDPModule)
+
+
+def gather(model: torch.nn.Module, optimizer: torch.optim.Optimizer, rank: int) -> Gathered | None:
+    """Under FSDP, on every rank of the run (collectives over its group, tensor by tensor): the model's
+    and the optimizer's state with full tensors, on the CPU, on rank 0 (None elsewhere), in the form
+    an unsharded model and optimizer have them (`state_dict()`: the optimizer's keyed by parameter
+    index). Without FSDP, None: `save` reads the model and the optimizer itself.
+
+    (Not `torch.distributed.checkpoint.state_dict` with `full_state_dict` and `cpu_offload`: that
+    keeps the full tensors on global rank 0, which is in no run's group but the first when several
+    runs share a worker group.)"""
+    if not _sharded(model):
+        return None
+    from torch.distributed.tensor import DTensor
+
+    def full(value: Any) -> Any:
+        if isinstance(value, DTensor):
+            value = value.full_tensor()
+        return value.detach().cpu().clone() if rank == 0 and hasattr(value, "detach") else value
+
+    # one full tensor per parameter object: tied weights (the head) stay one tensor, which
+    # `save_pretrained` leaves out under the tied name as it does for an unsharded model
+    done: dict[int, Any] = {}
+    weights = {k: done[id(v)] if id(v) in done else done.setdefault(id(v), full(v))
+               for k, v in model.state_dict(keep_vars=True).items()}
+    optim = optimizer.state_dict()
+    optim = {**optim, "state": {i: {k: full(v) for k, v in per.items()} for i, per in optim["state"].items()}}
+    return (weights, optim) if rank == 0 else None
+
+
+def _distribute(full: torch.Tensor, like: Any) -> Any:
+    """`full` as `like` holds it: this rank's shard when `like` is a DTensor (every rank read the file:
+    no communication), else on `like`'s device."""
+    from torch.distributed.tensor import DTensor, distribute_tensor
+
+    if isinstance(like, DTensor):
+        return distribute_tensor(full.to(like.device, like.dtype), like.device_mesh, like.placements,
+                                 src_data_rank=None)
+    return full.to(like.device)
+
+
 # ---- save ------------------------------------------------------------------------------------------------
 def save(run_dir: Path, model: torch.nn.Module, optimizer: torch.optim.Optimizer,
          scheduler: torch.optim.lr_scheduler.LRScheduler, scaler: torch.amp.GradScaler | None, state: dict[str, Any],
-         best: bool) -> Path:
+         best: bool, gathered: Gathered | None = None) -> Path:
     """Write the checkpoint of `state["step"]`, point `last` (and `best` when `best`) at it, drop the
-    ones neither points at; returns its directory."""
+    ones neither points at (and the optimizer's state of a `best` that `last` has left); returns its
+    directory. `gathered`: the full state `gather` made under FSDP (rank 0 saves)."""
     from safetensors.torch import save_file
     from transformers.utils import logging as hf_logging
 
@@ -111,8 +170,12 @@ def save(run_dir: Path, model: torch.nn.Module, optimizer: torch.optim.Optimizer
     name = _free_name(ckpt, f"step-{state['step']:07d}")
     tmp = ckpt / f".{name}.tmp"
     shutil.rmtree(tmp, ignore_errors=True)
-    unwrap(model).save_pretrained(tmp)
-    tensors, meta = _optimizer_split(optimizer.state_dict())
+    if gathered is None:
+        save_weights(unwrap(model), tmp, unwrap(model).state_dict())
+        tensors, meta = _optimizer_split(optimizer.state_dict())
+    else:
+        save_weights(unwrap(model), tmp, gathered[0])
+        tensors, meta = _optimizer_split(gathered[1])
     save_file(tensors, str(tmp / "optimizer.safetensors"))
     trainer = {"format": FORMAT, "optimizer": meta, "scheduler": scheduler.state_dict(),
                "scaler": scaler.state_dict() if scaler is not None else None,
@@ -128,6 +191,29 @@ def save(run_dir: Path, model: torch.nn.Module, optimizer: torch.optim.Optimizer
     fault("checkpoint-last")
     _prune(ckpt)
     return ckpt / name
+
+
+def save_weights(model: DTLabForCausalLM, folder: Path, state_dict: dict[str, torch.Tensor]) -> None:
+    """What `save_pretrained` writes (config.json, generation_config.json, model.safetensors with the
+    tied head left out), on whichever rank calls it: transformers' own writes nothing unless the
+    process is global rank 0, and the rank 0 of a run's group need not be (several runs side by side)."""
+    from safetensors.torch import save_file
+
+    folder.mkdir(parents=True, exist_ok=True)
+    config = model.config
+    config.architectures = [type(model).__name__.removeprefix("FSDP")]  # FSDP2 renames the class
+    config.dtype = str(model.dtype).split(".")[1]
+    config.save_pretrained(folder)
+    if model.can_generate() and getattr(model, "generation_config", None) is not None:
+        model.generation_config.save_pretrained(folder)
+    tensors, storages = {}, set()
+    for key, value in state_dict.items():
+        ptr = value.untyped_storage().data_ptr()
+        if ptr in storages and value.numel() > 0:  # a tied weight (the head): saved once, as transformers does
+            continue
+        storages.add(ptr)
+        tensors[key] = value.detach().cpu().contiguous()
+    save_file(tensors, str(folder / "model.safetensors"), metadata={"format": "pt"})
 
 
 def _fsync(folder: Path) -> None:
@@ -172,15 +258,41 @@ def _fsync_dir(folder: Path) -> None:
 
 
 def _prune(ckpt: Path) -> None:
-    keep = {os.readlink(ckpt / link) for link in (LAST, BEST) if (ckpt / link).is_symlink()}
+    """Drop the checkpoints neither link points at, and the optimizer's state of a `best` that is not
+    also `last` (it is resumed from `last` only)."""
+    target = {link: os.readlink(ckpt / link) for link in (LAST, BEST) if (ckpt / link).is_symlink()}
+    keep = set(target.values())
     for path in ckpt.iterdir():
         stale_tmp = path.name.startswith(".") and path.name.endswith(".tmp")
         if (path.is_dir() and not path.is_symlink() and path.name not in keep
                 and (path.name.startswith(("step-", "legacy-")) or stale_tmp)):
             shutil.rmtree(path, ignore_errors=True)
+    if BEST in target and target[BEST] != target.get(LAST):
+        optimizer = ckpt / target[BEST] / "optimizer.safetensors"
+        if optimizer.is_file():
+            optimizer.unlink()
+            _fsync_dir(optimizer.parent)
 
 
 # ---- check and load -----------------------------------------------------------------------------------------
+def why_not_loadable(path: Path) -> str | None:
+    """Why the weights at `path` cannot be loaded (`from_pretrained`: config.json and a readable
+    model.safetensors), or None. A `best` checkpoint holds weights only: this is its check."""
+    if not path.exists():
+        return f"{path} does not exist" + (" (a broken link)" if path.is_symlink() else "")
+    missing = [f for f in ("config.json", "model.safetensors") if not (path / f).is_file()]
+    if missing:
+        return f"{path} lacks {', '.join(missing)}"
+    try:
+        from safetensors import safe_open
+
+        with safe_open(str(path / "model.safetensors"), "pt") as f:
+            f.keys()
+    except Exception as err:  # a truncated or foreign file
+        return f"{path / 'model.safetensors'} is not readable ({type(err).__name__}: {err})"
+    return None
+
+
 def why_not_resumable(path: Path, deep: bool = False) -> str | None:
     """Why the checkpoint at `path` cannot be resumed from, or None. `deep`: also read the trainer
     state through (an older checkpoint's pickle with `weights_only=True`), not only the headers."""
@@ -229,7 +341,12 @@ def load(path: Path, model: torch.nn.Module, optimizer: torch.optim.Optimizer,
     if why:
         raise CheckpointError(why)
     target = unwrap(model)
-    state = load_file(str(path / "model.safetensors"), device=str(next(target.parameters()).device))
+    sharded = _sharded(target)
+    state = load_file(str(path / "model.safetensors"), device="cpu" if sharded else
+                      str(next(target.parameters()).device))
+    if sharded:  # each rank its shard of the full tensors
+        mine = target.state_dict()
+        state = {k: _distribute(v, mine[k]) if k in mine else v for k, v in state.items()}
     missing, unexpected = target.load_state_dict(state, strict=False)
     tied = target.config.tie_word_embeddings
     # the head of a tied model is the embedding; a run saved before the schedule step was kept sets it anyway
@@ -239,7 +356,12 @@ def load(path: Path, model: torch.nn.Module, optimizer: torch.optim.Optimizer,
     if tied:
         target.tie_weights()
     trainer = read_trainer_state(path)
-    optimizer.load_state_dict(trainer.pop("optimizer"))
+    optim = trainer.pop("optimizer")
+    if sharded:  # the moments shaped like their parameter: its shard
+        params = [p for group in optimizer.param_groups for p in group["params"]]
+        optim["state"] = {i: {k: _distribute(v, params[int(i)]) if getattr(v, "shape", ()) == params[int(i)].shape
+                              and v.ndim > 0 else v for k, v in per.items()} for i, per in optim["state"].items()}
+    optimizer.load_state_dict(optim)
     scheduler.load_state_dict(trainer.pop("scheduler"))
     scaler_state = trainer.pop("scaler")
     if scaler is not None and scaler_state is not None:

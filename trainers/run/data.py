@@ -13,6 +13,8 @@ local files alike), tokenized in batches with the fast tokenizer's batch encodin
 processes, in order) and written to the shard files as they come, so memory does not grow with the corpus.
 Rows hold documents joined by an end-of-text token; labels are the rows themselves and the model shifts
 them, exactly once. Each document goes wholly to training or validation by a hash of its text.
+`orchestrate/prepare_ray.py` has the documents tokenized by Ray Data across a cluster instead (`Tokenized`)
+and writes them through the same `_write`: the same shards.
 """
 
 from __future__ import annotations
@@ -29,7 +31,7 @@ import tempfile
 import time
 import unicodedata
 from collections import deque
-from collections.abc import Iterable, Iterator
+from collections.abc import Callable, Iterable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -181,27 +183,55 @@ def resolve_source(spec: DataSpec) -> Source:
                   where, False)
 
 
-def _source_texts(spec: DataSpec, src: Source) -> Iterator[str]:
-    """The texts of the source, in order, streamed."""
+def read_parts(spec: DataSpec, src: Source) -> list[dict[str, int]]:
+    """The source as parts that can be read apart (by Ray Data's read tasks, on any node), in order:
+    `_source_texts` of each part, one after another, are `_source_texts` of the whole. Builtin text is
+    one part; local parquet a part per row group; local json/text files a part per file; a hub
+    dataset a part per shard of its `datasets` stream (its data files). Reads no documents (a
+    parquet file's footer, a hub dataset's list of files)."""
+    if spec.source == "builtin":
+        return [{}]
+    if src.builder == "parquet":
+        import pyarrow.parquet as pq
+
+        return [{"file": i, "row_group": g} for i, f in enumerate(src.files)
+                for g in range(pq.ParquetFile(f).metadata.num_row_groups)]
+    if src.builder is not None:
+        return [{"file": i} for i in range(len(src.files))]
+    import datasets
+
+    try:
+        n = datasets.load_dataset(spec.source, spec.name, split=spec.split, revision=spec.revision,
+                                  streaming=True).num_shards
+    except Exception as err:
+        raise SpecError(f"data.source={spec.source!r}: could not load ({type(err).__name__}: {err})") from err
+    return [{"shard": i, "of": n} for i in range(n)]
+
+
+def _source_texts(spec: DataSpec, src: Source, part: dict[str, int] | None = None) -> Iterator[str]:
+    """The texts of the source (or of one of its `read_parts`), in order, streamed."""
     if spec.source == "builtin":
         yield from builtin_documents(spec.max_bytes)
         return
+    files = src.files if part is None or "file" not in part else [src.files[part["file"]]]
     if src.builder == "parquet":
-        yield from _parquet_texts(spec, src.files)
+        yield from _parquet_texts(spec, files, None if part is None else part["row_group"])
         return
     import datasets
 
     datasets.disable_progress_bars()  # a quiet terminal; errors are said in one line
     if src.builder is not None:
         if src.builder != "parquet":
-            for f in src.files:
+            for f in files:
                 _check_utf8(f)
         options = {"sample_by": spec.sample_by} if src.builder == "text" else {}
-        load = lambda: datasets.load_dataset(src.builder, data_files=[str(f) for f in src.files], split="train",
+        load = lambda: datasets.load_dataset(src.builder, data_files=[str(f) for f in files], split="train",
                                              streaming=True, **options)
     else:
-        load = lambda: datasets.load_dataset(spec.source, spec.name, split=spec.split, revision=spec.revision,
-                                             streaming=True)
+        def load() -> Any:
+            ds = datasets.load_dataset(spec.source, spec.name, split=spec.split, revision=spec.revision,
+                                       streaming=True)
+            return ds if part is None else ds.shard(part["of"], part["shard"])
     batches = None
     try:
         ds = load()
@@ -232,13 +262,21 @@ def _source_texts(spec: DataSpec, src: Source) -> Iterator[str]:
             except Exception as err:
                 raise SpecError(f"data.source={spec.source!r}: could not read ({type(err).__name__}: {err})") \
                     from err
-    finally:  # a stream left open (stopped by a budget) would hang the interpreter's exit in `datasets`
+    finally:
+        # a stream stopped early (by a budget) must be closed and collected here: left to the interpreter's
+        # exit, pyarrow's threads of a parquet stream abort it (`terminate called without an active
+        # exception`, in 3 of 7 runs with pyarrow 25; apache/arrow#45214, which `datasets` works around
+        # for pyarrow <= 24 only); closed and collected, none of 12 runs did (tests/trainers/test_prepare.py)
         batches.close()
+        import gc
+
+        gc.collect()
 
 
-def _parquet_texts(spec: DataSpec, files: list[Path]) -> Iterator[str]:
-    """Local parquet files a batch of rows at a time, the text column only (pyarrow's file reader: a
-    `datasets` stream of parquet left unfinished can hang the interpreter's exit, apache/arrow#45214)."""
+def _parquet_texts(spec: DataSpec, files: list[Path], row_group: int | None = None) -> Iterator[str]:
+    """Local parquet files (or one row group of one) a batch of rows at a time, the text column only
+    (pyarrow's file reader: a `datasets` stream of parquet left unfinished can abort or hang the interpreter's
+    exit, apache/arrow#45214)."""
     import pyarrow.parquet as pq
 
     for path in files:
@@ -251,7 +289,8 @@ def _parquet_texts(spec: DataSpec, files: list[Path]) -> Iterator[str]:
         if spec.text_field not in names:
             raise SpecError(f"data.text_field={spec.text_field!r}: not a column of {spec.source!r} (columns: {names})")
         try:
-            for batch in pf.iter_batches(batch_size=256, columns=[spec.text_field]):
+            groups = None if row_group is None else [row_group]
+            for batch in pf.iter_batches(batch_size=256, columns=[spec.text_field], row_groups=groups):
                 yield from (t for t in batch.column(0).to_pylist() if isinstance(t, str))
         except SpecError:
             raise
@@ -279,8 +318,12 @@ def budgeted_texts(spec: DataSpec, src: Source, tally: Tally) -> Iterator[str]:
         budget -= len(text)
         tally.documents += 1
         tally.characters += len(text)
-        tally.any_text = tally.any_text or bool(text) and not text.isspace()
+        tally.any_text = tally.any_text or has_text(text)
         yield text
+
+
+def has_text(text: str) -> bool:
+    return bool(text) and not text.isspace()
 
 
 # ---- pieces: long texts tokenized a piece at a time ----------------------------------------------------
@@ -350,8 +393,12 @@ def documents(spec: DataSpec, src: Source, tally: Tally) -> Iterator[Doc]:
         if last is not None:
             yield [last], True
         return
-    for text in texts:
-        yield (pieces(text) if len(text) > 2 * PIECE_CHARS else [text]), True
+    yield from map(doc_of, texts)
+
+
+def doc_of(text: str) -> Doc:
+    """A document (not part of a running text): its pieces, then an end-of-text token."""
+    return (pieces(text) if len(text) > 2 * PIECE_CHARS else [text]), True
 
 
 def batches(docs: Iterator[Doc]) -> Iterator[list[Doc]]:
@@ -573,7 +620,20 @@ def _progress(spec: DataSpec, tokens: int, started: float, said: list[float]) ->
         log.info(f"preparing data: {tokens:,}{of} tokens, {tokens / (now - started):,.0f} tokens/s")
 
 
-def _write(spec: DataSpec, src: Source, tok: Tokenizer, folder: Path, num_proc: int, position: bool
+Results = Iterator[tuple[np.ndarray, np.ndarray, np.ndarray]]  # what `tokenize_batch` returns, batch by batch
+# tokenized documents of the source in order, from (spec, source, tokenizer, tally): the reader's `Tally` kept
+Tokenized = Callable[[DataSpec, "Source", "Tokenizer", Tally], Results]
+
+
+def local_tokenized(num_proc: int) -> Tokenized:
+    """Documents read here and tokenized in `num_proc` processes (`ordered_map`)."""
+    def run(spec: DataSpec, src: Source, tok: Tokenizer, tally: Tally) -> Results:
+        return ordered_map(batches(documents(spec, src, tally)), num_proc, (tok.to_str(), tok.eot_id,
+                                                                             spec.val_fraction))
+    return run
+
+
+def _write(spec: DataSpec, src: Source, tok: Tokenizer, folder: Path, position: bool, tokenized: Tokenized
            ) -> tuple[dict[str, Any], Tally]:
     """Stream the corpus into `folder`'s shards: by document, or (`position`) as one stream whose last
     `val_fraction` of tokens is validation; the shards and facts, and what the reader saw."""
@@ -581,8 +641,7 @@ def _write(spec: DataSpec, src: Source, tok: Tokenizer, folder: Path, num_proc: 
     train, val = ShardWriter(folder, "train", dtype, block), ShardWriter(folder, "val", dtype, block)
     tally, total, started, said = Tally(), 0, time.perf_counter(), [time.perf_counter()]
     kept_docs = 0
-    results = ordered_map(batches(documents(spec, src, tally)), num_proc, (tok.to_str(), tok.eot_id,
-                                                                             spec.val_fraction))
+    results = tokenized(spec, src, tok, tally)
     for tokens, lengths, is_val in results:
         if spec.max_tokens is not None and total + len(tokens) >= spec.max_tokens:
             keep = spec.max_tokens - total
@@ -602,8 +661,8 @@ def _write(spec: DataSpec, src: Source, tok: Tokenizer, folder: Path, num_proc: 
         kept_docs += len(lengths)
         _progress(spec, total, started, said)
         if spec.max_tokens is not None and total >= spec.max_tokens:
-            results.close()  # stops the workers; the documents read ahead are not used
             break
+    results.close()  # stops the workers (a budget reached); the documents read ahead are not used
     if not tally.any_text:
         train.close(), val.close()
         raise SpecError(f"data.source={spec.source!r}: the corpus is empty (no text in {src.where})")
@@ -621,22 +680,72 @@ def _write(spec: DataSpec, src: Source, tok: Tokenizer, folder: Path, num_proc: 
     return facts, tally
 
 
+def token_bytes(tok: Tokenizer) -> np.ndarray | None:
+    """The UTF-8 bytes each token id stands for (a special token: none), for a byte-level tokenizer
+    (GPT-2's, Qwen's, one trained here: each character of a vocabulary entry is one byte); None for
+    another kind."""
+    import tokenizers
+
+    fast = tok.fast
+    if not isinstance(fast.decoder, tokenizers.decoders.ByteLevel):
+        return None
+    table = np.zeros(max(tok.vocab_size, fast.get_vocab_size(with_added_tokens=True)), dtype=np.int64)
+    for piece, i in fast.get_vocab(with_added_tokens=False).items():
+        table[i] = len(piece)
+    for i, added in fast.get_added_tokens_decoder().items():
+        table[i] = 0 if added.special else len(added.content.encode("utf-8"))
+    return table
+
+
+def split_bytes(tok: Tokenizer, folder: Path, split: str, shards: list[dict[str, Any]], dtype: np.dtype,
+                chunk: int = 1 << 24) -> int:
+    """The UTF-8 bytes of the text a split's kept tokens stand for, end-of-text tokens not counted (what
+    bits per byte divide by): exact for a byte-level tokenizer; for another kind, each document's tokens
+    decoded (a character cut by the end of the kept rows or a shard boundary may count a few bytes)."""
+    table = token_bytes(tok)
+    total = 0
+    starts = np.fromfile(folder / f"{split}.docs", dtype=np.int64) if table is None else None
+    offset = 0
+    for s in shards:
+        stream = np.memmap(folder / s["file"], dtype=dtype, mode="r", shape=(s["tokens"],))
+        if table is not None:
+            for lo in range(0, len(stream), chunk):
+                total += int(table[np.asarray(stream[lo:lo + chunk])].sum())
+        else:
+            assert starts is not None
+            cuts = np.unique(np.concatenate([[0, len(stream)], starts[(starts > offset) &
+                                                                    (starts < offset + len(stream))] - offset]))
+            for a in range(0, len(cuts) - 1, 1024):
+                spans = [np.asarray(stream[lo:hi]).tolist() for lo, hi in zip(cuts[a:a + 1024], cuts[a + 1:a + 1025],
+                                                                             strict=False)]
+                total += sum(len(t.encode("utf-8")) for t in tok.fast.decode_batch(spans, skip_special_tokens=True))
+        offset += len(stream)
+        del stream
+    return total
+
+
 def _rows(shards: list[dict[str, Any]]) -> int:
     return sum(s["rows"] for s in shards)
 
 
-def build(spec: DataSpec, key: Key, folder: Path, num_proc: int) -> None:
-    """Prepare the data of `key` into `folder` (a fresh directory)."""
+def build(spec: DataSpec, key: Key, folder: Path, num_proc: int, tokenized: Tokenized | None = None,
+          engine: str | None = None) -> None:
+    """Prepare the data of `key` into `folder` (a fresh directory): documents tokenized in `num_proc`
+    processes here, or by `tokenized` (Ray Data; `engine` says how) when the split is by document."""
     started = time.perf_counter()
     tok, tok_file = tokenizer_for(spec, key)
     if tok.vocab_size >= 2**32:
         raise SpecError(f"data.tokenizer: vocabulary of {tok.vocab_size} does not fit 32-bit token ids")
-    position = key.src.one_text or spec.contiguous
-    facts, tally = _write(spec, key.src, tok, folder, num_proc, position)
+    position = key.src.one_text or spec.contiguous  # one running text: read and cut here, in order
+    here = local_tokenized(num_proc)
+    if position or tokenized is None:
+        tokenized, engine = here, None
+    facts, tally = _write(spec, key.src, tok, folder, position, tokenized)
     if not position and (_rows(facts["train_shards"]) < 2 or _rows(facts["val_shards"]) < 1):
         for f in folder.iterdir():  # too few documents to split by document: by position instead
             f.unlink()
-        facts, tally = _write(spec, key.src, tok, folder, num_proc, True)
+        facts, tally = _write(spec, key.src, tok, folder, True, here)
+        engine = None
     train_rows, val_rows = _rows(facts["train_shards"]), _rows(facts["val_shards"])
     if train_rows < 1 or val_rows < 1:
         raise SpecError(f"data.source={spec.source!r}: the corpus is too small for data.block_size="
@@ -649,7 +758,8 @@ def build(spec: DataSpec, key: Key, folder: Path, num_proc: int) -> None:
             "block_size": spec.block_size, "train_rows": train_rows, "val_rows": val_rows,
             "train_tokens": train_rows * spec.block_size, "val_tokens": val_rows * spec.block_size,
             "split": facts["split"], "shards": {"train": facts["train_shards"], "val": facts["val_shards"]},
-            "workers": num_proc, "seconds": round(seconds, 3),
+            "val_bytes": split_bytes(tok, folder, "val", facts["val_shards"], token_dtype(tok.vocab_size)),
+            "workers": num_proc, "engine": engine or f"{num_proc} process(es) here", "seconds": round(seconds, 3),
             "tokens_per_s": round(facts["tokens"] / max(facts["seconds"], 1e-9), 1),
             "created": time.strftime("%Y-%m-%dT%H:%M:%S%z")}
     (folder / "meta.json").write_text(json.dumps(meta, indent=1))
@@ -676,9 +786,11 @@ def prepared_folder(spec: DataSpec, key: Key | None = None) -> Path:
     return cache_root(spec) / "data" / (key or data_key(spec)).key
 
 
-def prepare_data(spec: DataSpec, num_proc: int | None = None) -> Prepared:
+def prepare_data(spec: DataSpec, num_proc: int | None = None, tokenized: Tokenized | None = None,
+                 engine: str | None = None) -> Prepared:
     """The prepared data of `spec`: opened from the cache when its key is there (nothing else is read),
-    else streamed, tokenized (in `num_proc` processes, default `spec.num_proc`), split and written."""
+    else streamed, tokenized (in `num_proc` processes, default `spec.num_proc`; or by `tokenized`,
+    which `orchestrate.prepare_ray` gives), split and written."""
     key = data_key(spec)
     folder = prepared_folder(spec, key)
     if (folder / "meta.json").is_file():
@@ -689,7 +801,7 @@ def prepare_data(spec: DataSpec, num_proc: int | None = None) -> Prepared:
             return load_prepared(folder)
         tmp = Path(tempfile.mkdtemp(dir=folder.parent, prefix=f".{key.key}-"))
         try:
-            build(spec, key, tmp, num_proc or spec.num_proc)
+            build(spec, key, tmp, num_proc or spec.num_proc, tokenized, engine)
             os.replace(tmp, folder)
         finally:
             shutil.rmtree(tmp, ignore_errors=True)

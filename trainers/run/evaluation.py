@@ -91,6 +91,8 @@ def evaluate(model: torch.nn.Module, val: np.ndarray, spec: Spec, precision: Pre
     else the top-k loss; `routing_mode` says which."""
     training = spec.training
     n_rows = min(len(val), training.eval_batches * training.batch_size * world)
+    if n_rows >= world:  # every rank as many rows, so as many passes (FSDP gathers in each)
+        n_rows -= n_rows % world
     mine = val[np.arange(rank, n_rows, world)]
     modes = unwrap(model).config.routing_modes
     record: dict[str, Any] = {}

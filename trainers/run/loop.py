@@ -3,8 +3,9 @@
     train({"spec": spec_dict, "run_dir": "...", "data_dir": "...", "resume": False})
 
 It runs bare (tests, one process, `--no-ray`), under `torchrun`, or inside a Ray Train
-`TorchTrainer` (see `orchestrate/ray_train.py`), which passes `Hooks` that report to Ray. When a process
-group is initialised the model is wrapped in DDP and every rank reads its own shard.
+`TorchTrainer` (see `orchestrate/ray_train.py`), which passes `Hooks` that report to Ray. When the run's
+process group has several ranks the model is wrapped in DDP or sharded with FSDP2
+(`resources.strategy`, `parallel.py`) and every rank reads its own shard of the data.
 
 A run's state is built once (`setup`); then `train_step` makes one optimizer step,
 `log_step` writes a training record and `evaluate_and_save` an evaluation record and the
@@ -15,7 +16,6 @@ Host syncs happen on logging and evaluation steps only; everything else stays on
 
 from __future__ import annotations
 
-import contextlib
 import json
 import logging
 import math
@@ -31,9 +31,9 @@ import torch
 import torch.distributed as dist
 
 from dtlab import models
-from dtlab.models.dtf import set_process_group
 from dtlab.analysis.rundir import DIVERGED, METRICS, JsonlWriter, diverged_reason, read_jsonl, rewrite_jsonl
-from dtlab.trainers.run import checkpoint
+from dtlab.models.dtf import set_process_group
+from dtlab.trainers.run import checkpoint, parallel
 from dtlab.trainers.run.checkpoint import unwrap
 from dtlab.trainers.run.data import load_prepared
 from dtlab.trainers.run.device import Precision, detect_device, detect_precision, synchronize
@@ -170,7 +170,12 @@ def build_for_training(spec: Spec, vocab_size: int) -> models.DTLabForCausalLM:
 
 
 def compiles(spec: Spec, device_type: str) -> bool:
-    """`training.compile`: on, off, or auto (on CUDA only: CPU compile time outweighs the gain)."""
+    """`training.compile`: on, off, or auto (on CUDA only: CPU compile time outweighs the gain). Not
+    with FSDP or activation checkpointing (yet): the whole-model graph would break at FSDP's hooks
+    and at a checkpointed layer's bookkeeping; those runs train eagerly."""
+    if parallel.strategy_of(spec.resources.strategy) == "fsdp" or parallel.checkpointing(
+            spec.training.activation_checkpointing):
+        return False
     return spec.training.compile == "on" or (spec.training.compile == "auto" and device_type == "cuda")
 
 
@@ -193,7 +198,7 @@ class RunState:
     world: int
     device: torch.device
     precision: Precision
-    model: torch.nn.Module  # DDP-wrapped when world > 1
+    model: torch.nn.Module  # DDP-wrapped or FSDP-sharded when world > 1 (`parallel.wrap`)
     optimizer: torch.optim.Optimizer
     scheduler: torch.optim.lr_scheduler.LRScheduler
     scaler: torch.amp.GradScaler | None
@@ -237,6 +242,8 @@ def run_info(state: RunState, seq_len: int) -> dict[str, Any]:
     config, training = state.target.config, state.spec.training
     return {"variant": config.variant, "capacity": config.capacity, "routing_modes": list(config.routing_modes),
             "device": str(state.device), "precision": state.precision.name, "world_size": state.world,
+            "strategy": parallel.strategy_of(state.spec.resources.strategy) if state.world > 1 else "single",
+            "activation_checkpointing": parallel.checkpointing(state.spec.training.activation_checkpointing),
             "compiled": compiles(state.spec, state.device.type),
             "total_steps": state.total_steps, "seq_len": seq_len,
             "tokens_per_step": training.batch_size * training.grad_accum_steps * state.world * seq_len,
@@ -247,9 +254,9 @@ def run_info(state: RunState, seq_len: int) -> dict[str, Any]:
 
 
 def setup(config: dict[str, Any], hooks: Hooks, group: dist.ProcessGroup | None = None) -> RunState:
-    """Build the run's state once: model (DDP when distributed), optimizer, data, and the
-    counters of the last checkpoint when resuming. `group`: the run's process group (None: the
-    default one, when initialised)."""
+    """Build the run's state once: model (DDP or FSDP when distributed, `parallel.wrap`), optimizer,
+    data, and the counters of the last checkpoint when resuming. `group`: the run's process group
+    (None: the default one, when initialised)."""
     spec = Spec.model_validate(config["spec"])
     world = dist.get_world_size(group) if dist.is_initialized() else 1
     rank = dist.get_rank(group) if dist.is_initialized() else 0
@@ -263,10 +270,10 @@ def setup(config: dict[str, Any], hooks: Hooks, group: dist.ProcessGroup | None 
         # in place (parameter names and checkpoints unchanged); one graph each for training and for
         # evaluation per routing mode (causal routing then runs its static, masked form)
         model.compile(fullgraph=True, backend=os.environ.get("DTLAB_COMPILE_BACKEND", "inductor"))
-    if world > 1:
-        from torch.nn.parallel import DistributedDataParallel as DDP
-
-        model = DDP(model, device_ids=[device.index] if device.type == "cuda" else None, process_group=group)
+    elif spec.training.compile == "on":
+        log.warning("training.compile=on: not with fsdp or activation checkpointing (yet); training eagerly")
+    model = parallel.wrap(model, parallel.strategy_of(spec.resources.strategy), group, device, precision,
+                          parallel.checkpointing(spec.training.activation_checkpointing))
     steps = total_steps(spec, len(data.train), world)
     state = RunState(spec, Path(config["run_dir"]), hooks, rank, world, device, precision, model,
                      *_optimizer(spec, model, device, precision, steps),
@@ -322,23 +329,25 @@ class StepResult:
 
 
 def train_step(state: RunState) -> StepResult:
-    """One optimizer step over `grad_accum_steps` micro-batches (DDP syncs on the last only)."""
+    """One optimizer step over `grad_accum_steps` micro-batches (DDP syncs on the last only; FSDP
+    reduce-scatters each, `parallel.gradient_sync`)."""
     training, model, scaler = state.spec.training, state.model, state.scaler
     state.target.set_schedule_step(state.step)
     losses: dict[str, torch.Tensor] = {}
     for m in range(training.grad_accum_steps):
         x = state.batches.get(state.step * training.grad_accum_steps + m).to(state.device, non_blocking=True)
         last_micro = m == training.grad_accum_steps - 1
-        with model.no_sync() if state.world > 1 and not last_micro else contextlib.nullcontext():
+        with parallel.gradient_sync(model, state.world, last_micro):
             with state.precision.autocast():
                 out = model(x, labels=x, return_logits=False)
             loss = out.loss / training.grad_accum_steps
             (scaler.scale(loss) if scaler else loss).backward()
         for name, value in [("loss", out.loss), ("lm_loss", out.lm_loss), *out.aux_losses.items()]:
             losses[name] = losses.get(name, 0) + value.detach().float() / training.grad_accum_steps
+    parallel.sync_replicated_grads(model, state.world, state.group)
     if scaler:
         scaler.unscale_(state.optimizer)
-    grad_norm = torch.nn.utils.clip_grad_norm_(model.parameters(), training.grad_clip)
+    grad_norm = parallel.clip_grad_norm(model, training.grad_clip, state.group)
     if scaler:
         scaler.step(state.optimizer)
         scaler.update()
@@ -405,14 +414,20 @@ def evaluate_and_save(state: RunState) -> dict[str, Any]:
               "done": state.step >= state.total_steps,
               **evaluate(state.model, state.val, state.spec, state.precision, state.device, state.rank, state.world,
                          state.group)}
+    parallel.after_forward_only(state.model)
     check_finite(state, record, ("val_loss",))  # before a checkpoint of weights that gave it
-    improved = record["val_loss"] < state.best_val
-    state.best_val, state.last_eval = min(state.best_val, record["val_loss"]), record
+    state.last_eval = record
     path = None
-    if state.spec.training.checkpoint and state.rank == 0:
+    # The untrained step 0 is evaluated but not saved (a restart before the first checkpoint starts
+    # over); `best` is the best of the saved checkpoints, so step 0's loss does not count towards it.
+    if state.spec.training.checkpoint and state.step > 0:
+        improved = record["val_loss"] < state.best_val
+        state.best_val = min(state.best_val, record["val_loss"])
         counters = {"step": state.step, "best_val": state.best_val, "last_eval": record, "info": state.info}
-        path = checkpoint.save(state.run_dir, state.model, state.optimizer, state.scheduler, state.scaler,
-                               counters, improved)
+        gathered = checkpoint.gather(state.model, state.optimizer, state.rank)  # FSDP: every rank takes part
+        if state.rank == 0:
+            path = checkpoint.save(state.run_dir, state.model, state.optimizer, state.scheduler, state.scaler,
+                                   counters, improved, gathered)
     state.write(record)
     topk = f", top-k {record['val_loss_topk']:.4f}" if record["routing_mode"] != "topk" else ""
     say(state, f"eval step {state.step}: val_loss {record['val_loss']:.4f} ({record['routing_mode']} "
@@ -429,6 +444,7 @@ def fill_estimates(state: RunState) -> None:
     in causal routing. No weight changes."""
     with state.precision.autocast():
         state.target(state.batches.get(0).to(state.device), return_logits=False)
+    parallel.after_forward_only(state.model)
 
 
 def scalars(record: dict[str, Any]) -> dict[str, Any]:

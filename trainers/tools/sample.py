@@ -15,7 +15,7 @@ from typing import TYPE_CHECKING, Any, NamedTuple
 
 import torch
 
-from dtlab.trainers.run.checkpoint import CheckpointError, read_trainer_state, why_not_resumable
+from dtlab.trainers.run.checkpoint import CheckpointError, read_trainer_state, why_not_loadable
 from dtlab.trainers.run.data import Tokenizer, load_hf_tokenizer
 from dtlab.trainers.spec import SpecError
 
@@ -50,7 +50,7 @@ def load_run(run_dir: str | Path, device: str = "cpu") -> LoadedRun:
     ckpt = run_checkpoint(run_dir)
     if ckpt is None:
         raise CheckpointError(f"{run_dir}: no checkpoint yet (checkpoints/best or checkpoints/last)")
-    if (why := why_not_resumable(ckpt)) is not None:
+    if (why := why_not_loadable(ckpt)) is not None:
         raise CheckpointError(f"{ckpt}: {why}")
     from transformers.utils import logging as hf_logging
 
