@@ -131,3 +131,11 @@ def test_which_failures_are_retried():
     assert failure_kind(group(broken)) is None
     assert failure_kind(ControllerError(RuntimeError("The actor died unexpectedly"))) is None
     assert failure_kind(group(broken, RuntimeError("ActorDiedError: the worker's process was killed"))) is None
+    try:  # a transient failure raised while a ValueError was being handled is still transient
+        try:
+            raise ValueError("a value the code handled")
+        except ValueError:
+            raise RuntimeError("[gloo] Connection reset by peer")  # noqa: B904 (the implicit context is the point)
+    except RuntimeError as during:
+        assert during.__context__ is not None and isinstance(during.__context__, ValueError)  # the precondition
+        assert failure_kind(group(during)) is None

@@ -307,7 +307,10 @@ def test_gpu_specs_do_not_repeat_their_data(path):
     training_tokens = data.max_tokens * (1 - data.val_fraction) * 0.98  # the hash split and packing: a margin
     assert planned <= training_tokens, f"{path.name}: {planned:,} tokens planned, about {training_tokens:,.0f} there"
     assert data.max_bytes >= 8 * data.max_tokens, f"{path.name}: max_bytes would stop the stream first"
-    assert GPU_SPECS, "no GPU spec found"
+
+
+def test_the_gpu_spec_checks_above_have_specs_to_check():
+    assert {p.name for p in GPU_SPECS} >= {"sweep_gpu.yaml", "sweep_multigpu.yaml"}
 
 
 # ---- per node: the first local rank prepares, the others wait ------------------------------------------

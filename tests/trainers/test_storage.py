@@ -30,9 +30,9 @@ def test_resume_reads_the_checkpoint_back_from_s3_after_the_local_copy_is_delete
     full = subprocess.run(cmd + ["resources.storage=null", "--out", str(tmp_path / "full"), "--no-ray"],
                           capture_output=True, text=True, timeout=600, cwd=ROOT)
     assert full.returncode == 0, full.stderr[-2000:]
-    # the worker dies (SIGKILL) while writing its 6th checkpoint (step 10): storage has step 8's
+    # the worker dies (SIGKILL) while writing its 5th checkpoint (step 10; step 0 is not saved): storage has step 8's
     cut = subprocess.run(cmd + ["--out", str(tmp_path / "run")], capture_output=True, text=True, timeout=600,
-                         cwd=ROOT, env={**os.environ, "DTLAB_FAULT": "checkpoint-written:6"})
+                         cwd=ROOT, env={**os.environ, "DTLAB_FAULT": "checkpoint-written:5"})
     assert cut.returncode == 1, (cut.returncode, cut.stderr[-3000:])
     fs, folders = stored(s3)
     assert 1 <= len(folders) <= 3, folders  # the latest and the best Ray registered (and an unregistered upload)

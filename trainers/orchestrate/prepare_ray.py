@@ -134,6 +134,8 @@ def _budgeted(spec: DataSpec, src: D.Source, tok: D.Tokenizer, tally: D.Tally, r
         text_in = np.frombuffer(row["has_text"], dtype=bool)
         before = used + np.cumsum(chars) - chars
         n = int(np.sum(before < spec.max_bytes))  # the documents with characters left before them
+        if n == 0:  # the budget was spent exactly by the batches before: nothing of this one is kept
+            return
         if n == len(chars) and used + chars.sum() <= spec.max_bytes:
             used += int(chars.sum())
             tally.documents += n

@@ -83,6 +83,9 @@ def check_fit(spec: Spec, data: Prepared, world: int, shape: dict[str, Any] | No
     if len(data.train) < need:
         raise SpecError(f"data: {len(data.train)} training rows of {spec.data.block_size} tokens cannot fill one "
                         f"batch of training.batch_size={spec.training.batch_size} x {world} worker(s)")
+    if len(data.val) < world:  # every rank evaluates at least one row (under fsdp each pass gathers on all)
+        raise SpecError(f"data: {len(data.val)} validation row(s) of {spec.data.block_size} tokens cannot give each "
+                        f"of {world} worker(s) one; raise data.val_fraction or use fewer workers")
     return check_memory(spec, data, world)
 
 
@@ -382,15 +385,18 @@ def failure_kind(err: BaseException) -> str | None:
     kinds = []
     for one in [err, *(getattr(err, "worker_failures", None) or {}).values()]:
         seen: set[int] = set()
+        handled = False  # past an implicit `__context__`: an error raised while another was being handled
         while isinstance(one, BaseException) and id(one) not in seen:
             seen.add(id(one))
             if isinstance(one, Diverged):
                 kinds.append(DIVERGED_KIND)
             elif isinstance(one, torch.OutOfMemoryError) or "CUDA out of memory" in str(one)[:500]:
                 kinds.append(OOM)
-            elif isinstance(one, (SpecError, CheckpointError, ValueError)):
-                kinds.append(REFUSED)
-            one = one.__cause__ or getattr(one, "cause", None) or one.__context__
+            elif isinstance(one, (SpecError, CheckpointError, ValueError)) and not handled:
+                kinds.append(REFUSED)  # a ValueError that was being handled when a transient failure came is not it
+            explicit = one.__cause__ or getattr(one, "cause", None)
+            handled = handled or explicit is None
+            one = explicit or one.__context__
     return next((k for k in (DIVERGED_KIND, OOM, REFUSED) if k in kinds), None)
 
 

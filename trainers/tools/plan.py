@@ -543,9 +543,12 @@ def device_cluster(spec: Spec) -> Cluster | None:
         except SpecError as err:
             raise SpecError(f"{CLUSTER_ENV}: {str(err).replace('--cluster ', '')}") from None
     try:
-        return this_machine(spec.resources.device)
+        here = this_machine(spec.resources.device)
     except SpecError:
         return None
+    if not here.cuda and spec.resources.device != "cpu" and os.environ.get("RAY_ADDRESS"):
+        return None  # a cluster's head or a trial's driver: the workers' devices are not this machine's
+    return here
 
 
 def concrete(spec: Spec, strategy: str = "ddp", checkpointing: bool = False) -> Spec:
