@@ -182,7 +182,27 @@ def test_checkpoints_cross_between_fsdp_and_ddp_exactly(tmp_path):
     """DTF (its router scalars stay whole under FSDP, its threshold statistics are buffers): a
     checkpoint saved under fsdp resumes under ddp and the reverse. The state crosses exactly (saved
     again at once, the files hold the same tensors bit for bit); a run resumed under the same strategy
-    ends exactly where an uninterrupted one does, and one resumed under the other within 1e-5."""
+    ends exactly where an uninterrupted one does, and one resumed under the other within 1e-5.
+
+    A worker process killed by SIGSEGV (seen once in a fresh-clone CI run on 2 loaded cores, not
+    reproduced: a crash of the gloo/CPU harness, not a wrong value) reruns the whole check once, in
+    fresh directories, with a warning; any assertion failure or a second crash fails the test."""
+    import warnings
+
+    from torch.multiprocessing.spawn import ProcessExitedException
+
+    (tmp_path / "a").mkdir()
+    try:
+        _checkpoints_cross(tmp_path / "a")
+    except ProcessExitedException as err:
+        if err.signal_name != "SIGSEGV":
+            raise
+        warnings.warn(f"a worker crashed ({err}); the check runs once more in fresh directories", stacklevel=1)
+        (tmp_path / "b").mkdir()
+        _checkpoints_cross(tmp_path / "b")
+
+
+def _checkpoints_cross(tmp_path: Path) -> None:
     from safetensors.torch import load_file
 
     spawn([job(tmp_path, "fsdp", "dtf", "fsdp"), job(tmp_path, "ddp", "dtf", "ddp"),
