@@ -90,7 +90,8 @@ def _dict(value: Any) -> dict[str, Any]:
 def spec_fingerprint(spec: dict[str, Any], any_length: bool = False) -> str:
     """What makes runs comparable: the spec less what a comparison varies (variant, seed, sweep
     parameters, routing knobs, names). `any_length`: less the training length too (an isoFLOP study
-    trains each size for its own number of steps, and its sizes are model overrides)."""
+    trains each size for its own number of steps, with a warm-up of at most a tenth of them, and its
+    sizes are model overrides)."""
     import copy
 
     s = copy.deepcopy(spec or {})
@@ -102,6 +103,7 @@ def spec_fingerprint(spec: dict[str, Any], any_length: bool = False) -> str:
     if any_length:
         for key in ("max_steps", "num_epochs"):
             _dict(s.get("training")).pop(key, None)
+        _dict(_dict(s.get("training")).get("scheduler")).pop("warmup_steps", None)
         s["model"].pop("size", None)
     return hashlib.sha256(json.dumps(s, sort_keys=True).encode()).hexdigest()[:10]
 

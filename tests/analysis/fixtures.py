@@ -107,7 +107,8 @@ def _isoflop_run(run: Path, variant: str, seed: int, params: int, hidden: int, f
     run.mkdir(parents=True)
     spec = json.loads(json.dumps(SPEC))
     spec["model"]["type"], spec["seed"] = variant, seed
-    spec["model"]["hidden_size"], spec["training"]["max_steps"] = hidden, steps  # as the study sets them
+    spec["model"]["hidden_size"], spec["training"]["max_steps"] = hidden, steps  # as the study sets them,
+    spec["training"]["scheduler"] = {"warmup_steps": min(5000, steps // 10)}  # at most a tenth of a run, as there
     (run / "spec.yaml").write_text(yaml.safe_dump(spec))
     data = {"val_tokens": 2000, **({"val_bytes": val_bytes} if val_bytes else {})}
     (run / "run.json").write_text(json.dumps({

@@ -147,3 +147,47 @@ def test_dtlab_run_trains_two_runs_at_once_on_a_two_node_cluster(tmp_path, monke
     for t, _ in spans.values():  # never three training at once
         assert sum(lo <= t < hi for lo, hi in spans.values()) <= 2, spans
     assert (exp / "report.html").is_file() and result["problems"] == []
+
+
+def test_an_interrupt_ends_the_runs_in_flight_as_interrupted(tmp_path, monkeypatch):
+    """Ctrl-C while two runs train in `dtlab run`'s threads: each run's launch then ends with an error
+    (here a stand-in for Ray's, raised once the interrupt has reached the driver), and each records
+    "interrupted", not "failed", before the interrupt leaves `train_runs`. The same error without an
+    interrupt records "failed"."""
+    import _thread
+
+    from dtlab.analysis.rundir import read_status
+    from dtlab.trainers.orchestrate import runner
+
+    started, both = [], threading.Barrier(3, timeout=60)
+
+    def run_training(spec, run_dir, resume, use_ray, tracking):  # the run's driver, without its data and model
+        run_dir.mkdir(parents=True)
+        return runner.launch_watched({}, spec, run_dir, False, None, tracking)
+
+    def launch(config, spec, run_dir, use_ray, hooks):
+        started.append(run_dir.name)
+        if run_dir.name != "lone-seed0":
+            both.wait()  # both runs in flight
+            assert runner.INTERRUPTED.wait(60)
+        raise RuntimeError("the run's workers were stopped")
+
+    def press_ctrl_c():
+        both.wait()
+        _thread.interrupt_main()
+
+    monkeypatch.setattr(runner, "run_training", run_training)
+    monkeypatch.setattr(runner, "launch", launch)
+    monkeypatch.setattr(experiment, "concurrent_runs", lambda specs, use_ray: 2)
+    spec = spec_from_dict(tiny_spec())
+    runs = {tmp_path / f"{v}-seed0": spec.for_run(v, 0) for v in ("standard", "mod")}
+    threading.Thread(target=press_ctrl_c, daemon=True).start()
+    with pytest.raises(KeyboardInterrupt):
+        experiment.train_runs(runs, use_ray=False)
+    assert sorted(started) == ["mod-seed0", "standard-seed0"]  # the precondition: both were in flight
+    for run_dir in runs:
+        assert read_status(run_dir)["state"] == "interrupted", read_status(run_dir)
+    assert not runner.INTERRUPTED.is_set()  # cleared for whatever runs next in this process
+    lone = tmp_path / "lone-seed0"  # no interrupt: the same error is a failure
+    failed = experiment.train_runs({lone: spec.for_run("standard", 0)}, use_ray=False)
+    assert started[-1] == "lone-seed0" and "lone-seed0" in failed and read_status(lone)["state"] == "failed"

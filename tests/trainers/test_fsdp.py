@@ -71,6 +71,24 @@ def _facts(state) -> dict[str, torch.Tensor]:
     return out
 
 
+def _held(state) -> dict[str, float]:
+    """How much memory each sharded parameter and optimizer tensor of this rank keeps alive, as a
+    multiple of its own shard: about 1 when it holds only its shard, about 2 (the ranks) when it is a
+    view into the full tensor read from the checkpoint."""
+    from torch.distributed.tensor import DTensor
+
+    def ratio(t: Any) -> float | None:
+        if not isinstance(t, DTensor) or t.to_local().numel() == 0:
+            return None
+        local = t.to_local()
+        return local.untyped_storage().nbytes() / (local.numel() * local.element_size())
+
+    out = {f"param:{n}": ratio(p) for n, p in state.target.named_parameters()}
+    for i, per in enumerate(state.optimizer.state.values()):
+        out.update({f"optim:{i}.{k}": ratio(v) for k, v in per.items()})
+    return {k: v for k, v in out.items() if v is not None}
+
+
 def _job(rank: int, group, job: dict[str, Any], out: Path) -> None:
     import torch.distributed as dist
 
@@ -80,6 +98,7 @@ def _job(rank: int, group, job: dict[str, Any], out: Path) -> None:
     state = setup(job["config"], StopAt(job.get("stop")), group)
     try:
         if job.get("resave"):  # the resumed state, saved again as it is (no step taken)
+            torch.save(_held(state), out / f"{job['name']}-held-{rank}.pt")
             gathered = checkpoint.gather(state.model, state.optimizer, state.rank)
             if rank == 0:
                 counters = {"step": state.step, "best_val": state.best_val, "last_eval": state.last_eval,
@@ -228,6 +247,11 @@ def _checkpoints_cross(tmp_path: Path) -> None:
         ta, tb = (json.loads((p / "trainer_state.json").read_text()) for p in (a, b))
         for key in ("optimizer", "scheduler", "step", "best_val"):
             assert ta[key] == tb[key], key
+    # resumed under fsdp, a rank keeps its shards only, not views into the full tensors it read
+    for rank in (0, 1):
+        held = torch.load(tmp_path / f"ddp-fsdp-save-held-{rank}.pt")
+        assert sum(k.startswith("optim:") for k in held) > 10 and sum(k.startswith("param:") for k in held) > 10
+        assert max(held.values()) < 1.5, sorted(held.items(), key=lambda kv: -kv[1])[:5]
     # the optimizer's file names the same tensors under either strategy (one format)
     assert set(load_file(tmp_path / "fsdp-cut" / "checkpoints" / "last" / "optimizer.safetensors")) == set(
         load_file(tmp_path / "ddp-cut" / "checkpoints" / "last" / "optimizer.safetensors"))

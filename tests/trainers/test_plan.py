@@ -206,6 +206,25 @@ def test_a_run_that_does_not_fit_is_refused_before_anything_is_written(tmp_path,
     assert decided.resources.strategy == "ddp" and decided.training.activation_checkpointing == "off"
 
 
+def test_the_cpu_refusal_counts_the_seeds_a_trial_trains_side_by_side(monkeypatch):
+    """On a CPU a sweep trial's seeds each hold their weights, gradients and AdamW state in the same
+    memory: what fits one seed can be refused for three, with the seeds named."""
+    from dtlab.models.config import make_config
+    from dtlab.models.flops import param_count
+    from dtlab.trainers.orchestrate.runner import check_fit
+    from dtlab.trainers.run.data import prepare_data
+    from dtlab.trainers.tools import bench
+
+    spec = spec_from_dict(tiny_spec())
+    data = prepare_data(spec.data)
+    params = param_count(make_config("mod", "debug", vocab_size=data.vocab_size))
+    one_seed = params * 16 / 2**30
+    monkeypatch.setattr(bench, "available_memory_gib", lambda device: 2 * one_seed)  # two seeds' worth
+    check_fit(spec, data, 1, seeds=2)
+    with pytest.raises(SpecError, match=r"1 worker\(s\) x 3 seeds side by side x 16 bytes a parameter"):
+        check_fit(spec, data, 1, seeds=3)
+
+
 def test_a_smaller_micro_batch_is_suggested_when_it_fits():
     spec = spec_from_dict({"name": "b", "model": {"type": "mod", "size": "0.5B"},
                            "data": {"source": "builtin", "tokenizer": "Qwen/Qwen2.5-0.5B", "block_size": 2048},

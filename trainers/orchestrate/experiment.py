@@ -7,6 +7,7 @@ import logging
 import math
 import threading
 import time
+from collections.abc import Callable
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -21,33 +22,45 @@ if TYPE_CHECKING:
 log = logging.getLogger(__name__)
 
 MARKER = "experiment.json"
+INTERRUPT_WAIT_S = 30.0  # how long an interrupted `dtlab run` waits for its runs in flight to record it
 
 
 def run_experiment(spec: Spec, out: str | Path | None, resume: bool = False, force: bool = False,
                    use_ray: bool | None = None, source: str = "spec") -> dict[str, Any]:
     """Train every variant x seed of `spec` (or sweep, when it has a sweep section) into `out`, then
     write the report there. Everything that can be refused is refused before the first write."""
-    from dtlab.trainers.monitor.tracking import Tracking
-
     if spec.isoflop is not None:
         raise SpecError(f"{source}: has an isoflop: section; an isoFLOP study runs with dtlab isoflop {source}")
     out = Path(out or f"runs/{spec.name}-{time.strftime('%Y%m%d-%H%M%S')}")
-    tracking = Tracking(out)
-    report, summary = None, None
-    try:
+
+    def train(tracking: Tracking) -> dict[str, Any] | None:
         if spec.sweep is not None:
             from dtlab.trainers.orchestrate.sweep import run_sweep
 
-            summary = run_sweep(spec, out, resume=resume, force=force, source=source, tracking=tracking)
-        else:
-            train_all(spec, out, resume, force, use_ray, source, tracking)
+            return run_sweep(spec, out, resume=resume, force=force, source=source, tracking=tracking)
+        train_all(spec, out, resume, force, use_ray, source, tracking)
+        return None
+
+    report, summary = train_and_report(out, train)
+    return {"out": str(out), "report": str(report.html), "charts": report.charts, "problems": report.problems,
+            "sweep": summary}
+
+
+def train_and_report(out: Path, train: Callable[[Tracking], Any]) -> tuple[Report, Any]:
+    """`train(tracking)` into `out`, then the report there: the tail that `dtlab run` and `dtlab isoflop`
+    share. The tracker is closed (pointing at the report when there is one) whatever happens."""
+    from dtlab.trainers.monitor.tracking import Tracking
+
+    tracking = Tracking(out)
+    report = None
+    try:
+        result = train(tracking)
         report = _report(out)
     finally:
         tracking.close(report.html if report is not None else None)
     log.info("\n" + report.table_text(), extra=RESULT)
     log.info(f"report: {report.html.resolve()}", extra=RESULT)
-    return {"out": str(out), "report": str(report.html), "charts": report.charts, "problems": report.problems,
-            "sweep": summary}
+    return report, result
 
 
 def check_experiment_dir(out: Path, resume: bool, force: bool) -> None:
@@ -155,20 +168,10 @@ def train_runs(runs: dict[Path, Spec], use_ray: bool | None, tracking: Tracking 
     it is; one that stopped part way continues from its last checkpoint), as many at a time as
     `concurrent_runs` says (each in a thread of this process that drives its own Ray Train run; the
     others wait for a free place). A run that fails does not stop the others: returns the failed
-    runs' errors by run name (an interrupt stops them all)."""
+    runs' errors by run name. An interrupt stops them all (`in_threads`)."""
     from dtlab.trainers.orchestrate.runner import holds_run, run_training
-    from dtlab.trainers.tools.sample import ensure_samples
 
-    todo = []
-    for run_dir, sub in runs.items():
-        if holds_run(run_dir) and reached_last_step(run_dir):
-            log.info(f"{run_dir.name}: finished earlier, kept")
-            ensure_samples(run_dir)  # a run finished by an older dtlab has none yet
-        elif holds_run(run_dir) and diverged_reason(run_dir):
-            log.info(f"{run_dir.name}: diverged earlier ({diverged_reason(run_dir)}), kept as it is "
-                     "(--force starts the experiment afresh)")
-        else:
-            todo.append((run_dir, sub))
+    todo = unfinished(runs)
     failed: dict[str, BaseException] = {}
 
     def train(run_dir: Path, sub: Spec) -> None:
@@ -182,27 +185,69 @@ def train_runs(runs: dict[Path, Spec], use_ray: bool | None, tracking: Tracking 
     if slots == 1:  # one after another, in this thread
         for run_dir, sub in todo:
             train(run_dir, sub)
-        return failed
-    log.info(f"{len(todo)} runs, up to {slots} at a time (as the cluster's resources hold them)")
+    else:
+        log.info(f"{len(todo)} runs, up to {slots} at a time (as the cluster's resources hold them)")
+        in_threads(todo, slots, train)
+    return failed
+
+
+def unfinished(runs: dict[Path, Spec]) -> list[tuple[Path, Spec]]:
+    """The runs still to train; those that reached their last step or diverged are kept as they are."""
+    from dtlab.trainers.orchestrate.runner import holds_run
+    from dtlab.trainers.tools.sample import ensure_samples
+
+    todo = []
+    for run_dir, sub in runs.items():
+        if holds_run(run_dir) and reached_last_step(run_dir):
+            log.info(f"{run_dir.name}: finished earlier, kept")
+            ensure_samples(run_dir)  # a run finished by an older dtlab has none yet
+        elif holds_run(run_dir) and diverged_reason(run_dir):
+            log.info(f"{run_dir.name}: diverged earlier ({diverged_reason(run_dir)}), kept as it is "
+                     "(--force starts the experiment afresh)")
+        else:
+            todo.append((run_dir, sub))
+    return todo
+
+
+def in_threads(todo: list[tuple[Path, Spec]], slots: int, train: Callable[[Path, Spec], None]) -> None:
+    """`train` each run in a thread of its own, `slots` at a time. An interrupt (Ctrl-C) stops them all:
+    the runs in flight record it as theirs ("interrupted", which --resume continues; `INTERRUPTED`),
+    and this waits up to INTERRUPT_WAIT_S for them to say so before it raises."""
+    from dtlab.trainers.orchestrate.runner import INTERRUPTED
+
     free = threading.Semaphore(slots)
 
-    def in_turn(run_dir: Path, sub: Spec) -> None:
+    def in_turn(run_dir: Path, sub: Spec, done: threading.Event) -> None:
         try:
             train(run_dir, sub)
         finally:
             free.release()
+            done.set()
 
-    threads = []
-    for run_dir, sub in todo:
-        while not free.acquire(timeout=0.5):  # short waits: an interrupt reaches this thread
-            pass
-        thread = threading.Thread(target=in_turn, args=(run_dir, sub), name=f"dtlab-{run_dir.name}", daemon=True)
-        thread.start()
-        threads.append(thread)
-    for thread in threads:
-        while thread.is_alive():
-            thread.join(0.5)
-    return failed
+    # Waits go through each run's own event, not Thread.join: a join that an interrupt cuts short can
+    # leave the thread marked as ended while it still runs (CPython 3.11's _wait_for_tstate_lock).
+    started: list[tuple[threading.Thread, threading.Event]] = []
+    try:
+        for run_dir, sub in todo:
+            while not free.acquire(timeout=0.5):  # short waits: an interrupt reaches this thread
+                pass
+            done = threading.Event()
+            thread = threading.Thread(target=in_turn, args=(run_dir, sub, done), name=f"dtlab-{run_dir.name}",
+                                      daemon=True)
+            started.append((thread, done))  # before it starts: an interrupt from here on waits for it too
+            thread.start()
+        for _, done in started:
+            while not done.wait(0.5):
+                pass
+    except KeyboardInterrupt:  # the runs in flight end as interrupted, and say so, before this one does
+        INTERRUPTED.set()
+        deadline = time.monotonic() + INTERRUPT_WAIT_S
+        for thread, done in started:
+            if thread.ident is not None:  # it started
+                done.wait(max(0.0, deadline - time.monotonic()))
+        raise
+    finally:
+        INTERRUPTED.clear()
 
 
 def raise_failed(failed: dict[str, BaseException], total: int, resume: str) -> None:

@@ -24,7 +24,6 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from dtlab.analysis.rundir import write_atomic
-from dtlab.trainers.monitor.progress import RESULT
 from dtlab.trainers.spec import ISOFLOP_SHAPE_KEYS, IsoflopSize, Spec, SpecError, dump_spec, spec_from_dict
 
 if TYPE_CHECKING:
@@ -185,23 +184,14 @@ def run_isoflop(spec: Spec, out: str | Path | None, resume: bool = False, force:
                 use_ray: bool | None = None, source: str = "spec") -> dict[str, Any]:
     """Plan, check and train the study, then write the report. Everything that can be refused is
     refused before the first write."""
-    from dtlab.trainers.monitor.tracking import Tracking
+    from dtlab.trainers.orchestrate.experiment import train_and_report
 
     if spec.isoflop is None:
         raise SpecError(f"{source}: no isoflop: section; an isoFLOP study needs isoflop.budgets and isoflop.sizes "
                         "(see experiments/isoflop_smoke.yaml)")
     out = Path(out or f"runs/isoflop-{spec.name}-{time.strftime('%Y%m%d-%H%M%S')}")
-    tracking = Tracking(out)
-    report = None
-    try:
-        train_study(spec, out, resume, force, use_ray, source, tracking)
-        from dtlab.trainers.orchestrate.experiment import _report
-
-        report = _report(out)
-    finally:
-        tracking.close(report.html if report is not None else None)
-    log.info("\n" + report.table_text(), extra=RESULT)
-    log.info(f"report: {report.html.resolve()}", extra=RESULT)
+    report, _ = train_and_report(out, lambda tracking: train_study(spec, out, resume, force, use_ray, source,
+                                                                   tracking))
     return {"out": str(out), "report": str(report.html), "charts": report.charts, "problems": report.problems}
 
 

@@ -14,6 +14,7 @@ import platform
 import shutil
 import subprocess
 import sys
+import threading
 import time
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -31,6 +32,9 @@ if TYPE_CHECKING:
 log = logging.getLogger(__name__)
 
 RUN_MARKERS = (METRICS, "spec.yaml", "run.json", "checkpoints")
+# Set by `dtlab run` when an interrupt (Ctrl-C) reached it while runs train in its threads: a run that
+# then ends with an error was stopped by it, and says "interrupted" (as a run in the main thread does).
+INTERRUPTED = threading.Event()
 
 
 def git_commit() -> dict[str, Any]:
@@ -66,9 +70,10 @@ def model_shape(spec: Spec) -> dict[str, Any]:
     return {"vocab_size": shape["vocab_size"], "max_positions": shape.get("max_position_embeddings", 32768)}
 
 
-def check_fit(spec: Spec, data: Prepared, world: int, shape: dict[str, Any] | None = None) -> Spec:
+def check_fit(spec: Spec, data: Prepared, world: int, shape: dict[str, Any] | None = None, seeds: int = 1) -> Spec:
     """The run fits its data and its devices, before anything is written; returns the spec its workers
-    get, with `auto` strategy and activation checkpointing decided by the memory plan (`check_memory`)."""
+    get, with `auto` strategy and activation checkpointing decided by the memory plan (`check_memory`).
+    `world` is one seed's workers; a sweep trial trains `seeds` of them side by side."""
     shape = shape or model_shape(spec)
     if not spec.training.from_scratch and not spec.data.tokenizer:
         raise SpecError("data.tokenizer: transfer from a pretrained checkpoint needs its tokenizer "
@@ -86,17 +91,18 @@ def check_fit(spec: Spec, data: Prepared, world: int, shape: dict[str, Any] | No
     if len(data.val) < world:  # every rank evaluates at least one row (under fsdp each pass gathers on all)
         raise SpecError(f"data: {len(data.val)} validation row(s) of {spec.data.block_size} tokens cannot give each "
                         f"of {world} worker(s) one; raise data.val_fraction or use fewer workers")
-    return check_memory(spec, data, world)
+    return check_memory(spec, data, world, seeds)
 
 
-def check_memory(spec: Spec, data: Prepared, world: int) -> Spec:
+def check_memory(spec: Spec, data: Prepared, world: int, seeds: int = 1) -> Spec:
     """The run's memory plan (`tools/plan.py`: weights, gradients, AdamW state, buckets, activations, the
     loss chunk per device) before anything is written. On GPUs (this machine's, or the cluster that
     DTLAB_CLUSTER describes) a run that will not fit is refused with its estimate and what would fit;
     `auto` strategy and activation checkpointing are decided (ddp and no recomputation where they fit).
     On this machine's CPU the refusal is a model whose parameters alone cannot fit: fp32 weights,
-    gradients and AdamW's two moments (16 bytes a parameter) per worker, against the memory available
-    now. Returns the spec with `auto` decided (ddp, no checkpointing where no plan can be made)."""
+    gradients and AdamW's two moments (16 bytes a parameter) per worker (`world` x `seeds` side by side),
+    against the memory available now. Returns the spec with `auto` decided (ddp, no checkpointing where
+    no plan can be made)."""
     from dtlab.models.config import make_config
     from dtlab.models.flops import param_count
     from dtlab.trainers.tools.bench import available_memory_gib
@@ -117,10 +123,11 @@ def check_memory(spec: Spec, data: Prepared, world: int) -> Spec:
         overrides = spec.model.overrides_for(spec.model.type)
         overrides.setdefault("vocab_size", data.vocab_size)
         params = param_count(make_config(spec.model.type, spec.model.size, **overrides))
-        need, have = params * 16 * world / 2**30, available_memory_gib("cpu")
+        need, have = params * 16 * world * seeds / 2**30, available_memory_gib("cpu")
         if have is not None and need > have:
+            ranks = f"{world} worker(s) x {seeds} seeds side by side" if seeds > 1 else f"{world} worker(s)"
             raise SpecError(f"model: {params:,} parameters need about {need:,.1f} GiB for weights, gradients and "
-                            f"AdamW state ({world} worker(s) x 16 bytes a parameter) but this machine has "
+                            f"AdamW state ({ranks} x 16 bytes a parameter) but this machine has "
                             f"{have:,.1f} GiB available; choose a smaller model.size or shape (hidden_size, "
                             "num_hidden_layers, vocab_size)")
     return resolve(spec, run)
@@ -493,8 +500,9 @@ def launch_watched(config: dict[str, Any], spec: Spec, run_dir: Path, use_ray: b
         status = "interrupted"
         raise
     except Exception as err:
-        status = "diverged" if isinstance(err, RunDiverged) else "failed"
-        error = " ".join(str(err).split())[:300]
+        status = ("diverged" if isinstance(err, RunDiverged) else "interrupted" if INTERRUPTED.is_set()
+                  else "failed")
+        error = " ".join(str(err).split())[:300] if status != "interrupted" else None
         raise
     finally:
         write_status(run_dir, status, **({"error": error} if error else {}))

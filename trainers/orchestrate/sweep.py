@@ -408,7 +408,7 @@ def sweep_trial(config: dict[str, Any]) -> None:
         return
     try:
         data = prepare_data(spec.data)
-        check_fit(spec, data, spec.resources.num_workers)
+        check_fit(spec, data, spec.resources.num_workers, seeds=len(seeds))
         if not resume:
             lay_out_trial(run_dir, runs, trial_id, params, sweep_spec, data)
         write_status(run_dir, "running")  # the trial's driver, for `dtlab ls` (the sweep's callback ends it)
@@ -642,7 +642,7 @@ def lay_out(plan: Plan, out: Path, resume: bool, force: bool, source: str = "spe
     for one in ones:  # devices and precision first: they need no data
         check_resources(one, use_ray=True)
     for one in ones:  # data and model fit, once per variant, before any trial
-        check_fit(one, prepare_data(one.data), spec.resources.num_workers)
+        check_fit(one, prepare_data(one.data), spec.resources.num_workers, seeds=len(spec.seed_list()))
     prepare_run_dir(out, resume, force)
     if not resume:
         (out / "spec.yaml").write_text(dump_spec(spec))

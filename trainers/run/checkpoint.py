@@ -31,6 +31,8 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 if TYPE_CHECKING:
+    from collections.abc import Callable
+
     import torch
 
     from dtlab.models.modeling import DTLabForCausalLM
@@ -342,11 +344,11 @@ def load(path: Path, model: torch.nn.Module, optimizer: torch.optim.Optimizer,
         raise CheckpointError(why)
     target = unwrap(model)
     sharded = _sharded(target)
-    state = load_file(str(path / "model.safetensors"), device="cpu" if sharded else
-                      str(next(target.parameters()).device))
-    if sharded:  # each rank its shard of the full tensors
+    if sharded:  # each rank its shard of the full tensors, read one tensor at a time
         mine = target.state_dict()
-        state = {k: _distribute(v, mine[k]) if k in mine else v for k, v in state.items()}
+        state = read_tensors(path / "model.safetensors", lambda k, v: _distribute(v, mine[k]) if k in mine else v)
+    else:
+        state = load_file(str(path / "model.safetensors"), device=str(next(target.parameters()).device))
     missing, unexpected = target.load_state_dict(state, strict=False)
     tied = target.config.tie_word_embeddings
     # the head of a tied model is the embedding; a run saved before the schedule step was kept sets it anyway
@@ -355,13 +357,16 @@ def load(path: Path, model: torch.nn.Module, optimizer: torch.optim.Optimizer,
         raise CheckpointError(f"{path} does not fit the model: missing {missing}, unexpected {unexpected}")
     if tied:
         target.tie_weights()
-    trainer = read_trainer_state(path)
-    optim = trainer.pop("optimizer")
-    if sharded:  # the moments shaped like their parameter: its shard
+    each = None
+    if sharded:  # the moments shaped like their parameter: its shard ("state.INDEX.NAME")
         params = [p for group in optimizer.param_groups for p in group["params"]]
-        optim["state"] = {i: {k: _distribute(v, params[int(i)]) if getattr(v, "shape", ()) == params[int(i)].shape
-                              and v.ndim > 0 else v for k, v in per.items()} for i, per in optim["state"].items()}
-    optimizer.load_state_dict(optim)
+
+        def each(key: str, v: torch.Tensor) -> Any:
+            param = params[int(key.split(".", 2)[1])]
+            return _distribute(v, param) if v.ndim > 0 and v.shape == param.shape else v
+
+    trainer = read_trainer_state(path, each)
+    optimizer.load_state_dict(trainer.pop("optimizer"))
     scheduler.load_state_dict(trainer.pop("scheduler"))
     scaler_state = trainer.pop("scaler")
     if scaler is not None and scaler_state is not None:
@@ -371,12 +376,26 @@ def load(path: Path, model: torch.nn.Module, optimizer: torch.optim.Optimizer,
     return trainer
 
 
-def read_trainer_state(path: Path) -> dict[str, Any]:
-    if (path / "trainer_state.json").is_file():
-        from safetensors.torch import load_file
+def read_tensors(file: Path, each: Callable[[str, torch.Tensor], Any]) -> dict[str, Any]:
+    """A safetensors file's tensors on the CPU, read one at a time and kept as `each(key, tensor)` makes
+    them (under FSDP, this rank's shard): a rank holds one full tensor at a time beyond its shards,
+    not the whole checkpoint (at 3B, weights and AdamW state are about 36 GB)."""
+    from safetensors import safe_open
 
+    out = {}
+    with safe_open(str(file), framework="pt", device="cpu") as f:
+        for key in f.keys():
+            out[key] = each(key, f.get_tensor(key))
+    return out
+
+
+def read_trainer_state(path: Path, each: Callable[[str, torch.Tensor], Any] | None = None) -> dict[str, Any]:
+    """The counters, schedule, scaler and optimizer state of a checkpoint; `each` as in `read_tensors`
+    for the optimizer's tensors (keyed "state.INDEX.NAME")."""
+    if (path / "trainer_state.json").is_file():
         trainer = json.loads((path / "trainer_state.json").read_text())
-        trainer["optimizer"] = _optimizer_join(load_file(str(path / "optimizer.safetensors")), trainer["optimizer"])
+        tensors = read_tensors(path / "optimizer.safetensors", each or (lambda _, v: v))
+        trainer["optimizer"] = _optimizer_join(tensors, trainer["optimizer"])
         return trainer
     import torch
 
