@@ -181,9 +181,17 @@ def test_an_interrupt_ends_the_runs_in_flight_as_interrupted(tmp_path, monkeypat
     monkeypatch.setattr(experiment, "concurrent_runs", lambda specs, use_ray: 2)
     spec = spec_from_dict(tiny_spec())
     runs = {tmp_path / f"{v}-seed0": spec.for_run(v, 0) for v in ("standard", "mod")}
-    threading.Thread(target=press_ctrl_c, daemon=True).start()
-    with pytest.raises(KeyboardInterrupt):
-        experiment.train_runs(runs, use_ray=False)
+    import signal
+
+    # Ctrl-C raises KeyboardInterrupt in the driver, as in a fresh `dtlab run` (an earlier test in this
+    # process, through Ray Tune, may have left a handler of its own)
+    previous = signal.signal(signal.SIGINT, signal.default_int_handler)
+    try:
+        threading.Thread(target=press_ctrl_c, daemon=True).start()
+        with pytest.raises(KeyboardInterrupt):
+            experiment.train_runs(runs, use_ray=False)
+    finally:
+        signal.signal(signal.SIGINT, previous)
     assert sorted(started) == ["mod-seed0", "standard-seed0"]  # the precondition: both were in flight
     for run_dir in runs:
         assert read_status(run_dir)["state"] == "interrupted", read_status(run_dir)
