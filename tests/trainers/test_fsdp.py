@@ -439,3 +439,26 @@ def test_sampling_reads_a_weights_only_best(tmp_path):
     best = tmp_path / "run" / "checkpoints" / "best"
     (best.resolve() / "optimizer.safetensors").unlink(missing_ok=True)  # as a best that last has left
     assert load_run(tmp_path / "run").step == 4
+
+
+def test_both_checkpoint_formats_hand_each_optimizer_tensor_to_the_sharding(tmp_path):
+    """Resuming under fsdp shapes each optimizer tensor as it is read (`each`), in the safetensors
+    format and in an older dtlab's `trainer_state.pt` alike, under the same "state.INDEX.NAME" keys."""
+    from safetensors.torch import save_file
+
+    from dtlab.trainers.run.checkpoint import _optimizer_split, read_trainer_state
+
+    optim = {"state": {0: {"step": torch.tensor(3.0), "exp_avg": torch.ones(4)}, 1: {"exp_avg": torch.zeros(2)}},
+             "param_groups": [{"lr": 0.1, "params": [0, 1]}]}
+    new, old = tmp_path / "new", tmp_path / "old"
+    new.mkdir(), old.mkdir()
+    tensors, meta = _optimizer_split(optim)
+    save_file(tensors, str(new / "optimizer.safetensors"))
+    (new / "trainer_state.json").write_text(json.dumps({"step": 3, "optimizer": meta}))
+    torch.save({"step": 3, "optimizer": optim}, old / "trainer_state.pt")
+    for path in (new, old):
+        seen: list[str] = []
+        got = read_trainer_state(path, lambda k, v, seen=seen: seen.append(k) or v + 10)
+        assert sorted(seen) == ["state.0.exp_avg", "state.0.step", "state.1.exp_avg"], (path, seen)
+        assert torch.equal(got["optimizer"]["state"][0]["exp_avg"], torch.full((4,), 11.0)), path
+        assert torch.equal(read_trainer_state(path)["optimizer"]["state"][1]["exp_avg"], torch.zeros(2)), path

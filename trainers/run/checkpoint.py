@@ -400,10 +400,15 @@ def read_trainer_state(path: Path, each: Callable[[str, torch.Tensor], Any] | No
     import torch
 
     try:  # a checkpoint of an older dtlab: only plain tensors and containers, never code
-        return torch.load(path / "trainer_state.pt", map_location="cpu", weights_only=True)
+        trainer = torch.load(path / "trainer_state.pt", map_location="cpu", weights_only=True)
     except Exception as err:
         raise CheckpointError(f"{path / 'trainer_state.pt'} is not a plain checkpoint (it would run code or is "
                               f"damaged: {type(err).__name__}); refusing to load it") from None
+    if each is not None:  # the same keys as the safetensors file's
+        optim = trainer["optimizer"]
+        optim["state"] = {i: {k: each(f"state.{i}.{k}", v) if isinstance(v, torch.Tensor) else v
+                              for k, v in per.items()} for i, per in optim["state"].items()}
+    return trainer
 
 
 # ---- the checkpoint of record in Ray's storage ----------------------------------------------------------
